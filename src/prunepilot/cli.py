@@ -1,0 +1,53 @@
+"""prunepilot command line. Each command lives in prunepilot.commands.<name> and registers itself."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+from rich.console import Console
+
+from .errors import PrunepilotError
+
+app = typer.Typer(
+    name="prunepilot",
+    help="Compress a trained network to a hard budget (MACs, params, latency, memory, sparsity).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Order is the order in --help. A module that fails to import for a missing optional extra
+# still lets the other commands work.
+COMMAND_MODULES = ("demo", "profile", "prune", "sparsify", "quantize", "compress", "export", "runs", "train")
+
+
+def _register() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"prunepilot.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"prunepilot.commands.{name}":
+                continue  # command not built yet
+            raise
+        mod.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    console = Console(stderr=True)
+    try:
+        app()
+    except PrunepilotError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: finished work is on disk; resume with `prunepilot runs resume`[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
