@@ -1,0 +1,161 @@
+"""Model sources behind one URI syntax: torchvision:NAME, timm:NAME, file:PATH, py:module:function."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SourceError
+
+DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    example_input: torch.Tensor
+    uri: str
+    description: str
+    export_kind: str = "module"  # "module" | "torchscript" | "exported_program"
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise SourceError("an input shape is comma-separated integers", text, "e.g. --input-shape 1,3,224,224") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise SourceError("an input shape needs positive dimensions", text, "e.g. --input-shape 1,1,28,28")
+    return shape
+
+
+def _torchvision(name: str, weights: str) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise SourceError("unknown torchvision model", name, "see torchvision.models.list_models()")
+    try:
+        return torchvision.models.get_model(name, weights="DEFAULT" if weights == "default" else None)
+    except Exception as exc:  # offline: the weights download fails
+        raise SourceError(
+            f"could not get torchvision's pretrained weights for '{name}' (no cache and no network?)",
+            type(exc).__name__,
+            "use --weights random for MAC/latency work, or place the file in ~/.cache/torch/hub/checkpoints",
+        ) from None
+
+
+def _timm(name: str, weights: str) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise SourceError("unknown timm model", name, "see timm.list_models()")
+    try:
+        return timm.create_model(name, pretrained=weights == "default")
+    except Exception as exc:
+        raise SourceError(
+            f"could not get timm's pretrained weights for '{name}' (no cache and no network?)",
+            type(exc).__name__,
+            "use --weights random, or set HF_HOME to a cache that holds them",
+        ) from None
+
+
+def _input_shape_of(model: nn.Module) -> tuple[int, ...] | None:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:
+        return (1, *cfg["input_size"])
+    return None
+
+
+def _load_file(path: Path, trust: bool) -> tuple[nn.Module, str]:
+    if not path.exists():
+        raise SourceError("model file not found", str(path), "check the path")
+    # 1. torch.export ExportedProgram (.pt2): safe, no pickle.
+    if path.suffix == ".pt2":
+        ep = torch.export.load(str(path))
+        return ep.module(), "exported_program"
+    # 2. TorchScript archive: safe, no pickle of arbitrary classes.
+    try:
+        return torch.jit.load(str(path), map_location="cpu"), "torchscript"
+    except Exception:
+        pass
+    # 3. A pickled full module: arbitrary code on load, so only with --trust.
+    if not trust:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception:
+            raise SourceError(
+                "this file is a pickled module, which can run arbitrary code when loaded",
+                str(path),
+                "pass --trust if you trust its origin, or give a state_dict with --state-dict and py:module:factory",
+            ) from None
+        raise SourceError(
+            "this file holds a state_dict (weights only), not a model",
+            f"{path} ({type(obj).__name__})",
+            "give the architecture as py:module:factory (or torchvision:/timm:) and this file with --state-dict",
+        )
+    obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    if not isinstance(obj, nn.Module):
+        raise SourceError("the trusted file does not hold an nn.Module", type(obj).__name__, "save the whole module")
+    return obj, "module"
+
+
+def _load_factory(spec: str) -> nn.Module:
+    mod_name, _, fn_name = spec.partition(":")
+    if not fn_name:
+        raise SourceError("a py: source is py:module:function", spec, "e.g. py:mypkg.models:build")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise SourceError("could not import the model factory", spec, f"check the module path ({exc})") from None
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise SourceError("a model factory must return an nn.Module", type(model).__name__, "return the model")
+    return model
+
+
+def load_model(
+    uri: str,
+    *,
+    weights: str = "random",
+    trust: bool = False,
+    input_shape: tuple[int, ...] | None = None,
+    state_dict: str | Path | None = None,
+) -> LoadedModel:
+    """Resolve a model URI to an eval-mode module plus an example input."""
+    if weights not in ("random", "default"):
+        raise SourceError("--weights is 'random' or 'default'", weights, "use one of them")
+    scheme, _, rest = uri.partition(":")
+    kind = "module"
+    if scheme == "torchvision":
+        model = _torchvision(rest, weights)
+    elif scheme == "timm":
+        model = _timm(rest, weights)
+    elif scheme == "file":
+        model, kind = _load_file(Path(rest).expanduser(), trust)
+    elif scheme == "py":
+        model = _load_factory(rest)
+    else:
+        raise SourceError(
+            "unknown model source",
+            uri,
+            "use torchvision:NAME, timm:NAME, file:PATH, py:module:function",
+        )
+    if state_dict is not None:
+        sd = torch.load(str(state_dict), map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as exc:
+            raise SourceError("the state_dict does not fit the model", str(exc)[:300], "check the architecture") from None
+    shape = input_shape or _input_shape_of(model) or getattr(model, "input_shape", None) or DEFAULT_IMAGE_SHAPE
+    model.eval()
+    example = torch.randn(*shape)
+    return LoadedModel(model, example, uri, f"{uri} ({weights} weights)" if scheme in ("torchvision", "timm") else uri, kind)
