@@ -1,0 +1,232 @@
+"""Classification quality: top-1 accuracy, label-free fidelity to the dense model, BatchNorm recalibration.
+
+BN recalibration matters: after structured pruning the surviving channels feed BatchNorms whose running
+statistics describe the *dense* network's activations; re-estimating them (no gradient step) lifts a
+freshly 50%-pruned ResNet-20 on Fashion-MNIST from chance to most of its accuracy (see bench).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PrunepilotError
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(inputs, labels) from a batch that is a tensor, (x, y) pair/list, or a dict with input/label keys."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, dict):
+        x = next((batch[k] for k in ("pixel_values", "input", "image", "x") if k in batch), None)
+        y = next((batch[k] for k in ("labels", "label", "y", "target") if k in batch), None)
+        if x is None:
+            raise PrunepilotError("a dict batch needs an input key", sorted(batch),
+                                  "use one of pixel_values/input/image/x")
+        return x, y
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise PrunepilotError("a batch must be a tensor, an (inputs, labels) pair or a dict", type(batch).__name__,
+                          "yield (x, y) from the DataLoader")
+
+
+class ProgressBar:
+    """A transient rich progress bar (or nothing when quiet); calling it advances one step."""
+
+    def __init__(self, enabled: bool, total: int | None, label: str) -> None:
+        self.enabled, self.total, self.label = enabled, total, label
+        self._p: Any = None
+
+    def __enter__(self) -> "ProgressBar":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True)
+            self._p.start()
+            self._task = self._p.add_task(self.label, total=self.total, info="")
+        return self
+
+    def __call__(self, loss: float | None = None) -> None:
+        if self._p is not None:
+            self._p.update(self._task, advance=1, info="" if loss is None else f"loss {loss:.3f}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+
+def _n_batches(loader: Iterable, max_batches: int | None) -> int | None:
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return max_batches
+    return n if max_batches is None else min(n, max_batches)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class _eval_mode:
+    """Put a model in eval mode and restore its previous mode afterwards."""
+
+    def __init__(self, *models: nn.Module) -> None:
+        self.models = models
+
+    def __enter__(self) -> None:
+        self.modes = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in zip(self.models, self.modes):
+            m.train(mode)
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module, loader: Iterable, max_batches: int | None = None, *, progress: bool = False
+) -> dict[str, float]:
+    """Top-1, top-5 accuracy and mean cross-entropy over labelled batches: {"top1", "top5", "loss", "n"}."""
+    device = _device(model)
+    correct1 = correct5 = 0
+    loss_sum, n = 0.0, 0
+    with _eval_mode(model), ProgressBar(progress, _n_batches(loader, max_batches), "evaluate") as bar:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = split_batch(batch)
+            if y is None:
+                raise PrunepilotError("accuracy needs labelled batches", "batches carry no labels",
+                                      "use fidelity(model, dense_model, loader) for label-free scoring")
+            logits = model(x.to(device)).float()  # (B, classes)
+            y = y.to(device)
+            top = logits.topk(min(5, logits.shape[-1]), -1).indices  # (B, k)
+            correct1 += int((top[:, 0] == y).sum())
+            correct5 += int((top == y[:, None]).any(-1).sum())
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            n += len(y)
+            bar()
+    if n == 0:
+        raise PrunepilotError("evaluation needs at least one sample", "an empty loader",
+                              "check the data split and limit")
+    return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "n": float(n)}
+
+
+def top1_accuracy(model: nn.Module, loader: Iterable, max_batches: int | None = None, *,
+                  progress: bool = False) -> float:
+    """Fraction of samples whose arg-max logit equals the label (model left in its previous mode)."""
+    return evaluate_classifier(model, loader, max_batches, progress=progress)["top1"]
+
+
+@torch.no_grad()
+def dense_logits(dense_model: nn.Module, loader: Iterable, max_batches: int | None = None) -> list[torch.Tensor]:
+    """The dense model's logits per batch, to reuse across candidates (loader must not shuffle)."""
+    device = _device(dense_model)
+    out = []
+    with _eval_mode(dense_model):
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            out.append(dense_model(split_batch(batch)[0].to(device)).float().cpu())
+    return out
+
+
+@torch.no_grad()
+def fidelity(
+    model: nn.Module,
+    dense_model: nn.Module | Sequence[torch.Tensor],
+    loader: Iterable,
+    max_batches: int | None = None,
+    *,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Label-free closeness to the dense model: {"agreement": top-1 agreement, "kl": mean KL(dense || model)}.
+
+    `dense_model` may be the module or its cached per-batch logits from `dense_logits` (same loader,
+    no shuffling), which saves one dense forward per candidate in a search.
+    """
+    device = _device(model)
+    cached = not isinstance(dense_model, nn.Module)
+    agree, kl_sum, n = 0, 0.0, 0
+    models = (model,) if cached else (model, dense_model)
+    with _eval_mode(*models), ProgressBar(progress, _n_batches(loader, max_batches), "fidelity") as bar:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = split_batch(batch)[0].to(device)
+            if cached:
+                if i >= len(dense_model):  # type: ignore[arg-type]
+                    raise PrunepilotError("cached dense logits must cover every evaluated batch",
+                                          f"{len(dense_model)} cached, batch {i} requested",  # type: ignore[arg-type]
+                                          "recompute dense_logits with the same loader and max_batches")
+                d = dense_model[i].to(device)  # type: ignore[index]
+            else:
+                d = dense_model(x).float()  # type: ignore[operator]
+            p = model(x).float()  # (B, classes)
+            if d.shape != p.shape:
+                raise PrunepilotError("fidelity compares outputs of the same shape", f"{tuple(d.shape)} vs "
+                                      f"{tuple(p.shape)}", "compare a compressed model with its own dense model")
+            agree += int((d.argmax(-1) == p.argmax(-1)).sum())
+            # KL(dense || pruned) summed over the batch
+            kl_sum += float(F.kl_div(F.log_softmax(p, -1), F.log_softmax(d, -1), log_target=True, reduction="sum"))
+            n += len(p)
+            bar()
+    if n == 0:
+        raise PrunepilotError("fidelity needs at least one sample", "an empty loader", "check the data split")
+    return {"agreement": agree / n, "kl": kl_sum / n, "n": float(n)}
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BN) and m.track_running_stats for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable, num_batches: int = 50, *,
+                          progress: bool = False) -> int:
+    """Re-estimate every BatchNorm's running mean/var from `num_batches` batches; returns how many BNs.
+
+    Running stats are reset and accumulated with momentum=None (a cumulative average, so every batch
+    counts equally); the forward runs in train mode for BN only, without gradients, so no weight changes
+    and dropout stays off. The model is left in eval mode. Models without BatchNorm are untouched (0).
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if not bns:
+        return 0
+    if num_batches < 1:
+        raise PrunepilotError("BN recalibration needs at least one batch", num_batches, "pass num_batches >= 1")
+    device = _device(model)
+    momenta = [m.momentum for m in bns]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    model.eval()  # everything else (dropout, ...) in eval mode
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+        m.train()
+    seen = 0
+    try:
+        with ProgressBar(progress, _n_batches(loader, num_batches), "BN recalibration") as bar:
+            for i, batch in enumerate(loader):
+                if i >= num_batches:
+                    break
+                model(split_batch(batch)[0].to(device))
+                seen += 1
+                bar()
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.eval()
+    if seen == 0:  # nothing seen: put the old statistics back rather than leave them reset
+        for m, (mean, var, nbt) in zip(bns, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(nbt)
+        raise PrunepilotError("BN recalibration needs a non-empty loader", "no batches", "check the data split")
+    return len(bns)
