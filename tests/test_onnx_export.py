@@ -1,0 +1,92 @@
+"""ONNX deployment path: export (dynamo, legacy fallback), verification, ORT int8, latency."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from prunepilot.engines.onnx_export import (  # noqa: E402
+    export_and_verify,
+    export_onnx,
+    ort_latency,
+    quantize_onnx_int8,
+    verify_onnx,
+)
+from prunepilot.errors import PrunepilotError  # noqa: E402
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10)).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    model = _mlp()
+    x = torch.randn(2, 32)
+    res = export_and_verify(model, x, tmp_path_factory.mktemp("onnx"), int8=True,
+                            verify_inputs=[torch.randn(16, 32) for _ in range(2)])
+    return model, res
+
+
+def test_export_verify_and_int8(exported) -> None:
+    model, res = exported
+    assert res.fp32.exporter in ("dynamo", "torchscript") and res.fp32.path.exists()
+    v = res.verify_fp32
+    assert v.passed and v.n_samples == 32  # dynamic batch axis: batches of 16 run on a batch-2 export
+    assert v.max_abs_diff < 1e-4 and v.cosine > 0.9999 and v.top1_agreement == 1.0
+    assert res.int8_path is not None and res.int8_path.exists()
+    assert res.int8_size_bytes < 0.5 * res.fp32.size_bytes
+    assert res.verify_int8.passed and res.verify_int8.cosine > 0.98
+    assert res.latency_fp32.median_ms > 0 and res.latency_int8.median_ms > 0
+    js = res.to_json()
+    assert js["fp32"]["exporter"] == res.fp32.exporter and js["int8_size_mb"] > 0
+
+
+def test_verification_catches_a_different_model(exported, tmp_path) -> None:
+    model, res = exported
+    other = _mlp()
+    with torch.no_grad():
+        other[4].weight.mul_(-1.0)  # flips the logits: outputs disagree
+    v = verify_onnx(res.fp32.path, other, torch.randn(32, 32))
+    assert not v.passed and v.cosine < 0.5
+
+
+def test_legacy_exporter_explicitly(tmp_path) -> None:
+    model, x = _mlp(), torch.randn(2, 32)
+    exp = export_onnx(model, x, tmp_path / "legacy.onnx", exporter="torchscript")
+    assert exp.exporter == "torchscript" and exp.fallback_reason is None
+    assert verify_onnx(exp.path, model, torch.randn(8, 32)).passed
+    size = quantize_onnx_int8(exp.path, tmp_path / "legacy.int8.onnx")
+    assert 0 < size < exp.size_bytes
+    assert ort_latency(exp.path, x, warmup=1, runs=2, threads=1).runs == 2
+
+
+def test_fallback_when_dynamo_fails(tmp_path, monkeypatch) -> None:
+    import prunepilot.engines.onnx_export as ox
+
+    def boom(*a, **k):
+        raise RuntimeError("unsupported op for the test")
+
+    monkeypatch.setattr(ox, "_export_dynamo", boom)
+    model = _mlp()
+    exp = export_onnx(model, torch.randn(2, 32), tmp_path / "m.onnx")
+    assert exp.exporter == "torchscript" and "unsupported op" in exp.fallback_reason
+    with pytest.raises(PrunepilotError, match="dynamo ONNX exporter failed"):
+        export_onnx(model, torch.randn(2, 32), tmp_path / "m2.onnx", exporter="dynamo")
+    with pytest.raises(PrunepilotError, match="exporter is"):
+        export_onnx(model, torch.randn(2, 32), tmp_path / "m3.onnx", exporter="tflite")
+
+
+@pytest.mark.slow
+def test_vit_block_round_trip(tmp_path) -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10,
+                              depth=2).eval()
+    res = export_and_verify(model, torch.randn(1, 3, 32, 32), tmp_path, int8=True,
+                            verify_inputs=torch.randn(8, 3, 32, 32), measure_latency=False)
+    assert res.verify_fp32.passed and res.verify_int8.cosine > 0.98

@@ -1,0 +1,250 @@
+"""Quantization engine: per-layer selection, skip reasons, output closeness, sizes, auto selection."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunepilot.engines.quantize import (
+    check_plan_map,
+    layer_rows,
+    plan_map_from_layers_option,
+    quantize_,
+    resolve_scheme,
+    select_layers_auto,
+    weight_layers,
+)
+from prunepilot.errors import PlanError
+from prunepilot.evaluate.memory import memory_report, parameter_bytes, peak_activation_bytes, state_dict_bytes
+
+
+class Tiny(nn.Module):
+    """Conv stem, two MLP Linears, an nn.MultiheadAttention and a small head: every skip reason appears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 8 * 8, 256)
+        self.fc2 = nn.Linear(256, 256)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x).flatten(1)  # (B, 512)
+        h = F.relu(self.fc1(h))  # (B, 256)
+        t = h.view(h.shape[0], 8, 32)  # (B, 8 tokens, 32)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        h = F.relu(self.fc2(t.reshape(h.shape[0], 256)))
+        return self.head(h)  # (B, 10)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return Tiny().eval()
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(4, 3, 8, 8)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+# plan map -> layers expected to be quantized (eager backend)
+SELECTION_CASES = [
+    ({"*": "int8_dynamic"}, {"fc1", "fc2", "head"}),
+    ({"fc1": "int8_dynamic"}, {"fc1"}),
+    ({"re:^fc": "int8_dynamic"}, {"fc1", "fc2"}),
+    ({"*": "int8_dynamic", "head": "none"}, {"fc1", "fc2"}),  # exact name beats '*'
+    ({"re:fc\\d": "none", "*": "int8_dynamic"}, {"head"}),  # regex beats '*'
+    ({"fc2": "int8_dynamic", "re:fc": "none"}, {"fc2"}),  # exact name beats regex
+    ({"re:fc": "none", "re:fc1": "int8_dynamic"}, set()),  # first matching regex wins
+    ({}, set()),
+]
+
+
+@pytest.mark.parametrize(("plan_map", "expected"), SELECTION_CASES)
+def test_selection_by_name_regex_and_star(tiny: nn.Module, x: torch.Tensor, plan_map: dict, expected: set) -> None:
+    q = copy.deepcopy(tiny)
+    rep = quantize_(q, plan_map, measure_size=False)
+    assert {d.name for d in rep.quantized} == expected
+    # every weight layer is accounted for exactly once
+    assert sorted(d.name for d in rep.layers) == sorted(n for n, _ in weight_layers(tiny))
+    for name in expected:
+        assert type(q.get_submodule(name)).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    assert q(x).shape == (4, 10)
+
+
+def test_skipped_layers_carry_reasons(tiny: nn.Module) -> None:
+    rep = quantize_(copy.deepcopy(tiny), {"*": "int8_dynamic", "fc2": "none"}, measure_size=False)
+    reasons = {d.name: d.reason for d in rep.skipped}
+    assert "Conv2d is not supported" in reasons["stem"]
+    assert "MultiheadAttention reads .weight directly" in reasons["attn.out_proj"]
+    assert "plan says 'none'" in reasons["fc2"]
+    js = rep.to_json()
+    assert js["n_quantized"] == 2 and js["n_skipped"] == 3
+    assert all(s["reason"] for s in js["skipped"])
+
+
+def test_unselected_layers_are_reported(tiny: nn.Module) -> None:
+    rep = quantize_(copy.deepcopy(tiny), {"fc1": "int8_dynamic"}, measure_size=False)
+    assert {d.name: d.reason for d in rep.skipped}["head"] == "not selected by the plan"
+
+
+def test_weight_only_on_eager_is_skipped_with_reason(tiny: nn.Module) -> None:
+    rep = quantize_(copy.deepcopy(tiny), {"fc1": "int8_weight_only"}, measure_size=False)
+    assert not rep.quantized
+    assert "use backend='torchao'" in rep.skipped[[d.name for d in rep.skipped].index("fc1")].reason
+
+
+@pytest.mark.parametrize(
+    ("plan_map", "message"),
+    [
+        ({"fc9": "int8_dynamic"}, "names a layer the model does not have"),
+        ({"re:^nothing$": "int8_dynamic"}, "must match at least one weight layer"),
+        ({"re:(": "int8_dynamic"}, "valid regular expression"),
+        ({"fc1": "int4"}, "scheme must be one of"),
+    ],
+)
+def test_bad_plan_maps_are_rejected(tiny: nn.Module, plan_map: dict, message: str) -> None:
+    with pytest.raises(PlanError, match=message.replace("(", r"\(")):
+        quantize_(copy.deepcopy(tiny), plan_map)
+
+
+def test_unknown_backend_is_rejected(tiny: nn.Module) -> None:
+    with pytest.raises(PlanError, match="backend must be one of"):
+        quantize_(copy.deepcopy(tiny), {"*": "int8_dynamic"}, backend="tensorrt")  # type: ignore[arg-type]
+
+
+def test_resolve_scheme_precedence() -> None:
+    pm = {"re:blocks\\.0": "none", "blocks.0.fc": "int8_dynamic", "*": "int8_weight_only"}
+    assert resolve_scheme(pm, "blocks.0.fc") == ("int8_dynamic", "blocks.0.fc")
+    assert resolve_scheme(pm, "blocks.0.qkv") == ("none", "re:blocks\\.0")
+    assert resolve_scheme(pm, "blocks.1.qkv") == ("int8_weight_only", "*")
+    assert resolve_scheme({}, "x") == ("none", None)
+    check_plan_map(pm, ["blocks.0.fc", "blocks.0.qkv"])
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 512), nn.GELU(), nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 16)).eval()
+
+
+def _vit_block() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.Block(dim=128, num_heads=4, mlp_ratio=4.0).eval()
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchao"])
+@pytest.mark.parametrize(("make", "shape"), [(_mlp, (8, 64)), (_vit_block, (2, 17, 128))], ids=["mlp", "vit_block"])
+def test_outputs_stay_close_after_quantization(backend: str, make, shape) -> None:
+    if backend == "torchao":
+        pytest.importorskip("torchao")
+    model = make()
+    xin = torch.randn(*shape)
+    with torch.inference_mode():
+        ref = model(xin)
+    q = copy.deepcopy(model)
+    rep = quantize_(q, {"*": "int8_dynamic"}, backend=backend)  # type: ignore[arg-type]
+    assert rep.quantized and not [d for d in rep.skipped if d.kind == "Linear"]
+    with torch.inference_mode():
+        out = q(xin)
+    assert _cos(ref, out) > 0.99
+    # int8 weights: the serialized state_dict shrinks to roughly a quarter (+ scales, biases, pickling)
+    assert rep.size_after_bytes < 0.4 * rep.size_before_bytes
+
+
+def test_torchao_weight_only(tiny: nn.Module, x: torch.Tensor) -> None:
+    pytest.importorskip("torchao")
+    q = copy.deepcopy(tiny)
+    rep = quantize_(q, {"re:^fc": "int8_weight_only"}, backend="torchao")
+    assert {d.name for d in rep.quantized} == {"fc1", "fc2"}
+    assert all("Int8WeightOnlyConfig" in d.reason for d in rep.quantized)
+    with torch.inference_mode():
+        assert _cos(tiny(x), q(x)) > 0.99
+
+
+# ------------------------------------------------------------------------------------ auto selection
+
+
+def _rows() -> list[dict]:
+    return [
+        {"name": "stem", "kind": "Conv2d", "params": 5000, "latency_share": 0.30},
+        {"name": "qkv", "kind": "Linear", "params": 200_000, "latency_share": 0.35},
+        {"name": "fc1", "kind": "Linear", "params": 400_000, "latency_share": 0.25},
+        {"name": "fc2", "kind": "Linear", "params": 400_000, "latency_share": 0.08},
+        {"name": "head", "kind": "Linear", "params": 2_000, "latency_share": 0.02},
+    ]
+
+
+def test_select_layers_auto_orders_by_measured_latency() -> None:
+    sel = select_layers_auto(_rows(), coverage=0.7)
+    # quantizable time: qkv .35, fc1 .25, fc2 .08 (head too small); 70% coverage needs qkv + fc1
+    assert sel.plan_map == {"qkv": "int8_dynamic", "fc1": "int8_dynamic"}
+    assert "not quantizable" in sel.reasons["stem"]
+    assert "small" in sel.reasons["head"]
+    assert "coverage" in sel.reasons["fc2"]
+    assert sel.covered_latency_share == pytest.approx(0.60)
+
+
+def test_select_layers_auto_protect_and_full_coverage() -> None:
+    sel = select_layers_auto(_rows(), coverage=1.0, protect=["re:^qkv$"], scheme="int8_weight_only")
+    assert sel.plan_map == {"fc1": "int8_weight_only", "fc2": "int8_weight_only"}
+    assert sel.reasons["qkv"] == "protected"
+
+
+def test_select_layers_auto_falls_back_to_params_without_latency() -> None:
+    rows = [{k: v for k, v in r.items() if k != "latency_share"} for r in _rows()]
+    sel = select_layers_auto(rows, coverage=0.5)
+    # by size: fc1 (40%) then fc2 (40%) reach 50% coverage; the smaller qkv is left out
+    assert set(sel.plan_map) == {"fc1", "fc2"}
+    assert "params" in sel.reasons["fc1"]
+
+
+def test_layer_rows_with_fake_clock(tiny: nn.Module, x: torch.Tensor) -> None:
+    ticks = itertools.count()
+    rows = layer_rows(tiny, x, runs=2, clock=lambda: float(next(ticks)))
+    by = {r["name"]: r for r in rows}
+    assert set(by) == {n for n, _ in weight_layers(tiny)}
+    # every layer's pre/post hook pair advances the fake clock by exactly one tick per call
+    assert by["fc1"]["latency_ms"] == pytest.approx(1000.0)
+    assert sum(r["latency_share"] for r in rows) == pytest.approx(1.0)
+    assert by["fc1"]["params"] == 512 * 256 + 256
+
+
+def test_layers_option_parsing(tiny: nn.Module, x: torch.Tensor) -> None:
+    assert plan_map_from_layers_option("all", tiny)[0] == {"*": "int8_dynamic"}
+    assert plan_map_from_layers_option("^fc", tiny)[0] == {"re:^fc": "int8_dynamic"}
+    pm, sel = plan_map_from_layers_option("auto", tiny, x)
+    assert sel is not None and set(pm) <= {"fc1", "fc2"}  # head is below min_params, stem is a Conv
+    with pytest.raises(PlanError, match="needs an example input"):
+        plan_map_from_layers_option("auto", tiny, None)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def test_memory_metrics_reflect_packed_int8(x: torch.Tensor) -> None:
+    model = _mlp()
+    xin = torch.randn(8, 64)
+    q = copy.deepcopy(model)
+    quantize_(q, {"*": "int8_dynamic"})
+    assert state_dict_bytes(q) < 0.4 * state_dict_bytes(model)
+    assert parameter_bytes(q) == 0  # every weight moved into packed params
+    act = peak_activation_bytes(model, xin)
+    # the largest live pair is the (8, 512) input and output of a hidden layer
+    assert act.peak_bytes >= 8 * 512 * 4
+    hooks = peak_activation_bytes(model, xin, method="hooks")
+    assert hooks.method == "hooks" and hooks.peak_bytes == 2 * 8 * 512 * 4
+    rep = memory_report(model, xin)
+    assert rep.total_mb > rep.weights_bytes / 2**20
