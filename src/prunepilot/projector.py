@@ -1,0 +1,212 @@
+"""Projector: rescale any plan's shape so every MAC/param target lands inside its band, exactly.
+
+MACs(scale) is a monotone step function (channels are integers, rounding makes the steps coarse). Bisection on
+the scale finds the crossing; a greedy pass then moves single rounding units between groups (finer allocation
+than any global ratio can express) until the error is as small as the steps allow. All of it runs on the
+analytic cost model, so a projection costs milliseconds per evaluation; callers verify with a real count.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from .budget import ResolvedBudget
+from .costmodel import CostModel
+from .engines.structured import Allocation
+from .plan import MAX_RATIO, Plan
+from .structure import Structure
+
+STATIC_METRICS = ("macs", "params")
+INNER_TOLERANCE = 0.001  # stop refining once every static target is within 0.1%
+
+
+@dataclass
+class Projection:
+    allocation: Allocation
+    scale: float
+    predicted: dict[str, float]
+    errors: dict[str, float]
+    feasible: bool
+    iterations: int
+    seconds: float
+    shape: dict[str, float]
+    reason: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def ratios(self, structure: Structure) -> dict[str, float]:
+        """Achieved pruning ratio per group (fraction of channels removed)."""
+        return {g: round(1 - w / d, 4) for g, (d, w) in self.allocation.widths(structure).items()}
+
+    def to_json(self, structure: Structure) -> dict:
+        return {
+            "scale": self.scale,
+            "predicted": self.predicted,
+            "errors": self.errors,
+            "feasible": self.feasible,
+            "iterations": self.iterations,
+            "seconds": round(self.seconds, 4),
+            "reason": self.reason,
+            "notes": self.notes,
+            "ratios": self.ratios(structure),
+        }
+
+
+def _rounding_unit(units: int, ch_groups: int, round_to: int | None) -> int:
+    if not round_to or round_to <= 1:
+        return 1
+    q = round_to // math.gcd(round_to, ch_groups)
+    return q if q < units else 1
+
+
+def plan_shape(plan: Plan, structure: Structure) -> tuple[dict[str, float], list[str]]:
+    """Per-group ratio the plan asks for (before scaling); protected groups get 0."""
+    notes: list[str] = []
+    shape: dict[str, float] = {}
+    for name, g in structure.groups.items():
+        if plan.is_protected(name, g.family):
+            shape[name] = 0.0
+            continue
+        shape[name] = plan.ratio_for(name, g.family)
+    if not any(v > 0 for v in shape.values()):
+        notes.append("the plan removes nothing anywhere; projected with a uniform shape instead")
+        shape = {n: (0.0 if plan.is_protected(n, structure.groups[n].family) else 1.0) for n in structure.groups}
+    return shape, notes
+
+
+class Projector:
+    def __init__(self, structure: Structure, cost: CostModel) -> None:
+        self.structure = structure
+        self.cost = cost
+
+    def metrics(self, alloc: Allocation) -> dict[str, float]:
+        f = alloc.fractions(self.structure)
+        h = alloc.head_fractions(self.structure)
+        return {"macs": self.cost.macs(f, h), "params": self.cost.params(f, h)}
+
+    def allocation_at(self, shape: dict[str, float], scale: float, plan: Plan) -> Allocation:
+        kept: dict[str, int] = {}
+        heads: dict[str, int] = {}
+        for name, g in self.structure.groups.items():
+            r = min(MAX_RATIO, scale * shape[name])
+            if plan.prune_heads and g.num_heads:
+                heads[name] = max(1, g.num_heads - int(round(r * g.num_heads)))
+                kept[name] = g.units
+                continue
+            q = _rounding_unit(g.units, g.ch_groups, plan.round_to)
+            k = g.units - r * g.units
+            k = int(round(k / q)) * q
+            kept[name] = int(min(g.units, max(q, k)))
+        return Allocation(kept, heads)
+
+    def project(self, plan: Plan, budget: ResolvedBudget, max_refine_steps: int = 400) -> Projection:
+        t0 = time.perf_counter()
+        goals = {m: budget.goals[m] for m in STATIC_METRICS if m in budget.goals}
+        shape, notes = plan_shape(plan, self.structure)
+        if not goals:
+            alloc = self.allocation_at(shape, 1.0, plan)
+            pred = self.metrics(alloc)
+            return Projection(alloc, 1.0, pred, {}, True, 0, time.perf_counter() - t0, shape, "no static target: plan applied as given", notes)
+
+        def errs(pred: dict[str, float]) -> dict[str, float]:
+            return {m: (pred[m] - g) / g for m, g in goals.items()}
+
+        def worst(e: dict[str, float]) -> float:
+            return max(e.values())
+
+        def loss(e: dict[str, float]) -> float:
+            # squared error, with going over the cap weighted more than staying under it
+            return sum((v * 4 if v > 0 else v) ** 2 for v in e.values())
+
+        max_shape = max(shape.values())
+        s_hi = MAX_RATIO / max_shape
+        iterations = 0
+        lo, hi = 0.0, s_hi
+        best: tuple[float, float, Allocation] | None = None
+        cache: dict[float, tuple[Allocation, dict[str, float]]] = {}
+
+        def at(s: float) -> tuple[Allocation, dict[str, float]]:
+            nonlocal iterations, best
+            if s not in cache:
+                iterations += 1
+                a = self.allocation_at(shape, s, plan)
+                e = errs(self.metrics(a))
+                cache[s] = (a, e)
+                if best is None or loss(e) < best[0]:
+                    best = (loss(e), s, a)
+            return cache[s]
+
+        # Unreachable: even the maximal scale stays above the cap.
+        a_max, e_max = at(s_hi)
+        if worst(e_max) > budget.band.over:
+            pred = self.metrics(a_max)
+            fixed = {m: self._floor(m) for m in goals}
+            reason = "; ".join(
+                f"{m}: at most {MAX_RATIO:.0%} of every unprotected group can go, which reaches "
+                f"{pred[m] / self._dense(m):.1%} of dense ({e_max[m]:+.1%} vs the target); protected/unprunable "
+                f"layers alone hold {fixed[m] / self._dense(m):.1%}"
+                for m in goals if e_max[m] > budget.band.over
+            )
+            return Projection(a_max, s_hi, pred, e_max, False, iterations, time.perf_counter() - t0, shape,
+                              "the budget is unreachable: " + reason + ". Fix: protect fewer layers or relax the target.", notes)
+
+        for _ in range(40):  # bisection on the binding target: worst error is non-increasing in the scale
+            mid = (lo + hi) / 2
+            _, e = at(mid)
+            if worst(e) > 0:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo < 1e-6:
+                break
+        assert best is not None
+        _, scale, alloc = best
+        alloc, steps = self._refine(alloc, goals, loss, errs, plan, max_refine_steps)
+        iterations += steps
+        pred = self.metrics(alloc)
+        e = errs(pred)
+        feasible = all(budget.within(m, pred[m]) for m in goals)
+        reason = "" if feasible else (
+            "no allocation puts every target inside the band with this plan's shape; nearest point returned "
+            f"(errors {', '.join(f'{m} {v:+.2%}' for m, v in e.items())}). Fix: widen the band, or drop a target."
+        )
+        return Projection(alloc, scale, pred, e, feasible, iterations, time.perf_counter() - t0, shape, reason, notes)
+
+    def _refine(self, alloc, goals, loss, errs, plan, max_steps) -> tuple[Allocation, int]:
+        """Greedy single-unit moves between groups to close the gap left by step-function rounding."""
+        kept = dict(alloc.kept)
+        heads = dict(alloc.heads)
+        cur = errs(self.metrics(Allocation(kept, heads)))
+        steps = 0
+        groups = [g for g in self.structure.groups.values() if not (plan.prune_heads and g.num_heads)]
+        groups = [g for g in groups if not plan.is_protected(g.name, g.family)]
+        while steps < max_steps and max(abs(v) for v in cur.values()) > INNER_TOLERANCE:
+            best_move = None
+            best_loss = loss(cur)
+            for g in groups:
+                q = _rounding_unit(g.units, g.ch_groups, plan.round_to)
+                floor = max(q, int(math.ceil(g.units * (1 - MAX_RATIO))))
+                for delta in (-q, q):
+                    k = kept[g.name] + delta
+                    if k < floor or k > g.units:
+                        continue
+                    trial = dict(kept)
+                    trial[g.name] = k
+                    e = errs(self.metrics(Allocation(trial, heads)))
+                    lv = loss(e)
+                    if lv < best_loss - 1e-15:
+                        best_loss, best_move = lv, (g.name, k, e)
+            steps += 1
+            if best_move is None:
+                break
+            kept[best_move[0]] = best_move[1]
+            cur = best_move[2]
+        return Allocation(kept, heads), steps
+
+    def _dense(self, metric: str) -> float:
+        return self.cost.dense_macs if metric == "macs" else self.cost.dense_params
+
+    def _floor(self, metric: str) -> float:
+        zero = {g: 1.0 / max(1, self.structure.groups[g].units) for g in self.structure.groups}
+        return self.cost.macs(zero) if metric == "macs" else self.cost.params(zero)
