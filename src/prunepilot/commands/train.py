@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(128, help="Training batch size."),
         force: bool = typer.Option(False, "--force", help="Retrain even when a cached model exists."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+        threads: Optional[int] = typer.Option(None, help="torch threads (1 is often fastest on a busy machine)."),
     ) -> None:
         """Train a CIFAR-style ResNet on Fashion-MNIST and cache it as a trained baseline to compress."""
         from rich.console import Console
@@ -28,6 +29,10 @@ def register(app: typer.Typer) -> None:
         from ..models.baseline import baseline_paths, load_baseline, train_baseline
 
         console = Console()
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         target = out if out is not None else baseline_paths(arch)[0]
         if target.is_file() and not force and out is None:
             _, info = load_baseline(arch)

@@ -203,7 +203,7 @@ def _to_chw_uint8(img: Any, channels: int) -> torch.Tensor:
     arr = np.asarray(img)
     if arr.dtype != np.uint8:
         arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = torch.from_numpy(np.array(arr, copy=True))  # writable copy (PIL buffers are read-only)
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1)  # (C,H,W)
 
 
@@ -245,6 +245,7 @@ def _load_fashion_mnist(
     normalization: Normalization | None,
 ) -> DataBundle:
     root = Path(root) if root else FASHION_MNIST_DIR
+    shape = _check_shape(input_shape or (1, 28, 28))  # before reading 30 MB
     stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
     paths = [_find_idx(root, s) for s in stems]
     if any(p is None for p in paths):
@@ -255,7 +256,6 @@ def _load_fashion_mnist(
                           " or pass fashion-mnist:DIR")
     x_tr, y_tr, x_te, y_te = (read_idx(p) for p in paths)  # type: ignore[arg-type]
     norm = normalization or Normalization(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
-    shape = _check_shape(input_shape or (1, 28, 28))
     if len(norm.mean) != shape[0]:  # model wants 3 channels: repeat the grey statistics
         norm = Normalization(norm.mean * shape[0], norm.std * shape[0])
     shaper = _Shaper(shape, norm)
