@@ -137,6 +137,7 @@ def get_or_train_baseline(
     cache_dir: Path | str | None = None,
     *,
     seed: int = 0,
+    data: str = "fashion-mnist",
     progress: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The cached Fashion-MNIST baseline for `arch`, training (and caching) it first when absent.
@@ -149,4 +150,5 @@ def get_or_train_baseline(
         model, info = load_baseline(arch, cache_dir)
         if epochs is None or abs(float(info.get("epochs", -1)) - float(epochs)) < 1e-6:
             return model, info
-    return train_baseline(arch, DEFAULT_EPOCHS if epochs is None else epochs, out=pt, seed=seed, progress=progress)
+    return train_baseline(arch, DEFAULT_EPOCHS if epochs is None else epochs, out=pt, seed=seed, data=data,
+                          progress=progress)

@@ -261,7 +261,9 @@ def _load_fashion_mnist(
     shaper = _Shaper(shape, norm)
     full = ArrayDataset(torch.from_numpy(x_tr.copy())[:, None], torch.from_numpy(y_tr.astype(np.int64)), shaper)
     test = ArrayDataset(torch.from_numpy(x_te.copy())[:, None], torch.from_numpy(y_te.astype(np.int64)), shaper)
-    train, val = _holdout(full, full.labels.tolist(), val_size if val_size is not None else 5000, seed)
+    if val_size is None:  # the usual 55k/5k split; a small IDX set (tests, subsets) holds out 10%
+        val_size = 5000 if len(full) >= 20000 else 0.1
+    train, val = _holdout(full, full.labels.tolist(), val_size, seed)
     return DataBundle(train, val, test, 10, shape, "fashion-mnist",
                       f"Fashion-MNIST from {root}: {len(train)} train / {len(val)} val (held out of the"
                       f" 60k training set, seed {seed}) / {len(test)} official test",
