@@ -1,7 +1,7 @@
 """Train the Fashion-MNIST baseline (CIFAR-style ResNet) once, cache it, and record how it went.
 
-    python bench/train_baseline.py --arch resnet20 --epochs 2          # -> ~/.cache/prunepilot/baselines/
-    python bench/train_baseline.py --measure-bn                        # + BN recalibration after 50% pruning
+    python bench/train_baseline.py --arch resnet20 --epochs 1          # -> ~/.cache/prunepilot/baselines/
+    python bench/train_baseline.py --measure-bn --recovery-steps 100   # + BN recal / short recovery at 50% MACs
 
 Writes bench/results/train_baseline.json (accuracy, timing, MACs; never the weights).
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from prunepilot.evaluate.classification import evaluate_classifier, recalibrate_batchnorm
+from prunepilot.engines.recover import finetune
+from prunepilot.evaluate.classification import evaluate_classifier, fidelity, recalibrate_batchnorm
 from prunepilot.models.baseline import baseline_paths, get_or_train_baseline, train_baseline
 from prunepilot.results import environment, write_json_atomic
 from prunepilot.sources.data import load_data
@@ -23,7 +24,8 @@ from prunepilot.sources.data import load_data
 RESULTS = Path(__file__).resolve().parent / "results" / "train_baseline.json"
 
 
-def bn_recalibration_probe(model: torch.nn.Module, seed: int = 0, ratio: float = 0.5) -> dict:
+def bn_recalibration_probe(model: torch.nn.Module, seed: int = 0, ratio: float = 0.5,
+                           recovery_steps: int = 0) -> dict:
     """Prune channels with torch-pruning to ~`ratio` of the dense MACs (bisected global L1 ratio), then
     score the test set before and after BN recalibration (no gradient step)."""
     import torch_pruning as tp
@@ -57,33 +59,48 @@ def bn_recalibration_probe(model: torch.nn.Module, seed: int = 0, ratio: float =
     recalibrate_batchnorm(pruned, bundle.loader("train", batch_size=128, seed=seed), num_batches=50)
     recal_s = time.perf_counter() - t
     after = evaluate_classifier(pruned, test)["top1"]
-    return {"channel_ratio": mid, "macs": macs, "macs_fraction": macs / dense_macs, "params": params,
-            "importance": "L1 magnitude, uniform per layer", "test_top1_pruned": before,
-            "test_top1_after_bn_recal": after, "bn_batches": 50, "bn_recal_seconds": recal_s}
+    out = {"channel_ratio": mid, "macs": macs, "macs_fraction": macs / dense_macs, "params": params,
+           "importance": "L1 magnitude, uniform per layer", "test_top1_pruned": before,
+           "test_top1_after_bn_recal": after, "bn_batches": 50, "bn_recal_seconds": recal_s,
+           "fidelity_after_bn_recal": fidelity(pruned, model, bundle.loader("val", batch_size=512, limit=2000))}
+    if recovery_steps:
+        # the in-loop recovery budget: a short fine-tune after BN recalibration, CE alone vs with KD
+        train = bundle.loader("train", batch_size=128, seed=seed)
+        for name, teacher in (("ce", None), ("kd", model)):
+            m = copy.deepcopy(pruned)
+            st = finetune(m, train, steps=recovery_steps, lr=0.01, teacher=teacher, seed=seed, progress=False)
+            out[f"test_top1_after_{recovery_steps}_steps_{name}"] = evaluate_classifier(m, test)["top1"]
+            out[f"finetune_seconds_{name}"] = st.seconds
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet20")
-    ap.add_argument("--epochs", type=float, default=2)
+    ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retrain", action="store_true", help="train even when a cached model exists")
     ap.add_argument("--measure-bn", action="store_true", help="also measure BN recalibration at 50%% MACs")
+    ap.add_argument("--recovery-steps", type=int, default=0,
+                    help="with --measure-bn: also fine-tune the pruned model this many steps (CE and KD)")
+    ap.add_argument("--tag", default="", help="results file bench/results/train_baseline[_TAG].json")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core box 2 threads ran 4-6x slower)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.retrain or not baseline_paths(args.arch)[0].is_file():
-        model, info = train_baseline(args.arch, args.epochs, seed=args.seed, progress=not args.quiet)
+        model, info = train_baseline(args.arch, args.epochs, seed=args.seed, progress=not args.quiet,
+                                     log=lambda msg: print(msg, flush=True))
     else:
         model, info = get_or_train_baseline(args.arch, args.epochs, seed=args.seed, progress=not args.quiet)
     result = {"bench": "train_baseline", **{k: v for k, v in info.items() if k not in ("loss_curve", "weights", "path")},
               "loss_curve": info.get("loss_curve", [])[::5]}
     if args.measure_bn:
-        result["bn_recalibration_50pct_macs"] = bn_recalibration_probe(model, args.seed)
+        result["bn_recalibration_50pct_macs"] = bn_recalibration_probe(model, args.seed,
+                                                                       recovery_steps=args.recovery_steps)
     result["environment"] = environment()
-    write_json_atomic(RESULTS, result)
+    write_json_atomic(RESULTS.with_name(f"train_baseline{'_' + args.tag if args.tag else ''}.json"), result)
     print({k: result[k] for k in ("arch", "epochs", "val_top1", "test_top1", "train_seconds", "macs", "params")})
     if "bn_recalibration_50pct_macs" in result:
         print(result["bn_recalibration_50pct_macs"])

@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train-baseline")
     def train_baseline_cmd(
         arch: str = typer.Option("resnet20", help="resnet20, resnet32 or resnet56 (CIFAR-style, 1x28x28 input)."),
-        epochs: float = typer.Option(2.0, help="Training epochs (about 20 min each for ResNet-20 on 2 CPU cores)."),
+        epochs: float = typer.Option(1.0, help="Training epochs (ResNet-20: 15-60 min each on a shared 2-core CPU)."),
         out: Optional[Path] = typer.Option(None, help="Weights path (.pt; info .json beside it). "
                                            "Default: ~/.cache/prunepilot/baselines/fmnist_<arch>.pt"),
         data: str = typer.Option("fashion-mnist", help="fashion-mnist or fashion-mnist:DIR (IDX files)."),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,7 @@ def finetune(
     warmup_steps: int = 0,
     max_grad_norm: float | None = None,
     log_every: int = 20,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> RecoveryStats:
     """Fine-tune `model` in place; returns RecoveryStats and leaves the model in eval mode.
 
@@ -82,6 +83,7 @@ def finetune(
     Optimiser: SGD (Nesterov momentum) for CNNs, or "adamw"; LR cosine-decays to 0 after `warmup_steps`.
     Loss: cross-entropy; with a `teacher`, (1-kd_alpha)*CE + kd_alpha*KD(T=kd_temperature); a loader
     without labels needs a teacher (pure distillation, label-free).
+    `on_step(step, loss)` is called after every optimiser step (1-based step).
     Deterministic for a seed: the global RNG is forked and seeded, and a loader's own shuffle
     generator is reseeded, so every call with one seed sees the same batches in the same order.
     """
@@ -146,6 +148,8 @@ def finetune(
                 window = []
             stats.steps = step + 1
             bar(val)
+            if on_step is not None:  # e.g. logging, or a wall-time guard that raises to stop
+                on_step(stats.steps, val)
     model.eval()
     stats.loss_last = stats.losses[-1] if stats.losses else stats.loss_first
     stats.seconds = time.perf_counter() - t0

@@ -7,12 +7,13 @@ JSON file with its accuracy and training time.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from ..errors import SourceError
 from ..results import environment, write_json_atomic
 from .cifar_resnet import ARCHS, build
 
-DEFAULT_EPOCHS = 2
+DEFAULT_EPOCHS = 1
 DATASET = "fmnist"
 
 
@@ -66,6 +67,7 @@ def train_baseline(
     weight_decay: float = 5e-4,
     data: str = "fashion-mnist",
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train `arch` from scratch on Fashion-MNIST (SGD+Nesterov, cosine LR), save weights + info JSON.
 
@@ -85,8 +87,14 @@ def train_baseline(
     model = build(arch, num_classes=bundle.num_classes, in_channels=bundle.input_shape[0])
     macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, *bundle.input_shape))
     loader = bundle.loader("train", batch_size=batch_size, seed=seed)
+    t0 = time.perf_counter()
+
+    def on_step(step: int, loss: float) -> None:
+        if log is not None and step % 50 == 0:
+            log(f"step {step}/{math.ceil(epochs * len(loader))} loss {loss:.3f} {time.perf_counter() - t0:.0f}s")
+
     stats = finetune(model, loader, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
-                     progress=progress, warmup_steps=min(200, len(loader) // 2))
+                     progress=progress, warmup_steps=min(200, len(loader) // 2), on_step=on_step)
     if stats.diverged:
         raise SourceError("baseline training must not diverge", f"non-finite loss after {stats.steps} steps",
                           "lower --lr")
