@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from prunepilot.errors import PrunepilotError
 from prunepilot.evaluate.classification import (
+    ClassificationEvaluator,
     dense_logits,
     evaluate_classifier,
     fidelity,
@@ -123,3 +124,37 @@ def test_bn_recalibration_uses_only_num_batches_and_handles_no_bn() -> None:
     with pytest.raises(PrunepilotError, match="non-empty"):
         recalibrate_batchnorm(m, DataLoader(torch.randn(0, 2, 6, 6), batch_size=2))
     assert torch.allclose(m[1].running_mean, first, atol=1e-5)  # old stats put back
+
+
+def test_classification_evaluator_recalibrates_and_scores() -> None:
+    torch.manual_seed(0)
+    dense = _bn_net()
+    x = torch.randn(64, 2, 6, 6) * 2 + 3
+    y = torch.randint(0, 3, (64,))
+    val = DataLoader(TensorDataset(x, y), batch_size=16)
+    ev = ClassificationEvaluator(val, dense, calibration_loader=DataLoader(x, batch_size=16), bn_batches=2)
+    cand = copy.deepcopy(dense)
+    r = ev.measure(cand)
+    assert r["bn_layers"] == 1 and 0 <= r["top1"] <= 1 and r["n"] == 64
+    assert not torch.equal(cand[1].running_mean, dense[1].running_mean)  # recalibrated in place
+    r2 = ClassificationEvaluator(val, dense, labels=False).measure(copy.deepcopy(dense))
+    assert "top1" not in r2 and r2["agreement"] == 1.0
+    with pytest.raises(PrunepilotError, match="label-free"):
+        ClassificationEvaluator(val, None, labels=False)
+
+
+class _Bundle:
+    """The two things for_bundle needs from a DataBundle."""
+
+    def __init__(self, ds: TensorDataset) -> None:
+        self.ds = ds
+
+    def loader(self, split: str, *, batch_size: int, shuffle: bool, seed: int, limit: int | None = None):
+        return DataLoader(self.ds, batch_size=batch_size, shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(seed))
+
+
+def test_evaluator_for_bundle() -> None:
+    ds = TensorDataset(torch.randn(32, 2, 6, 6), torch.randint(0, 3, (32,)))
+    ev = ClassificationEvaluator.for_bundle(_Bundle(ds), _bn_net(), limit=None, batch_size=8, bn_batches=2)
+    assert set(ev.measure(_bn_net())) >= {"top1", "agreement", "kl", "bn_layers"}

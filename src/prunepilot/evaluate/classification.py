@@ -230,3 +230,66 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, num_batches: int =
             m.num_batches_tracked.copy_(nbt)
         raise PrunepilotError("BN recalibration needs a non-empty loader", "no batches", "check the data split")
     return len(bns)
+
+
+class ClassificationEvaluator:
+    """What the search loop calls per candidate: BN recalibration, then accuracy and fidelity on val.
+
+    The dense model's logits are computed once (fixed, unshuffled loader) and reused for every
+    candidate; BN recalibration updates the candidate in place (that is the point: it is kept).
+    `labels=False` scores label-free (fidelity only), for data without labels.
+    """
+
+    def __init__(
+        self,
+        loader: Iterable,
+        dense_model: nn.Module | None = None,
+        *,
+        calibration_loader: Iterable | None = None,
+        bn_batches: int = 20,
+        max_batches: int | None = None,
+        labels: bool = True,
+        progress: bool = False,
+    ) -> None:
+        self.loader, self.calibration_loader = loader, calibration_loader
+        self.bn_batches, self.max_batches, self.labels, self.progress = bn_batches, max_batches, labels, progress
+        self._dense = dense_logits(dense_model, loader, max_batches) if dense_model is not None else None
+        if not labels and self._dense is None:
+            raise PrunepilotError("label-free evaluation needs the dense model", "labels=False, no dense model",
+                                  "pass dense_model=")
+
+    def measure(self, model: nn.Module, *, recalibrate: bool = True) -> dict[str, float]:
+        """{"top1", "top5", "loss"} (with labels), {"agreement", "kl"} (with a dense model), "bn_layers"."""
+        out: dict[str, float] = {"bn_layers": 0.0}
+        if recalibrate and self.calibration_loader is not None and self.bn_batches > 0:
+            out["bn_layers"] = float(recalibrate_batchnorm(model, self.calibration_loader, self.bn_batches,
+                                                           progress=self.progress))
+        if self.labels:
+            out.update(evaluate_classifier(model, self.loader, self.max_batches, progress=self.progress))
+        if self._dense is not None:
+            fid = fidelity(model, self._dense, self.loader, self.max_batches, progress=self.progress)
+            out.update(agreement=fid["agreement"], kl=fid["kl"], n=fid["n"])
+        return out
+
+    @classmethod
+    def for_bundle(
+        cls,
+        bundle: Any,
+        dense_model: nn.Module | None = None,
+        *,
+        split: str = "val",
+        limit: int | None = 2000,
+        batch_size: int = 256,
+        bn_batches: int = 20,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> "ClassificationEvaluator":
+        """Evaluator over a `DataBundle` split (fixed seed-chosen subset of `limit` samples); BN
+        statistics come from the training split, never from the split being scored."""
+        return cls(
+            bundle.loader(split, batch_size=batch_size, limit=limit, shuffle=False, seed=seed),
+            dense_model,
+            calibration_loader=bundle.loader("train", batch_size=128, shuffle=True, seed=seed),
+            bn_batches=bn_batches,
+            progress=progress,
+        )
