@@ -223,3 +223,46 @@ def test_md_escape() -> None:
 def test_load_run_empty(tmp_path: Path) -> None:
     rf = load_run(tmp_path)
     assert rf.result == {} and rf.attempts == [] and rf.problems
+
+
+def test_long_text_folded_and_files_readable(full_run: Path) -> None:
+    rows = attempts()
+    rows[0]["rationale"] = "word " * 400  # 2000 characters
+    write_jsonl(full_run / "attempts.jsonl", rows)
+    html_path, md_path = render_report(full_run)
+    html = html_path.read_text()
+    assert "full text (2000 characters)" in html
+    assert "word " * 130 in md_path.read_text() and "word " * 200 not in md_path.read_text()
+    for p in (html_path, md_path, *full_run.glob("report-*.png")):
+        assert p.stat().st_mode & 0o044  # group/other may read, as with a plain open() under a usual umask
+
+
+def test_broken_section_is_reported_not_fatal(full_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prunepilot.report import plots, render
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise RuntimeError("unforeseen data")
+
+    monkeypatch.setattr(render, "skipped_section", boom)
+    monkeypatch.setattr(plots, "widths_png", boom)
+    html = render_report(full_run)[0].read_text()
+    assert "section &#39;skipped layers&#39; not shown: RuntimeError: unforeseen data" in html
+    assert "plot &#39;widths&#39; failed" in html
+    assert len(_imgs(html)) == 2 and "911.1 M" in html
+
+
+def test_large_run(tmp_path: Path) -> None:
+    """A ViT/LLM-sized run: hundreds of groups, many attempts; labels give way to family spans."""
+    r = prune_result()
+    fams = [f"blocks.*.{k}" for k in ("attn.qkv", "mlp.fc1", "attn.proj", "mlp.fc2")]
+    groups = [{"name": f"blocks.{b}.{k.split('.*.')[1]}", "family": k, "kind": "linear", "width": 768, "macs": 1e7}
+              for b in range(48) for k in fams]
+    r["widths"] = {g["name"]: [768, 512 + (i % 5) * 32] for i, g in enumerate(groups)}
+    write_json(tmp_path / "result.json", r)
+    write_json(tmp_path / "profile.json", {"dense": {"macs": 2e9}, "groups": groups, "families": []})
+    write_jsonl(tmp_path / "attempts.jsonl", [
+        {"round": i, "metrics": {"macs": 9.1e8 * (1 + 0.1 / i), "accuracy": 0.8 - 0.001 * i}, "verdict": "kept"} for i in range(1, 61)
+    ])
+    html = render_report(tmp_path)[0].read_text()
+    assert len(_imgs(html)) == 3
+    assert html.count('<tr class="best">') == 1  # best_round 2

@@ -116,7 +116,7 @@ def trajectory_png(
         scale = 100.0 if qkey in ("accuracy", "fidelity_agreement") else 1.0
         pts = [(x, scale * float(a["metrics"][qkey])) for x, a in zip(xs, attempts)
                if _num((a.get("metrics") or {}).get(qkey)) is not None]
-        ax2.plot([p[0] for p in pts], [p[1] for p in pts], "--", color="#444444", lw=1.2, label=qkey, zorder=1)
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], "--", marker=".", ms=5, color="#444444", lw=1.2, label=qkey, zorder=1)
         ax2.set_ylabel(f"{qkey} (%)" if scale == 100.0 else qkey)
         if qkey == "perplexity" and pts and max(p[1] for p in pts) / max(min(p[1] for p in pts), 1e-9) > 20:
             ax2.set_yscale("log")  # a collapsed attempt would flatten every other point
@@ -178,7 +178,7 @@ def widths_png(widths: dict[str, Sequence[float]], family_of: dict[str, str], or
         for fam, gs in fams:
             centres.append(start + (len(gs) - 1) / 2)
             start += len(gs)
-        ax.set_xticks(centres, [f for f, _ in fams], rotation=90, fontsize=7)
+        ax.set_xticks(centres, [f for f, _ in fams], rotation=0 if len(fams) <= 6 else 90, fontsize=7)
     ax.set_ylabel("channels / units")
     ax.set_xlim(-0.7, n - 0.3)
     ax.grid(True, axis="y", alpha=0.3)

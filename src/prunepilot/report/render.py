@@ -16,6 +16,7 @@ import os
 import re
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from . import plots
 
 HTML_NAME, MD_NAME = "report.html", "report.md"
 PLOT_PREFIX = "report-"
+CLIP_AT = 700  # characters of an LLM rationale shown inline; the HTML folds the rest, attempts.jsonl keeps it all
 # metric -> how to show it; quality metrics are fractions shown in percent, "higher" says which way is better
 PERCENT_METRICS = {"accuracy", "top1", "top5", "fidelity_agreement", "sparsity", "agreement"}
 COST_ORDER = ("macs", "params", "latency_ms", "size_mb", "memory_mb", "sparsity")
@@ -154,6 +156,11 @@ def md(text: Any) -> str:
     s = html.escape("" if text is None else str(text), quote=False)
     s = re.sub(r"([\\`*_\[\]|#!~])", r"\\\1", s)
     return s.replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def clip(text: Any, n: int) -> str:
+    s = "" if text is None else str(text)
+    return s if len(s) <= n else s[: n - 1].rstrip() + "…"
 
 
 def md_code(text: Any) -> str:
@@ -515,13 +522,31 @@ def build_figures(rf: RunFiles, goals: dict[str, float], band: dict[str, float] 
 # ---------------------------------------------------------------- render
 
 
+def _safe(problems: list[str], name: str, make: Callable[[], Any], default: Any) -> Any:
+    """One section's content; a section that cannot be built is named in the report, the rest still render."""
+    try:
+        return make()
+    except Exception as exc:  # data we did not foresee must not cost the whole report
+        problems.append(f"section '{name}' not shown: {type(exc).__name__}: {str(exc)[:160]}")
+        return default
+
+
+def _distribution_rows(dist: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**row, "macs_share": pct(row["macs_share"], False), "macs_share_after": pct(row["macs_share_after"], False),
+             "latency_share": pct(row["latency_share"], False), "macs_kept": pct(row["macs_kept"], False)}
+            for row in dist]
+
+
 def build_context(run_dir: Path, rf: RunFiles) -> dict[str, Any]:
+    """Everything the two templates show, as display-ready strings and rows."""
     r = rf.result
+    problems = list(rf.problems)
     budget = r.get("budget") if isinstance(r.get("budget"), dict) else {}
     targets = budget.get("targets") if isinstance(budget.get("targets"), dict) else {}
     goals = {m: float(t["goal"]) for m, t in targets.items() if isinstance(t, dict) and num(t.get("goal")) is not None}
     band = budget.get("band") if isinstance(budget.get("band"), dict) else None
-    figs, dist, plot_problems = build_figures(rf, goals, band)
+    figs, dist, plot_problems = _safe(problems, "plots", lambda: build_figures(rf, goals, band), ([], [], []))
+    problems += plot_problems
     kind = str(r.get("kind") or "run")
     model = str(r.get("model") or (rf.profile or {}).get("model") or run_dir.name)
     return {
@@ -530,25 +555,21 @@ def build_context(run_dir: Path, rf: RunFiles) -> dict[str, Any]:
         "model": model,
         "run_dir": str(run_dir),
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "budget": budget_section(r),
-        "compare": compare_section(r),
-        "facts": facts_section(r, rf.attempts),
+        "budget": _safe(problems, "budget", lambda: budget_section(r), {"rows": [], "band": None, "within": None}),
+        "compare": _safe(problems, "dense vs compressed", lambda: compare_section(r), {"rows": [], "speed": None}),
+        "facts": _safe(problems, "facts", lambda: facts_section(r, rf.attempts), []),
         "figures": figs,
-        "distribution": [
-            {**row, "macs_share": pct(row["macs_share"], False), "macs_share_after": pct(row["macs_share_after"], False),
-             "latency_share": pct(row["latency_share"], False),
-             "macs_kept": pct(row["macs_kept"], False) if row["macs_kept"] is not None else "—"}
-            for row in dist
-        ],
-        "attempts": attempts_section(rf.attempts, goals, r.get("best_round")),
+        "distribution": _safe(problems, "distribution", lambda: _distribution_rows(dist), []),
+        "attempts": _safe(problems, "attempts", lambda: attempts_section(rf.attempts, goals, r.get("best_round")), []),
         "quality_label": plots.quality_key(rf.attempts) or "quality",
-        "llm": llm_section(rf.llm_calls),
-        "skipped": skipped_section(rf),
-        "quant": quant_section(rf),
-        "export": kv_rows(r.get("export"), run_dir),
-        "environment": kv_rows(r.get("environment")),
-        "other": other_rows(r),
-        "problems": rf.problems + plot_problems,
+        "llm": _safe(problems, "LLM calls", lambda: llm_section(rf.llm_calls), None),
+        "skipped": _safe(problems, "skipped layers", lambda: skipped_section(rf), []),
+        "quant": _safe(problems, "quantization", lambda: quant_section(rf), None),
+        "export": _safe(problems, "export", lambda: kv_rows(r.get("export"), run_dir), []),
+        "environment": _safe(problems, "environment", lambda: kv_rows(r.get("environment")), []),
+        "other": _safe(problems, "other", lambda: other_rows(r), []),
+        "problems": problems,
+        "clip_at": CLIP_AT,
     }
 
 
@@ -564,6 +585,7 @@ def _env() -> Any:
     )
     env.filters["md"] = md
     env.filters["code"] = md_code
+    env.filters["clip"] = clip
     return env
 
 
@@ -593,7 +615,17 @@ def render_report(run_dir: Path) -> tuple[Path, Path]:
     html_path, md_path = run_dir / HTML_NAME, run_dir / MD_NAME
     write_text_atomic(html_path, html_text)
     write_text_atomic(md_path, md_text)
+    for p in [html_path, md_path, *(run_dir / f.filename for f in ctx["figures"])]:
+        _readable(p)
     return html_path, md_path
+
+
+def _readable(path: Path) -> None:
+    """Atomic writes go through mkstemp (mode 0600); give the report the permissions the umask allows, as a
+    plain open() would, so it can be shared or served."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 __all__ = ["render_report", "load_run", "RunFiles", "build_context"]
