@@ -90,3 +90,70 @@ def test_vit_block_round_trip(tmp_path) -> None:
     res = export_and_verify(model, torch.randn(1, 3, 32, 32), tmp_path, int8=True,
                             verify_inputs=torch.randn(8, 3, 32, 32), measure_latency=False)
     assert res.verify_fp32.passed and res.verify_int8.cosine > 0.98
+
+
+# ----------------------------------------------------------------------------- run folders and commands
+
+
+def _loaded(model: nn.Module, shape: tuple[int, ...]):
+    from prunepilot.sources.models import LoadedModel
+
+    return LoadedModel(model, torch.randn(*shape), "py:tests:mlp", "tiny test model")
+
+
+def test_quantize_onnx_backend_then_export_of_an_eager_int8_run(tmp_path) -> None:
+    from prunepilot.commands.export import run_export
+    from prunepilot.commands.quantize import run_quantize
+
+    res = run_quantize(_loaded(_mlp(), (2, 32)), out=tmp_path / "onnx", backend="onnx", layers="all", rounds=2)
+    assert (tmp_path / "onnx" / "model.int8.onnx").exists()
+    assert res["quantization"]["verify_vs_dense"]["cosine"] > 0.98
+    assert res["compressed"]["size_mb"] < 0.5 * res["dense"]["size_mb"]
+
+    run_quantize(_loaded(_mlp(), (2, 32)), out=tmp_path / "eager", layers="all", rounds=2)
+    out = run_export(tmp_path / "eager", int8=True, samples=32)
+    assert out["source"] == "model.pt" and out["input_shape"] == [2, 32]
+    # the float twin with int8-grid weights matches the eager int8 model up to activation rounding
+    assert out["verify_fp32"]["passed"] and out["verify_fp32"]["cosine"] > 0.99
+    assert out["verify_int8"]["passed"]
+    assert any("eager int8 layers" in n for n in out["notes"])
+    assert (tmp_path / "eager" / "export.json").exists()
+
+
+def test_export_refuses_foreign_pickles_without_trust(tmp_path) -> None:
+    from prunepilot.commands.export import load_run_model
+    from prunepilot.errors import SourceError
+
+    torch.save(_mlp(), tmp_path / "model.pt")
+    with pytest.raises(SourceError, match="pickled module"):
+        load_run_model(tmp_path)
+    model, example, source = load_run_model(tmp_path, trust=True)
+    assert source == "model.pt" and example is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no saved model"):
+        load_run_model(tmp_path / "empty", trust=True)
+
+
+def test_export_prefers_the_torch_export_program(tmp_path) -> None:
+    from prunepilot.commands.export import run_export
+
+    model, x = _mlp(), torch.randn(2, 32)
+    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "model.pt2"))
+    out = run_export(tmp_path, samples=16)  # no result.json and no --trust: the .pt2 needs neither
+    assert out["source"] == "model.pt2" and out["verify_fp32"]["passed"]
+
+
+def test_cli_quantize_and_export(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from prunepilot.cli import app
+
+    monkeypatch.setattr("prunepilot.commands.common.load", lambda *a, **k: _loaded(_mlp(), (2, 32)))
+    monkeypatch.setattr("prunepilot.commands.quantize.load", lambda *a, **k: _loaded(_mlp(), (2, 32)))
+    runner = CliRunner()
+    r = runner.invoke(app, ["quantize", "py:x:y", "--layers", "all", "--rounds", "2", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "layers quantized" in r.output
+    r = runner.invoke(app, ["export", str(tmp_path), "--format", "onnx", "--int8", "--samples", "16"])
+    assert r.exit_code == 0, r.output
+    assert "verify fp32" in r.output and "passed" in r.output

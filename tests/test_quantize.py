@@ -248,3 +248,46 @@ def test_memory_metrics_reflect_packed_int8(x: torch.Tensor) -> None:
     assert hooks.method == "hooks" and hooks.peak_bytes == 2 * 8 * 512 * 4
     rep = memory_report(model, xin)
     assert rep.total_mb > rep.weights_bytes / 2**20
+
+
+# ----------------------------------------------------------------------------------- command pipeline
+
+
+def _loaded(model: nn.Module, shape: tuple[int, ...]):
+    from prunepilot.sources.models import LoadedModel
+
+    return LoadedModel(model, torch.randn(*shape), "py:tests:mlp", "tiny test model")
+
+
+@pytest.mark.parametrize("layers", ["all", "auto", "^0$"])
+def test_run_quantize_writes_result_report_and_artefact(tmp_path, layers: str) -> None:
+    import json
+
+    from prunepilot.commands.quantize import run_quantize
+
+    res = run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path, layers=layers, rounds=2)
+    assert res["kind"] == "quantize" and res["backend"] == "eager"
+    for key in ("size_mb", "latency_ms", "memory_mb"):
+        assert res["dense"][key] > 0 and res["compressed"][key] > 0
+    assert res["compressed"]["size_mb"] < res["dense"]["size_mb"]
+    rep = json.loads((tmp_path / "quantization.json").read_text())
+    assert rep["n_quantized"] >= 1 and all(s["reason"] for s in rep["skipped"])
+    if layers == "^0$":
+        assert [q["name"] for q in rep["quantized"]] == ["0"]
+    saved = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert saved(torch.randn(2, 64)).shape == (2, 16)
+    assert (tmp_path / "summary.md").read_text().startswith("# prunepilot quantize")
+    assert json.loads((tmp_path / "result.json").read_text())["input_shape"] == [4, 64]
+
+
+def test_run_quantize_rejects_bad_options(tmp_path) -> None:
+    from prunepilot.commands.quantize import run_quantize
+
+    with pytest.raises(PlanError, match="backend is eager, torchao or onnx"):
+        run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path, backend="tflite")
+    with pytest.raises(PlanError, match="must match at least one weight layer"):
+        run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path, layers="^nothing_matches_this$")
+    with pytest.raises(PlanError, match="no layer was quantized"):  # weight-only needs torchao
+        run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path, layers="all", scheme="int8_weight_only")
+    with pytest.raises(PlanError, match="--compile applies to the torchao backend"):
+        run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path, compile_=True)

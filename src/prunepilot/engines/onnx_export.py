@@ -112,7 +112,10 @@ def export_onnx(
         raise PrunepilotError("the ONNX exporter is 'auto', 'dynamo' or 'torchscript'", exporter, "use --exporter auto")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:  # torch.export's unlifted GraphModule has no train/eval switch
+        pass
     fallback_reason: str | None = None
     t0 = time.perf_counter()
     if exporter in ("auto", "dynamo"):
@@ -253,10 +256,11 @@ def export_and_verify(
     measure_latency: bool = True,
     exporter: str = "auto",
     name: str = "model",
+    dynamic_batch: bool = True,
 ) -> DeployResult:
     """Export fp32 ONNX (+ ORT int8 when asked), verify both against `model`, time the ORT sessions."""
     out_dir = Path(out_dir)
-    fp32 = export_onnx(model, example_input, out_dir / f"{name}.onnx", exporter=exporter)
+    fp32 = export_onnx(model, example_input, out_dir / f"{name}.onnx", exporter=exporter, dynamic_batch=dynamic_batch)
     res = DeployResult(fp32)
     vin = verify_inputs if verify_inputs is not None else example_input
     res.verify_fp32 = verify_onnx(fp32.path, model, vin)

@@ -172,7 +172,7 @@ def _parents_using_weight_directly(model: nn.Module) -> dict[str, str]:
 
 
 def _plan_decisions(
-    model: nn.Module, plan_map: Mapping[str, str], backend: str
+    model: nn.Module, plan_map: Mapping[str, str], backend: str, why_not: Mapping[str, str] | None = None
 ) -> tuple[list[LayerDecision], dict[str, list[str]]]:
     """Decide per layer without touching the model; returns decisions and {scheme: [selected names]}."""
     layers = weight_layers(model)
@@ -189,7 +189,10 @@ def _plan_decisions(
             decisions.append(LayerDecision(name, kind, n, scheme, False, reason, key))
 
         if scheme == "none":
-            skip("not selected by the plan" if key is None else f"plan says 'none' (via {key!r})")
+            if key is None:
+                skip(f"not selected: {why_not[name]}" if why_not and name in why_not else "not selected by the plan")
+            else:
+                skip(f"plan says 'none' (via {key!r})")
         elif type(mod) is not nn.Linear and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
             skip(f"{kind} is not supported by dynamic int8 quantization on the {backend} backend (Linear only)")
         elif name in direct:
@@ -217,13 +220,19 @@ _TORCHAO_CONFIGS = {
 
 
 def quantize_(
-    model: nn.Module, plan_map: Mapping[str, str], *, backend: Backend = "eager", measure_size: bool = True
+    model: nn.Module,
+    plan_map: Mapping[str, str],
+    *,
+    backend: Backend = "eager",
+    measure_size: bool = True,
+    why_not: Mapping[str, str] | None = None,
 ) -> QuantReport:
     """Quantize the selected layers of `model` in place; returns the per-layer report.
 
     `model` should be in eval mode (dynamic quantization is post-training). The result is still a plain
     `nn.Module`: eager quantized layers are `torch.ao.nn.quantized.dynamic.Linear`, torchao layers keep
-    `nn.Linear` with an int8 tensor-subclass weight.
+    `nn.Linear` with an int8 tensor-subclass weight. `why_not` (e.g. `AutoSelection.reasons`) explains
+    layers the plan does not select, so the report says why each one stayed in float.
     """
     from ..evaluate.memory import state_dict_bytes
 
@@ -231,7 +240,7 @@ def quantize_(
         raise PlanError("the quantization backend must be one of " + ", ".join(BACKENDS), backend,
                         "use --backend eager (fastest CPU path) or torchao (with torch.compile); ONNX via `prunepilot export`")
     t0 = time.perf_counter()
-    decisions, selected = _plan_decisions(model, plan_map, backend)
+    decisions, selected = _plan_decisions(model, plan_map, backend, why_not)
     before = state_dict_bytes(model) if measure_size else 0
     if selected:
         if backend == "eager":
@@ -386,3 +395,31 @@ def plan_map_from_layers_option(
         return dict(sel.plan_map), sel
     pattern = layers[3:] if layers.startswith("re:") else layers
     return {f"re:{pattern}": scheme}, None
+
+
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    """Names of eager dynamic-int8 layers in `model` (e.g. a model reloaded from a quantize run)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+
+    return [n for n, m in model.named_modules() if isinstance(m, DynLinear)]
+
+
+def dequantize_(model: nn.Module) -> list[str]:
+    """Replace eager dynamic-int8 Linears by float Linears holding the *dequantized* int8 weights, in place.
+
+    The float model computes what the int8 one computes up to activation rounding, and unlike it can be
+    exported to ONNX (where ORT int8 quantization can pack the weights again). Returns the replaced names.
+    """
+    names = quantized_layer_names(model)
+    for name in names:
+        q = model.get_submodule(name)
+        w = q.weight().dequantize()  # (out, in) float32 on the int8 grid
+        b = q.bias()
+        lin = nn.Linear(q.in_features, q.out_features, bias=b is not None)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if b is not None:
+                lin.bias.copy_(b)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
+    return names
