@@ -182,7 +182,7 @@ def test_odd_values_do_not_crash(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "attempts.jsonl", [{"round": "one", "metrics": None, "errors": {"macs": "big"}, "plan": "text"}, [1, 2]])
     write_jsonl(tmp_path / "llm_calls.jsonl", [{"latency_s": None}])
     html = render_report(tmp_path)[0].read_text()
-    assert "no band verdict" in html and "why" in html
+    assert "no budget for this run" in html and "why" in html
 
 
 def test_sparsify_and_quantize(tmp_path: Path) -> None:

@@ -198,7 +198,9 @@ def budget_section(r: dict[str, Any]) -> dict[str, Any]:
     if band and num(band.get("over")) is not None and num(band.get("under")) is not None:
         band_text = f"+{100 * float(band['over']):.1f}% / −{100 * float(band['under']):.1f}%"
     within = r.get("within_band")
-    return {"rows": rows, "band": band_text, "within": within if isinstance(within, bool) else None}
+    if not rows:  # e.g. quantize: within_band is true by convention, there is no band to be within
+        within = None
+    return {"rows": rows, "band": band_text if rows else None, "within": within if isinstance(within, bool) else None}
 
 
 def compare_section(r: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +234,13 @@ def compare_section(r: dict[str, Any]) -> dict[str, Any]:
         if sp is not None and ideal:
             parts.append(f"{100 * sp / ideal:.0f}% of the MAC ratio realised")
         speed = "; ".join(parts)
-    return {"rows": rows, "speed": speed}
+    timings = []
+    lat = r.get("latency")
+    for name, t in (lat.items() if isinstance(lat, dict) else []):
+        if isinstance(t, dict):
+            timings.append({"name": str(name), "median": fmt("median_ms", t.get("median_ms")), "p90": fmt("p90_ms", t.get("p90_ms")),
+                            "runs": str(t.get("runs", "—")), "threads": str(t.get("threads", "—"))})
+    return {"rows": rows, "speed": speed, "timings": timings}
 
 
 def facts_section(r: dict[str, Any], attempts: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -415,7 +423,11 @@ def quant_section(rf: RunFiles) -> dict[str, Any] | None:
     for k, v in (q or {}).items():
         if k in ("quantized", "skipped", "plan_map"):
             continue
-        if _scalar(v) and v is not None:
+        if k.endswith("_bytes") and num(v) is not None:
+            facts.append((k.removesuffix("_bytes"), _size(int(v))))
+        elif k.endswith("params") and num(v) is not None:
+            facts.append((k, fmt("params", v)))
+        elif _scalar(v) and v is not None:
             facts.append((k, fmt(k, v) if isinstance(v, float) else str(v)))
         elif isinstance(v, dict) and v:
             facts.append((k, short_json(v, 300)))
@@ -549,6 +561,8 @@ def build_context(run_dir: Path, rf: RunFiles) -> dict[str, Any]:
     problems += plot_problems
     kind = str(r.get("kind") or "run")
     model = str(r.get("model") or (rf.profile or {}).get("model") or run_dir.name)
+    quant = _safe(problems, "quantization", lambda: quant_section(rf), None)
+    quant_keys = {k for k, _ in quant["facts"]} if quant else set()
     return {
         "title": f"prunepilot {kind}: {model}",
         "kind": kind,
@@ -556,7 +570,7 @@ def build_context(run_dir: Path, rf: RunFiles) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "budget": _safe(problems, "budget", lambda: budget_section(r), {"rows": [], "band": None, "within": None}),
-        "compare": _safe(problems, "dense vs compressed", lambda: compare_section(r), {"rows": [], "speed": None}),
+        "compare": _safe(problems, "dense vs compressed", lambda: compare_section(r), {"rows": [], "speed": None, "timings": []}),
         "facts": _safe(problems, "facts", lambda: facts_section(r, rf.attempts), []),
         "figures": figs,
         "distribution": _safe(problems, "distribution", lambda: _distribution_rows(dist), []),
@@ -564,10 +578,10 @@ def build_context(run_dir: Path, rf: RunFiles) -> dict[str, Any]:
         "quality_label": plots.quality_key(rf.attempts) or "quality",
         "llm": _safe(problems, "LLM calls", lambda: llm_section(rf.llm_calls), None),
         "skipped": _safe(problems, "skipped layers", lambda: skipped_section(rf), []),
-        "quant": _safe(problems, "quantization", lambda: quant_section(rf), None),
+        "quant": quant,
         "export": _safe(problems, "export", lambda: kv_rows(r.get("export"), run_dir), []),
         "environment": _safe(problems, "environment", lambda: kv_rows(r.get("environment")), []),
-        "other": _safe(problems, "other", lambda: other_rows(r), []),
+        "other": _safe(problems, "other", lambda: [(k, v) for k, v in other_rows(r) if k not in quant_keys], []),
         "problems": problems,
         "clip_at": CLIP_AT,
     }
