@@ -1,0 +1,60 @@
+"""`prunepilot sparsify`: LLM unstructured / N:M sparsity with agent-chosen per-layer allocation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _fraction(text: str) -> float:
+    from ..errors import BudgetError
+
+    raw = text.strip().rstrip("%")
+    try:
+        v = float(raw) / (100 if text.strip().endswith("%") else 1)
+    except ValueError:
+        raise BudgetError("a rollback threshold is a percentage like 15%", text, "e.g. --rollback-threshold 15%") from None
+    if not 0 < v < 10:
+        raise BudgetError("a rollback threshold must be a positive rise in perplexity", text, "e.g. 15%")
+    return v
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def sparsify(
+        model: str = typer.Argument(..., help="smollm2 | gemma3-270m | gguf:PATH.gguf | hf:DIR_OR_HUB_ID | DIR"),
+        sparsity: str = typer.Option("50%", "--sparsity", help="Global parameter-weighted sparsity (50%) or an N:M pattern (2:4)."),
+        method: str = typer.Option("wanda", "--method", help="Final masks/weights: wanda, sparsegpt or magnitude."),
+        agent: str = typer.Option("auto", "--agent", help="auto | uniform | owl | sensitivity | local | anthropic[:MODEL] | openai[:MODEL] | openai-compatible:MODEL."),
+        calib: str = typer.Option("pydocs", "--calib", help="Calibration text: pydocs | text:PATH | wikitext2 | hf:DATASET[:CONFIG]."),
+        eval_text: Optional[str] = typer.Option(None, "--eval", help="Evaluation text (default: the held-out part of --calib's source)."),
+        rollback_threshold: str = typer.Option("15%", "--rollback-threshold", help="Roll back a step whose probe perplexity rises more than this."),
+        step: float = typer.Option(0.1, "--step", help="Initial global sparsity increment per iteration."),
+        calib_seqs: int = typer.Option(32, "--calib-seqs", help="Calibration sequences."),
+        seqlen: int = typer.Option(512, "--seqlen", help="Calibration sequence length."),
+        eval_seqs: int = typer.Option(16, "--eval-seqs", help="Evaluation sequences."),
+        eval_seqlen: int = typer.Option(1024, "--eval-seqlen", help="Evaluation sequence length."),
+        bands: int = typer.Option(3, "--bands", help="Depth bands per layer kind (groups the analyst allocates)."),
+        llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="Base URL of an OpenAI-compatible server."),
+        out: Path = typer.Option(Path("runs/sparsify"), "--out", help="Output folder."),
+        no_export: bool = typer.Option(False, "--no-export", help="Skip save_pretrained of the sparse model."),
+    ) -> None:
+        """Sparsify a causal LM to an exact global sparsity; an analyst allocates it per layer group, rolling
+        back steps that hurt held-out perplexity too much. Writes result.json, plan.json, profile.json,
+        attempts.jsonl, llm_calls.jsonl, summary.md and model/ (save_pretrained)."""
+        from rich.console import Console
+
+        from ..sparsify.run import SparsifyConfig, run_sparsify
+
+        console = Console(stderr=True)
+        cfg = SparsifyConfig(model=model, sparsity=sparsity, method=method, agent=agent, calib=calib,
+                             eval=eval_text, rollback_threshold=_fraction(rollback_threshold), step=step,
+                             calib_seqs=calib_seqs, calib_seqlen=seqlen, eval_seqs=eval_seqs,
+                             eval_seqlen=eval_seqlen, bands=bands, llm_base_url=llm_base_url, export=not no_export)
+        result = run_sparsify(cfg, out, say=lambda s: console.print(s))
+        d, c = result["dense"], result["compressed"]
+        console.print(f"[bold]perplexity[/] {d['perplexity']:.2f} -> {c['perplexity']:.2f}; sparsity "
+                      f"{c['sparsity']:.4f} ({result['pattern']}, {result['method']}, agent {result['agent']}); "
+                      f"within band: {result['within_band']}; wrote {out}")

@@ -1,0 +1,160 @@
+"""SparsityPlan: per-group / per-layer sparsity proposed by a strategist, and its exact projection.
+
+A plan is data, never code. Keys are group ids from the profile ('mlp.down_proj@0-9'), exact layer
+names, or 're:REGEX' patterns over layer names; unknown keys are rejected; values are clamped to
+[0, MAX_RATIO]. `project` then shifts the plan until the parameter-weighted sparsity equals the level
+exactly (to the weight), never below each layer's floor (its current sparsity: the loop only adds).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engines.sparsity import exact_counts
+from ..errors import BudgetError, PlanError
+from .calibrate import LinearInfo
+
+MAX_RATIO = 0.95
+
+
+class SparsityPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = 1
+    ratios: dict[str, float] = Field(default_factory=dict)
+    default: float | None = None
+    rationale: str = ""
+    reflection: str = ""
+    source: str = ""  # which strategist wrote it
+
+
+def plan_json_schema(groups: list[str]) -> dict[str, Any]:
+    """The JSON schema an LLM reply must follow (group ids enumerated)."""
+    return {
+        "type": "object",
+        "properties": {
+            "ratios": {"type": "object",
+                       "properties": {g: {"type": "number", "minimum": 0, "maximum": MAX_RATIO} for g in groups},
+                       "additionalProperties": False},
+            "rationale": {"type": "string"},
+            "reflection": {"type": "string"},
+        },
+        "required": ["ratios", "rationale"],
+        "additionalProperties": False,
+    }
+
+
+def validate_keys(plan: SparsityPlan, infos: list[LinearInfo], groups: dict[str, list[str]]) -> list[str]:
+    """Names of keys that match neither a group, a layer, nor (as re:) any layer."""
+    layer_names = {i.name for i in infos}
+    bad = []
+    for key in plan.ratios:
+        if key in groups or key in layer_names:
+            continue
+        if key.startswith("re:"):
+            try:
+                rx = re.compile(key[3:])
+            except re.error:
+                bad.append(key)
+                continue
+            if any(rx.search(n) for n in layer_names):
+                continue
+        bad.append(key)
+    return bad
+
+
+def resolve(
+    plan: SparsityPlan, infos: list[LinearInfo], groups: dict[str, list[str]], fallback: dict[str, float]
+) -> dict[str, float]:
+    """Per-layer desired sparsity. Precedence: exact name > re: pattern > group > default > fallback."""
+    bad = validate_keys(plan, infos, groups)
+    if bad:
+        raise PlanError("a sparsity plan may only name the profile's groups, layers or re: patterns",
+                        bad[:5], f"use group ids such as {next(iter(groups), '?')}")
+    clamp = lambda v: min(max(float(v), 0.0), MAX_RATIO)  # noqa: E731
+    layer_of_group = {n: g for g, names in groups.items() for n in names}
+    patterns = [(re.compile(k[3:]), v) for k, v in plan.ratios.items() if k.startswith("re:")]
+    out: dict[str, float] = {}
+    for info in infos:
+        n = info.name
+        if n in plan.ratios:
+            out[n] = clamp(plan.ratios[n])
+            continue
+        hit = next((v for rx, v in patterns if rx.search(n)), None)
+        if hit is not None:
+            out[n] = clamp(hit)
+        elif layer_of_group.get(n) in plan.ratios:
+            out[n] = clamp(plan.ratios[layer_of_group[n]])
+        elif plan.default is not None:
+            out[n] = clamp(plan.default)
+        else:
+            out[n] = clamp(fallback.get(n, 0.0))
+    return out
+
+
+def global_sparsity(ratios: dict[str, float], infos: list[LinearInfo]) -> float:
+    total = sum(i.params for i in infos)
+    return sum(ratios.get(i.name, 0.0) * i.params for i in infos) / total
+
+
+def project(
+    desired: dict[str, float],
+    infos: list[LinearInfo],
+    level: float,
+    floor: dict[str, float] | None = None,
+    ceiling: float = MAX_RATIO,
+) -> dict[str, int]:
+    """Exact prune counts per layer: shift `desired` by one common offset (bisection), clip each layer to
+    [floor, ceiling], and round so sum(counts) == round(level * total params)."""
+    floor = floor or {}
+    sizes = [i.params for i in infos]
+    lo_r = [min(floor.get(i.name, 0.0), ceiling) for i in infos]
+    want = [desired.get(i.name, level) for i in infos]
+    total = sum(sizes)
+    reach_lo = sum(l * s for l, s in zip(lo_r, sizes)) / total
+    reach_hi = sum(max(ceiling, l) * s for l, s in zip(lo_r, sizes)) / total
+    if not (reach_lo - 1e-9 <= level <= reach_hi + 1e-9):
+        raise BudgetError(
+            f"the sparsity level must lie between the layers' floors ({reach_lo:.4f}) and ceilings ({reach_hi:.4f})",
+            round(level, 4), "lower the target or raise the per-layer ceiling",
+        )
+
+    def achieved(delta: float) -> float:
+        return sum(min(max(w + delta, l), max(ceiling, l)) * s for w, l, s in zip(want, lo_r, sizes)) / total
+
+    a, b = -1.0, 1.0
+    for _ in range(60):  # monotone in delta
+        mid = (a + b) / 2
+        if achieved(mid) < level:
+            a = mid
+        else:
+            b = mid
+    ratios = [min(max(w + b, l), max(ceiling, l)) for w, l in zip(want, lo_r)]
+    counts = exact_counts(sizes, ratios, level)
+    # rounding may dip a layer a weight below its floor; floors win (the loop never un-prunes)
+    floors = [int(round(l * s)) for l, s in zip(lo_r, sizes)]
+    counts = _respect_floors(counts, floors, sizes)
+    return {i.name: c for i, c in zip(infos, counts)}
+
+
+def _respect_floors(counts: list[int], floors: list[int], sizes: list[int]) -> list[int]:
+    deficit = 0
+    for j, (c, f) in enumerate(zip(counts, floors)):
+        if c < f:
+            deficit += f - c
+            counts[j] = f
+    j = 0
+    order = sorted(range(len(counts)), key=lambda i: counts[i] - floors[i], reverse=True)
+    while deficit > 0 and j < len(order) * 4:
+        i = order[j % len(order)]
+        if counts[i] > floors[i]:
+            counts[i] -= 1
+            deficit -= 1
+        j += 1
+    return counts
+
+
+def counts_to_ratios(counts: dict[str, int], infos: list[LinearInfo]) -> dict[str, float]:
+    return {i.name: counts.get(i.name, 0) / i.params for i in infos}

@@ -1,0 +1,166 @@
+"""The sensitivity profile the analyst reads, and the Wanda mask bank that makes trial allocations cheap.
+
+Per prunable linear: Wanda score statistics from dense calibration activations (10th percentile of the
+non-zero |W|*||X||), gradient importance (mean |dL/dW|), both as z-scores across layers; the OWL outlier
+ratio; the share of Wanda score energy a given sparsity removes (a convex cost curve); the current
+sparsity. Per group (layer kind x depth band), optionally a measured probe: how much the held-out NLL
+rises when that group alone goes `delta` above the uniform target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engines import sparsity as sp
+from .calibrate import LinearInfo, modules_by_name
+
+GRID_STEP = 0.01
+GRID = [round(i * GRID_STEP, 4) for i in range(0, 100)]  # sparsity 0.00 .. 0.99
+OWL_M = 5.0  # outlier threshold (x mean score), as in the OWL paper for LLaMA
+
+
+def group_of(info: LinearInfo, n_blocks: int, n_bands: int) -> str:
+    """Group id: layer kind @ depth band, e.g. 'mlp.down_proj@10-19'."""
+    n_bands = max(1, min(n_bands, n_blocks))
+    size = math.ceil(n_blocks / n_bands)
+    lo = (info.block // size) * size
+    hi = min(lo + size, n_blocks) - 1
+    return f"{info.kind}@{lo}-{hi}"
+
+
+class WandaBank:
+    """Dense weights, per-row Wanda orders and energy curves: apply any per-layer sparsity in one pass."""
+
+    def __init__(self, model: nn.Module, infos: list[LinearInfo], norms: dict[str, torch.Tensor]) -> None:
+        self.infos = infos
+        self.mods = modules_by_name(model, infos)
+        self.dense: dict[str, torch.Tensor] = {}
+        self.order: dict[str, torch.Tensor] = {}
+        self.curve: dict[str, list[float]] = {}  # share of score energy removed at each GRID sparsity
+        self.p10: dict[str, float] = {}
+        self.outliers: dict[str, int] = {}
+        self.applied: dict[str, int] = {}
+        block_sum: dict[int, float] = {}
+        block_n: dict[int, int] = {}
+        for info in infos:
+            w = self.mods[info.name].weight.detach()
+            self.dense[info.name] = w.clone()
+            score = sp.wanda_score(w, norms[info.name])  # [out, in]
+            order = torch.argsort(score, dim=1)  # ascending per row
+            self.order[info.name] = order.to(torch.int16 if info.in_features < 32768 else torch.int32)
+            sq = torch.gather(score, 1, order).double().pow(2)  # [out, in] sorted ascending
+            cum = torch.cumsum(sq, dim=1).sum(0)  # [in]: energy removed when c weights per row go
+            total = float(cum[-1]) or 1.0
+            cols = info.in_features
+            self.curve[info.name] = [0.0 if s == 0 else float(cum[min(cols, round(s * cols)) - 1]) / total
+                                     for s in GRID]
+            nz = score[score > 0]
+            self.p10[info.name] = float(torch.quantile(nz[:: max(1, nz.numel() // 200_000)], 0.10)) if nz.numel() else 0.0
+            block_sum[info.block] = block_sum.get(info.block, 0.0) + float(score.sum())
+            block_n[info.block] = block_n.get(info.block, 0) + score.numel()
+            self.applied[info.name] = 0
+        for info in infos:  # OWL: outliers are scores above M x the block's mean score
+            w = self.mods[info.name].weight.detach()
+            score = sp.wanda_score(w, norms[info.name])
+            self.outliers[info.name] = int((score > OWL_M * block_sum[info.block] / block_n[info.block]).sum())
+
+    @torch.no_grad()
+    def apply(self, counts: dict[str, int]) -> None:
+        """Set each named linear to its dense weight minus its `count` lowest-Wanda weights (row-balanced)."""
+        for name, k in counts.items():
+            if self.applied.get(name) == k:
+                continue
+            w = self.mods[name].weight
+            if k == 0:
+                w.copy_(self.dense[name])
+            else:
+                w.copy_(self.dense[name] * sp.mask_from_order(self.order[name], k))
+            self.applied[name] = k
+
+    def restore(self) -> None:
+        self.apply({name: 0 for name in self.dense})
+
+
+@dataclass
+class LayerProfile:
+    name: str
+    block: int
+    kind: str
+    group: str
+    params: int
+    wanda_p10: float
+    wanda_z: float
+    grad: float
+    grad_z: float
+    outlier_ratio: float
+    sparsity: float = 0.0
+
+
+@dataclass
+class SensitivityProfile:
+    model: str
+    target: float
+    layers: list[LayerProfile]
+    groups: dict[str, list[str]]
+    owl_block_outliers: list[float]
+    probe_delta: float = 0.0
+    probe_base_nll: float | None = None
+    group_probe: dict[str, float] = field(default_factory=dict)  # group -> NLL rise per 1% global sparsity
+
+    def group_table(self, current: dict[str, float] | None = None) -> list[dict[str, Any]]:
+        """One row per group: what an analyst reads (compact)."""
+        total = sum(l.params for l in self.layers)
+        by = {l.name: l for l in self.layers}
+        rows = []
+        for g, names in self.groups.items():
+            ls = [by[n] for n in names]
+            p = sum(l.params for l in ls)
+            row = {
+                "group": g,
+                "params_share": round(p / total, 4),
+                "wanda_z": round(sum(l.wanda_z * l.params for l in ls) / p, 3),
+                "grad_z": round(sum(l.grad_z * l.params for l in ls) / p, 3),
+                "outlier_ratio": round(sum(l.outlier_ratio * l.params for l in ls) / p, 5),
+                "sparsity": round(sum((current or {}).get(l.name, l.sparsity) * l.params for l in ls) / p, 4),
+            }
+            if g in self.group_probe:
+                row["nll_rise_per_1pct"] = round(self.group_probe[g], 5)
+            rows.append(row)
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "target": self.target, "owl_block_outliers": self.owl_block_outliers,
+                "probe_delta": self.probe_delta, "probe_base_nll": self.probe_base_nll,
+                "group_probe": self.group_probe, "groups": self.group_table(),
+                "layers": [asdict(l) for l in self.layers]}
+
+
+def _z(values: list[float]) -> list[float]:
+    mu = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mu) ** 2 for v in values) / len(values))
+    return [(v - mu) / (sd + 1e-8) for v in values]
+
+
+def build_profile(
+    name: str, target: float, infos: list[LinearInfo], bank: WandaBank, grads: dict[str, float], n_bands: int = 3
+) -> SensitivityProfile:
+    """Assemble the static profile (z-scores of log statistics: both are heavy-tailed across layers)."""
+    n_blocks = max(i.block for i in infos) + 1
+    wz = _z([math.log(bank.p10[i.name] + 1e-12) for i in infos])
+    gz = _z([math.log(grads.get(i.name, 0.0) + 1e-12) for i in infos])
+    layers, groups = [], {}
+    for i, info in enumerate(infos):
+        g = group_of(info, n_blocks, n_bands)
+        groups.setdefault(g, []).append(info.name)
+        layers.append(LayerProfile(info.name, info.block, info.kind, g, info.params, bank.p10[info.name], wz[i],
+                                   grads.get(info.name, 0.0), gz[i], bank.outliers[info.name] / info.params))
+    owl = []
+    for b in range(n_blocks):
+        ls = [l for l in layers if l.block == b]
+        owl.append(sum(l.outlier_ratio * l.params for l in ls) / sum(l.params for l in ls))
+    return SensitivityProfile(name, target, layers, groups, owl)

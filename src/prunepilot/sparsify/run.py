@@ -1,0 +1,288 @@
+"""One sparsify run end to end: load, split text, measure dense, profile, loop, apply, evaluate, export, write.
+
+Output folder: result.json (results.build_result, kind="sparsify"), plan.json, profile.json,
+attempts.jsonl (every loop iteration), llm_calls.jsonl (every LLM call), summary.md, model/ (save_pretrained).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..budget import Budget
+from ..engines import sparsity as sp
+from ..errors import PlanError
+from ..evaluate.language import fidelity, knowledge_retention, knowledge_targets, mean_nll
+from ..results import build_result, write_json_atomic, write_text_atomic
+from ..sources.llm import load_causal_lm
+from ..sources.text import load_split, token_blocks
+from .calibrate import activation_norms, gradient_importance, linear_layers, sequential_sparsify
+from .export import save_and_verify, sparse_size_mb
+from .loop import LoopConfig, probe_groups, run_loop
+from .plan import counts_to_ratios, global_sparsity, project, resolve
+from .profile import WandaBank, build_profile
+from .strategies import BUILTINS, SensitivityStrategist, StepContext, Strategist
+
+ONE_SHOT = ("uniform", "owl")  # allocate once at the target; no loop
+
+
+@dataclass
+class SparsifyConfig:
+    model: str
+    sparsity: str = "50%"  # "50%" / "0.5" (unstructured, global parameter-weighted) or "2:4" / "4:8"
+    method: str = "wanda"  # how the final masks/weights are computed: magnitude | wanda | sparsegpt
+    agent: str = "auto"  # auto | uniform | owl | sensitivity | local | anthropic:.. | openai:.. | scripted
+    calib: str = "pydocs"
+    eval: str | None = None
+    calib_seqs: int = 32
+    calib_seqlen: int = 512
+    eval_seqs: int = 16
+    eval_seqlen: int = 1024
+    probe_seqs: int = 4
+    probe_seqlen: int = 256
+    grad_seqs: int = 2
+    fidelity_seqs: int = 2
+    rollback_threshold: float = 0.15
+    step: float = 0.1
+    max_iters: int = 24
+    bands: int = 3
+    group_probe: bool = True  # measure each group's marginal cost (sensitivity / LLM agents)
+    batch_size: int = 4
+    seed: int = 0
+    export: bool = True
+    llm_base_url: str | None = None
+    client: Any = None  # an LLMClient to use instead of building one from `agent` (tests, benches)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_sparsity(text: str) -> tuple[float, sp.NM | None]:
+    nm = sp.parse_nm(text)
+    if nm is not None:
+        return nm.sparsity, nm
+    resolved = Budget.parse(sparsity=text).resolve({})
+    return resolved.goals["sparsity"], None
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Jsonl:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        row = {"ts": time.time(), **row}
+        self.rows.append(row)
+        if self.path:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(row, default=str) + "\n")
+
+
+def make_strategist(cfg: SparsifyConfig, record_llm: Callable[[dict], None], say: Callable[[str], None]) -> tuple[Strategist, str]:
+    """Built-in by name, else an LLM analyst over agents.llm.factory (imported lazily)."""
+    agent = cfg.agent.strip()
+    if agent in BUILTINS:
+        return BUILTINS[agent](), agent
+    from .analyst import LLMSparsityAnalyst
+
+    if cfg.client is not None:
+        return LLMSparsityAnalyst(cfg.client, record=record_llm), getattr(cfg.client, "name", "client")
+    try:
+        from ..agents.llm import factory
+    except ImportError as exc:
+        say(f"LLM backends are not available ({exc}); using the built-in sensitivity strategist")
+        return SensitivityStrategist(), "sensitivity"
+    spec: str | None = agent
+    if agent == "auto":
+        # A 135M local model is a weak, slow analyst; auto uses an API model when a key is set, else built-in.
+        spec = factory.resolve_auto(local_ok=False)
+        if spec is None:
+            say("--agent auto: no ANTHROPIC_API_KEY / OPENAI_API_KEY set; using the built-in sensitivity strategist")
+            return SensitivityStrategist(), "sensitivity"
+    client = factory.make_client(spec, base_url=cfg.llm_base_url)
+    return LLMSparsityAnalyst(client, record=record_llm), spec
+
+
+def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    target, nm = parse_sparsity(cfg.sparsity)
+    if nm is not None and cfg.method == "magnitude" and False:
+        pass
+    torch.manual_seed(cfg.seed)
+
+    def lap(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 2)
+
+    t0 = time.perf_counter()
+    lm = load_causal_lm(cfg.model)
+    model, tok = lm.model, lm.tokenizer
+    infos = linear_layers(model)
+    lap("load", t0)
+
+    t0 = time.perf_counter()
+    text = load_split(cfg.calib, cfg.eval)
+    cut = int(len(text.calib) * 0.9)  # the probe slice comes from held-out calibration text, never eval
+    calib = token_blocks(tok, text.calib[:cut], cfg.calib_seqlen, cfg.calib_seqs, seed=cfg.seed)
+    probe = token_blocks(tok, text.calib[cut:], cfg.probe_seqlen, cfg.probe_seqs)
+    evalb = token_blocks(tok, text.eval, cfg.eval_seqlen, cfg.eval_seqs)
+    protocol = {**text.protocol, "calib": f"{cfg.calib_seqs}x{cfg.calib_seqlen}", "probe": f"{cfg.probe_seqs}x{cfg.probe_seqlen} (last 10% of calibration text)",
+                "eval": f"{cfg.eval_seqs}x{cfg.eval_seqlen}", "eval_tokens": int(evalb.numel()), "seed": cfg.seed,
+                "fidelity": f"{cfg.fidelity_seqs}x{cfg.eval_seqlen}"}
+    lap("text", t0)
+
+    say(f"{lm.name}: {len(infos)} prunable linears, {sum(i.params for i in infos)/1e6:.1f}M weights; target {cfg.sparsity}")
+    t0 = time.perf_counter()
+    dense_nll = mean_nll(model, evalb, cfg.batch_size)
+    facts = knowledge_targets(model, tok)
+    dense_metrics = {"perplexity": math.exp(dense_nll), "sparsity": 0.0,
+                     "knowledge": knowledge_retention(model, tok, facts)}
+    dense_model = copy.deepcopy(model) if cfg.fidelity_seqs else None
+    lap("dense_eval", t0)
+    say(f"dense perplexity {dense_metrics['perplexity']:.2f} on {evalb.numel()} tokens")
+
+    attempts = _Jsonl(out / "attempts.jsonl" if out else None)
+    llm_calls = _Jsonl(out / "llm_calls.jsonl" if out else None)
+    strategist, agent_used = make_strategist(cfg, llm_calls, say)
+    total = sum(i.params for i in infos)
+    profile_json: dict[str, Any] | None = None
+    loop_info: dict[str, Any] = {}
+
+    if nm is not None:
+        counts = {i.name: int(round(nm.sparsity * i.params)) for i in infos}
+        agent_used = f"{agent_used} (N:M fixes every layer at {nm}; nothing to allocate)"
+    elif cfg.method == "magnitude" and cfg.agent in ONE_SHOT and cfg.agent == "uniform":
+        counts = project({}, infos, target)
+    else:
+        t0 = time.perf_counter()
+        norms = activation_norms(model, calib, cfg.batch_size)
+        grads = gradient_importance(model, calib[: cfg.grad_seqs, : min(cfg.calib_seqlen, 256)], 1) if cfg.grad_seqs else {}
+        bank = WandaBank(model, infos, norms)
+        profile = build_profile(lm.name, target, infos, bank, grads, cfg.bands)
+        lap("profile", t0)
+        if cfg.agent in ONE_SHOT:
+            ctx = StepContext(profile, infos, bank.curve, target, target, {i.name: 0.0 for i in infos})
+            plan = strategist.propose(ctx)
+            counts = project(resolve(plan, infos, profile.groups, {}), infos, target)
+        else:
+            if cfg.group_probe:
+                t0 = time.perf_counter()
+                probe_groups(model, bank, infos, profile, probe, target, batch_size=cfg.batch_size)
+                lap("group_probe", t0)
+                say(f"probed {len(profile.groups)} groups at the uniform target")
+            t0 = time.perf_counter()
+            lcfg = LoopConfig(target=target, step=cfg.step, threshold=cfg.rollback_threshold,
+                              max_iters=cfg.max_iters, batch_size=cfg.batch_size)
+
+            def show(a: dict[str, Any]) -> None:
+                attempts(a)
+                say(f"  it {a['iteration']:2d} {a['from_level']:.3f}->{a['level']:.3f} probe ppl {a['probe_ppl']:.2f} "
+                    f"(+{a['rise']:.1%}) {a['verdict']}")
+
+            res = run_loop(model, bank, infos, profile, strategist, probe, lcfg,
+                           fallback=SensitivityStrategist(), record=show)
+            counts = res.counts
+            loop_info = {"iterations": len(res.history), "rollbacks": res.rollbacks,
+                         "probe_ppl_dense": math.exp(res.probe_nll_dense), "probe_ppl_final": math.exp(res.probe_nll_final),
+                         "llm_fallbacks": getattr(strategist, "fallbacks", 0)}
+            lap("loop", t0)
+        profile_json = profile.to_json()
+        bank.restore()
+        del bank
+
+    # final application: sequential block-by-block calibration with the chosen method
+    t0 = time.perf_counter()
+    achieved = sequential_sparsify(model, calib, counts, cfg.method, nm, cfg.batch_size)
+    lap("apply", t0)
+    achieved_global = sum(achieved[i.name] * i.params for i in infos) / total
+    if nm is not None and not all(sp.is_nm(m.weight, nm) for m in _mods(model, infos)):
+        raise PlanError("the N:M pattern did not hold after pruning", str(nm), "report this as a bug")
+
+    t0 = time.perf_counter()
+    comp_nll = mean_nll(model, evalb, cfg.batch_size)
+    compressed = {"perplexity": math.exp(comp_nll), "sparsity": achieved_global,
+                  "knowledge": knowledge_retention(model, tok, facts)}
+    if dense_model is not None:
+        compressed["fidelity"] = fidelity(model, dense_model, evalb[: cfg.fidelity_seqs], 1)
+        del dense_model
+    lap("final_eval", t0)
+    say(f"{cfg.method} @ {cfg.sparsity} ({agent_used}): perplexity {compressed['perplexity']:.2f}, sparsity {achieved_global:.4f}")
+
+    export_info: dict[str, Any] = {}
+    compressed["sparse_size_mb"] = sparse_size_mb(model, [i.name for i in infos])
+    if out and cfg.export:
+        t0 = time.perf_counter()
+        export_info = save_and_verify(model, tok, out / "model", evalb[:1, :128])
+        compressed["size_mb"] = export_info["size_mb"]
+        lap("export", t0)
+
+    budget = Budget.parse(sparsity=f"{target * 100:.6g}%").resolve({})
+    err = (achieved_global - target) / target if target else achieved_global
+    per_layer = {n: round(v, 6) for n, v in achieved.items()}
+    timings["total"] = round(time.perf_counter() - t_start, 2)
+    result = build_result(
+        kind="sparsify", model=cfg.model, budget=budget.to_json(), dense=dense_metrics, compressed=compressed,
+        within_band=budget.within("sparsity", achieved_global), errors={"sparsity": err},
+        method=cfg.method, pattern=str(nm) if nm else "unstructured", agent=agent_used, protocol=protocol,
+        loop=loop_info, timings_s=timings, peak_rss_mb=_peak_rss_mb(), export=export_info,
+        config={k: v for k, v in asdict(cfg).items() if k != "client"},
+    )
+    if out:
+        groups = profile_json["groups"] if profile_json else []
+        write_json_atomic(out / "result.json", result)
+        write_json_atomic(out / "plan.json", {"target": target, "pattern": str(nm) if nm else "unstructured",
+                                              "method": cfg.method, "agent": agent_used, "counts": counts,
+                                              "layers": per_layer, "groups": groups})
+        if profile_json:
+            write_json_atomic(out / "profile.json", profile_json)
+        write_text_atomic(out / "summary.md", summary_markdown(result, per_layer, attempts.rows))
+    return result
+
+
+def _mods(model: Any, infos: list) -> list[Any]:
+    mods = dict(model.named_modules())
+    return [mods[i.name] for i in infos]
+
+
+def summary_markdown(result: dict[str, Any], per_layer: dict[str, float], attempts: list[dict[str, Any]]) -> str:
+    d, c = result["dense"], result["compressed"]
+    lines = [
+        f"# sparsify {result['model']}: {result['pattern']} {c['sparsity']:.2%} ({result['method']}, agent {result['agent']})",
+        "",
+        "| | dense | compressed |", "|---|---|---|",
+        f"| perplexity | {d['perplexity']:.2f} | {c['perplexity']:.2f} |",
+        f"| sparsity (parameter-weighted) | 0 | {c['sparsity']:.4f} |",
+        f"| knowledge retained | {d['knowledge']['facts']} facts | {c['knowledge']['retained']:.0%} |",
+    ]
+    if "fidelity" in c:
+        lines.append(f"| top-1 agreement / KL | 1 / 0 | {c['fidelity']['top1_agreement']:.3f} / {c['fidelity']['kl']:.4f} |")
+    lines += ["", f"Protocol: {json.dumps(result['protocol'])}", "", f"Timings (s): {json.dumps(result['timings_s'])}"]
+    if attempts:
+        lines += ["", "## Iterations", "", "| it | level | probe ppl | rise | verdict | note |", "|---|---|---|---|---|---|"]
+        for a in attempts:
+            note = a.get("reflection") or a.get("rationale", "")
+            lines.append(f"| {a['iteration']} | {a['from_level']:.3f} -> {a['level']:.3f} | {a['probe_ppl']:.2f} | "
+                         f"{a['rise']:+.1%} | {a['verdict']} | {note[:160]} |")
+    by_block: dict[str, list[float]] = {}
+    for n, v in per_layer.items():
+        parts = n.split(".")
+        kind = ".".join(parts[-2:])
+        by_block.setdefault(kind, []).append(v)
+    lines += ["", "## Sparsity per layer kind (blocks in order)", ""]
+    for kind, vals in by_block.items():
+        lines.append(f"- `{kind}`: " + " ".join(f"{v:.2f}" for v in vals))
+    return "\n".join(lines) + "\n"

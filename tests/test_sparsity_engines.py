@@ -1,0 +1,110 @@
+"""Exactness of the sparsity engines (magnitude, Wanda, SparseGPT; unstructured and N:M) and projection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prunepilot.engines import sparsity as sp
+from prunepilot.errors import BudgetError, PlanError
+from prunepilot.sparsify.calibrate import LinearInfo
+from prunepilot.sparsify.plan import SparsityPlan, project, resolve, validate_keys
+
+
+def _toy(seed: int = 0, out: int = 24, inp: int = 32, tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    mix = torch.randn(inp, inp, generator=g) * 0.5 + torch.eye(inp)  # correlated inputs: OBS can exploit them
+    x = torch.randn(tokens, inp, generator=g) @ mix * torch.linspace(0.2, 3.0, inp)
+    return w, x
+
+
+@pytest.mark.parametrize("s", [0.0, 0.3, 0.5, 0.77])
+def test_unstructured_counts_are_exact(s: float) -> None:
+    w, x = _toy()
+    k = sp.count_pruned(w.numel(), s)
+    assert int((~sp.magnitude_mask(w, s)).sum()) == k
+    wm = sp.wanda_mask(w, x.pow(2).sum(0), s)
+    assert int((~wm).sum()) == k
+    per_row = (~wm).sum(1)
+    assert int(per_row.max() - per_row.min()) <= 1  # Wanda compares within rows, spread evenly
+    new, mask = sp.sparsegpt_prune(w, x.T @ x, s, blocksize=8)
+    assert int((~mask).sum()) == k and int((new == 0).sum()) >= k
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_nm_pattern_holds_for_every_method(pattern: str) -> None:
+    nm = sp.parse_nm(pattern)
+    assert nm is not None and nm.sparsity == 0.5
+    w, x = _toy()
+    for mask in (sp.magnitude_mask(w, 0, nm), sp.wanda_mask(w, x.pow(2).sum(0), 0, nm)):
+        assert sp.is_nm(w * mask, nm) and sp.sparsity_of(w * mask) == 0.5
+    new, _ = sp.sparsegpt_prune(w, x.T @ x, 0, nm, blocksize=16)
+    assert sp.is_nm(new, nm) and sp.sparsity_of(new) == 0.5
+
+
+def test_nm_rejects_bad_patterns() -> None:
+    assert sp.parse_nm("50%") is None
+    with pytest.raises(PlanError, match="fix:"):
+        sp.parse_nm("4:2")
+    with pytest.raises(PlanError):
+        sp.nm_mask(torch.randn(4, 6), sp.NM(2, 4))
+
+
+def test_sparsegpt_beats_wanda_and_magnitude_on_reconstruction() -> None:
+    w, x = _toy(seed=1)
+    ref = x @ w.T  # [tokens, out]
+    err = lambda wp: float((x @ wp.T - ref).pow(2).sum() / ref.pow(2).sum())  # noqa: E731
+    s = 0.5
+    e_mag = err(w * sp.magnitude_mask(w, s))
+    e_wanda = err(w * sp.wanda_mask(w, x.pow(2).sum(0), s))
+    new, _ = sp.sparsegpt_prune(w, x.T @ x, s)  # one block (32 columns): masks adapt to the updates
+    e_sgpt = err(new)
+    assert e_sgpt < e_wanda < e_mag
+
+
+def test_exact_counts_sum_to_target() -> None:
+    sizes = [1000, 333, 4096, 7]
+    counts = sp.exact_counts(sizes, [0.5, 0.4, 0.61, 0.9], 0.55)
+    assert sum(counts) == round(0.55 * sum(sizes))
+    assert all(0 <= c <= s for c, s in zip(counts, sizes))
+
+
+def _infos() -> list[LinearInfo]:
+    return [LinearInfo(f"m.layers.{b}.{k}", b, k, o, i) for b in range(3)
+            for k, o, i in (("attn.q", 16, 16), ("mlp.up", 48, 16), ("mlp.down", 16, 48))]
+
+
+@pytest.mark.parametrize("level", [0.1, 0.5, 0.733])
+def test_projection_hits_exact_global_sparsity_and_respects_floors(level: float) -> None:
+    infos = _infos()
+    total = sum(i.params for i in infos)
+    floor = {i.name: 0.1 if "up" in i.kind else 0.0 for i in infos}
+    desired = {i.name: (0.9 if "down" in i.kind else 0.2) for i in infos}
+    counts = project(desired, infos, level, floor=floor)
+    assert sum(counts.values()) == round(level * total)
+    for i in infos:
+        assert counts[i.name] >= round(floor[i.name] * i.params)
+        assert counts[i.name] <= round(0.95 * i.params) + 1
+    # the shape survives: down layers stay sparser than q layers
+    assert counts["m.layers.0.mlp.down"] / 768 > counts["m.layers.0.attn.q"] / 256
+
+
+def test_projection_refuses_unreachable_level() -> None:
+    infos = _infos()
+    with pytest.raises(BudgetError, match="floors"):
+        project({}, infos, 0.05, floor={i.name: 0.5 for i in infos})
+
+
+def test_plan_resolution_precedence_and_unknown_names() -> None:
+    infos = _infos()
+    groups = {"mlp.up@0-2": [i.name for i in infos if i.kind == "mlp.up"]}
+    plan = SparsityPlan(ratios={"mlp.up@0-2": 0.7, "re:layers\\.2\\.": 0.3, "m.layers.2.mlp.up": 2.0}, default=0.5)
+    r = resolve(plan, infos, groups, {})
+    assert r["m.layers.0.mlp.up"] == 0.7 and r["m.layers.2.attn.q"] == 0.3
+    assert r["m.layers.2.mlp.up"] == 0.95  # exact name wins, clamped
+    assert r["m.layers.0.attn.q"] == 0.5
+    bad = SparsityPlan(ratios={"nonsense": 0.5, "re:(": 0.1})
+    assert validate_keys(bad, infos, groups) == ["nonsense", "re:("]
+    with pytest.raises(PlanError, match="groups"):
+        resolve(bad, infos, groups, {})
