@@ -87,16 +87,18 @@ def build_cost_model(model: nn.Module, example_input: torch.Tensor, structure: S
         h.remove()
 
     modules = dict(model.named_modules())
+    # the counter reports the total per sample but per-layer flops summed over the batch: normalise
+    raw = sum(float(layer_flops.get(m) or 0.0) for n, m in modules.items() if is_supported_instance(m))
+    per_sample = float(total_macs) / raw if raw else 1.0
     mac_terms: list[_Term] = []
     last_out: tuple[dict[str, int], int] = ({}, 1)
     seen: set[str] = set()
-    batch = example_input.shape[0] if isinstance(example_input, torch.Tensor) else 1
     for n in order:
         if n in seen:
             continue
         seen.add(n)
         m = modules[n]
-        flops = float(layer_flops.get(m) or 0.0)
+        flops = float(layer_flops.get(m) or 0.0) * per_sample
         d = structure.modules.get(n)
         if d is not None and d.kind == "attention":
             qkv_name, _ = structure.attention[n]
@@ -116,16 +118,27 @@ def build_cost_model(model: nn.Module, example_input: torch.Tensor, structure: S
         if d is not None:
             if d.kind in ("conv", "linear"):
                 if flops:
-                    mac_terms.append(_Term(flops, "bilinear", d.in_groups, d.out_groups, d.in_dim, d.out_dim))
+                    bias = _bias_flops(m, flops, per_sample)  # bias adds scale with the output width only
+                    mac_terms.append(_Term(flops - bias, "bilinear", d.in_groups, d.out_groups, d.in_dim, d.out_dim))
+                    if bias:
+                        mac_terms.append(_Term(bias, "out", out_comp=d.out_groups, out_dim=d.out_dim))
             elif flops:
                 mac_terms.append(_Term(flops, "out", out_comp=d.out_groups, out_dim=d.out_dim))
             last_out = (d.out_groups, d.out_dim)
         elif flops:
             mac_terms.append(_Term(flops, "out", out_comp=last_out[0], out_dim=last_out[1]))
-    del batch
 
     param_terms = _param_terms(model, structure, name_of)
     return CostModel(mac_terms, param_terms, float(total_macs), float(total_params))
+
+
+def _bias_flops(m: nn.Module, flops: float, per_sample: float) -> float:
+    if getattr(m, "bias", None) is None:
+        return 0.0
+    if isinstance(m, nn.Linear):
+        return m.out_features * per_sample  # the counter adds the bias once per forward, not per token
+    k = (m.in_channels // m.groups) * float(torch.tensor(m.kernel_size).prod())
+    return flops / (k + 1)
 
 
 def _param_terms(model: nn.Module, structure: Structure, name_of: dict) -> list[_Term]:

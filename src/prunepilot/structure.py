@@ -175,7 +175,7 @@ def analyse(
                 num_heads = heads_of[mod]
             if isinstance(mod, nn.GroupNorm) and side == "out":
                 ch_groups = max(ch_groups, mod.num_groups)
-            if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and 1 < mod.groups < mod.in_channels and side == "out":
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and 1 < mod.groups < mod.in_channels:
                 ch_groups = max(ch_groups, mod.groups)
         if num_heads:
             kind = "attention"

@@ -20,7 +20,11 @@ class Allocation:
     heads: dict[str, int]
 
     def fractions(self, structure: Structure) -> dict[str, float]:
-        return {g: k / structure.groups[g].units for g, k in self.kept.items()}
+        """Kept fraction of each group's channels (removing heads removes their channels too)."""
+        f = {g: k / structure.groups[g].units for g, k in self.kept.items()}
+        for g, h in self.heads.items():
+            f[g] = f.get(g, 1.0) * h / structure.groups[g].num_heads
+        return f
 
     def head_fractions(self, structure: Structure) -> dict[str, float]:
         return {g: h / structure.groups[g].num_heads for g, h in self.heads.items()}
@@ -93,6 +97,9 @@ def apply_allocation(
         removed = g.num_heads - kept_heads
         if removed > 0:
             head_ratio[modules[gname]] = (removed - 0.5) / g.num_heads  # torch-pruning removes ceil(r * heads)
+            # torch-pruning only visits a scope with a positive width ratio; with head-dim pruning off this
+            # ratio selects the group without removing any head dims
+            ratio_dict.setdefault(modules[gname], 0.5 / g.units)
     ignored = [modules[n] for n, why in structure.ignored.items() if n in modules and isinstance(modules[n], ROOT_TYPES)]
     imp_name = importance
     if importance == "taylor" and calibration is None:

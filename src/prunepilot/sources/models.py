@@ -156,6 +156,9 @@ def load_model(
         except RuntimeError as exc:
             raise SourceError("the state_dict does not fit the model", str(exc)[:300], "check the architecture") from None
     shape = input_shape or _input_shape_of(model) or getattr(model, "input_shape", None) or DEFAULT_IMAGE_SHAPE
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:  # torch.export modules are already in inference form
+        pass
     example = torch.randn(*shape)
     return LoadedModel(model, example, uri, f"{uri} ({weights} weights)" if scheme in ("torchvision", "timm") else uri, kind)
