@@ -1,6 +1,7 @@
 """Train the Fashion-MNIST baseline (CIFAR-style ResNet) once, cache it, and record how it went.
 
     python bench/train_baseline.py --arch resnet20 --epochs 1          # -> ~/.cache/prunepilot/baselines/
+    python bench/train_baseline.py --epochs 3 --tag e3                 # -> .../fmnist_resnet20_e3.pt
     python bench/train_baseline.py --measure-bn --recovery-steps 100   # + BN recal / short recovery at 50% MACs
 
 Writes bench/results/train_baseline.json (accuracy, timing, MACs; never the weights).
@@ -17,7 +18,7 @@ import torch
 
 from prunepilot.engines.recover import finetune
 from prunepilot.evaluate.classification import evaluate_classifier, fidelity, recalibrate_batchnorm
-from prunepilot.models.baseline import baseline_paths, get_or_train_baseline, train_baseline
+from prunepilot.models.baseline import get_or_train_baseline
 from prunepilot.results import environment, write_json_atomic
 from prunepilot.sources.data import load_data
 
@@ -89,11 +90,8 @@ def main() -> None:
                     help="torch threads (default 1: on a shared 2-core box 2 threads ran 4-6x slower)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.retrain or not baseline_paths(args.arch)[0].is_file():
-        model, info = train_baseline(args.arch, args.epochs, seed=args.seed, progress=not args.quiet,
-                                     log=lambda msg: print(msg, flush=True))
-    else:
-        model, info = get_or_train_baseline(args.arch, args.epochs, seed=args.seed, progress=not args.quiet)
+    model, info = get_or_train_baseline(args.arch, args.epochs, seed=args.seed, retrain=args.retrain,
+                                        progress=not args.quiet, log=lambda msg: print(msg, flush=True))
     result = {"bench": "train_baseline", **{k: v for k, v in info.items() if k not in ("loss_curve", "weights", "path")},
               "loss_curve": info.get("loss_curve", [])[::5]}
     if args.measure_bn:

@@ -73,6 +73,11 @@ def test_get_or_train_caches_and_reloads(tmp_path: Path) -> None:
         assert torch.allclose(m(x), m2(x))
     assert not m2.training and info2["trained_at"] == info["trained_at"]
     torch.load(pt, weights_only=True)  # plain state_dict: safe to load
+    # another epoch count lives beside the default instead of replacing it
+    m3, info3 = get_or_train_baseline("resnet20", epochs=0.5, cache_dir=cache, data=f"fashion-mnist:{data}",
+                                      progress=False)
+    assert info3["epochs"] == 0.5 and baseline_paths("resnet20", cache, 0.5)[0].is_file()
+    assert get_or_train_baseline("resnet20", cache_dir=cache, progress=False)[1]["epochs"] == 1
 
 
 def test_train_baseline_command(tmp_path: Path) -> None:

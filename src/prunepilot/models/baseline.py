@@ -34,20 +34,25 @@ def default_cache_dir() -> Path:
     return base / "prunepilot" / "baselines"
 
 
-def baseline_paths(arch: str, cache_dir: Path | str | None = None) -> tuple[Path, Path]:
-    """(weights .pt, info .json) for `arch` in the cache directory."""
+def baseline_paths(arch: str, cache_dir: Path | str | None = None, epochs: float | None = None) -> tuple[Path, Path]:
+    """(weights .pt, info .json) in the cache: `fmnist_<arch>` is the default baseline (DEFAULT_EPOCHS);
+    `fmnist_<arch>_e<epochs>` holds one trained for another number of epochs."""
     d = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return d / f"{DATASET}_{arch}.pt", d / f"{DATASET}_{arch}.json"
+    stem = f"{DATASET}_{arch}" + (f"_e{epochs:g}" if epochs is not None else "")
+    return d / f"{stem}.pt", d / f"{stem}.json"
 
 
-def load_baseline(arch: str = "resnet20", cache_dir: Path | str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_baseline(arch: str = "resnet20", cache_dir: Path | str | None = None,
+                  epochs: float | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Load a cached baseline (eval mode) and its info; SourceError naming the train command when absent."""
     import json
 
-    pt, js = baseline_paths(arch, cache_dir)
+    pt, js = baseline_paths(arch, cache_dir, epochs)
     if not pt.is_file():
         raise SourceError("the trained baseline is not cached yet", str(pt),
-                          f"run `prunepilot train-baseline --arch {arch}` (or python bench/train_baseline.py)")
+                          f"run `prunepilot train-baseline --arch {arch}"
+                          + (f" --epochs {epochs:g}`" if epochs is not None else "`")
+                          + " (or python bench/train_baseline.py)")
     info = json.loads(js.read_text()) if js.is_file() else {"arch": arch}
     model = build(arch, num_classes=int(info.get("num_classes", 10)), in_channels=int(info.get("in_channels", 1)))
     model.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True))
@@ -111,7 +116,8 @@ def train_baseline(
         "input_shape": list(bundle.input_shape),
         "normalization": bundle.normalization.to_json(),
         "splits": bundle.sizes(),
-        "epochs": stats.epochs,
+        "epochs": float(epochs),  # as asked: the cache key (epochs_done may round up to whole batches)
+        "epochs_done": stats.epochs,
         "steps": stats.steps,
         "batch_size": batch_size,
         "lr": lr,
@@ -134,6 +140,7 @@ def train_baseline(
     fd, tmp = tempfile.mkstemp(dir=pt.parent, prefix=pt.name, suffix=".tmp")
     os.close(fd)
     torch.save(model.state_dict(), tmp)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is meant to be shared
     os.replace(tmp, pt)  # atomic: a crash never leaves half a checkpoint in the cache
     write_json_atomic(js, info)
     return model, info
@@ -146,17 +153,33 @@ def get_or_train_baseline(
     *,
     seed: int = 0,
     data: str = "fashion-mnist",
+    retrain: bool = False,
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The cached Fashion-MNIST baseline for `arch`, training (and caching) it first when absent.
 
-    epochs=None accepts whatever is cached (training DEFAULT_EPOCHS when nothing is); an explicit
-    `epochs` retrains when the cached model was trained for a different number of epochs.
+    epochs=None: the default baseline (`fmnist_<arch>.pt`, trained for DEFAULT_EPOCHS when absent).
+    An explicit `epochs` returns the default baseline when it was trained that long, else the
+    `fmnist_<arch>_e<epochs>.pt` one, training it when absent. `retrain` always trains.
     """
-    pt, js = baseline_paths(arch, cache_dir)
-    if pt.is_file():
-        model, info = load_baseline(arch, cache_dir)
-        if epochs is None or abs(float(info.get("epochs", -1)) - float(epochs)) < 1e-6:
-            return model, info
+    default_pt, _ = baseline_paths(arch, cache_dir)
+    default_epochs = _cached_epochs(arch, cache_dir) if default_pt.is_file() else float(DEFAULT_EPOCHS)
+    if epochs is None or abs(default_epochs - float(epochs)) < 1e-6:
+        pt, key = default_pt, None
+    else:
+        pt, key = baseline_paths(arch, cache_dir, epochs)[0], epochs
+    if pt.is_file() and not retrain:
+        return load_baseline(arch, cache_dir, key)
     return train_baseline(arch, DEFAULT_EPOCHS if epochs is None else epochs, out=pt, seed=seed, data=data,
-                          progress=progress)
+                          progress=progress, log=log)
+
+
+def _cached_epochs(arch: str, cache_dir: Path | str | None) -> float:
+    import json
+
+    js = baseline_paths(arch, cache_dir)[1]
+    try:
+        return float(json.loads(js.read_text()).get("epochs", -1))
+    except (OSError, ValueError):
+        return -1.0
