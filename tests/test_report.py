@@ -266,3 +266,32 @@ def test_large_run(tmp_path: Path) -> None:
     html = render_report(tmp_path)[0].read_text()
     assert len(_imgs(html)) == 3
     assert html.count('<tr class="best">') == 1  # best_round 2
+
+
+def test_sparsify_loop_shapes(tmp_path: Path) -> None:
+    """What `prunepilot sparsify` writes today: iteration/probe_ppl/accept|rollback rows, LLM calls without
+    status, per-layer sparsity in plan.json, nested fidelity metrics."""
+    write_json(tmp_path / "result.json", {
+        "kind": "sparsify", "model": "hf:tiny",
+        "budget": {"targets": {"sparsity": {"goal": 0.5, "text": "50%"}}, "band": {"over": 0.01, "under": 0.05}},
+        "dense": {"perplexity": 95.1, "sparsity": 0.0}, "within_band": True, "errors": {"sparsity": 0.0},
+        "compressed": {"perplexity": 97.3, "sparsity": 0.5, "fidelity": {"top1_agreement": 0.84375, "kl": 8.9e-05},
+                       "knowledge": {"facts": 0, "retained": float("nan")}},
+        "loop": {"iterations": 3, "rollbacks": 1},
+    })
+    write_json(tmp_path / "plan.json", {"layers": {f"model.layers.{b}.mlp.down_proj": 0.5 for b in range(3)}})
+    write_jsonl(tmp_path / "attempts.jsonl", [
+        {"iteration": 1, "strategist": "llm:fake", "level": 0.25, "achieved": 0.25, "probe_ppl": 98.4, "verdict": "accept",
+         "rationale": "mlp first", "llm_reflection": "went fine", "group_sparsity": {"mlp@0-1": 0.3, "attn@0-1": 0.1}},
+        {"iteration": 2, "level": 0.5, "achieved": 0.5, "probe_ppl": 180.0, "verdict": "rollback",
+         "reflection": "rolled back: probe perplexity rose 83%"},
+        {"iteration": 3, "level": 0.5, "achieved": 0.5, "probe_ppl": 101.0, "verdict": "rollback; best candidate forced"},
+    ])
+    write_jsonl(tmp_path / "llm_calls.jsonl", [{"phase": "propose", "level": 0.25, "model": "fake-1", "reply": "{}",
+                                               "input_tokens": 10, "output_tokens": 5, "latency_s": 0.1}])
+    html = render_report(tmp_path)[0].read_text()
+    assert len(_imgs(html)) == 2 and (tmp_path / "report-sparsity.png").is_file()
+    for s in ("probe perplexity", "180", "went fine", "rolled back: probe perplexity rose 83%", "rollback; best candidate forced",
+              "v-rolled_back", "v-kept", "group_sparsity: 2 keys, 0.1–0.3", "fidelity.top1_agreement", "84.38%", "ok 1",
+              "level 0.25", "loop.rollbacks"):
+        assert s in html, s

@@ -23,7 +23,7 @@ VERDICT_STYLE: dict[str, tuple[str, str, str]] = {
     "failed": ("X", "#333333", "failed"),
 }
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd"]
-QUALITY_KEYS = ("accuracy", "perplexity", "fidelity_agreement")
+QUALITY_KEYS = ("accuracy", "perplexity", "probe_perplexity", "fidelity_agreement")
 
 
 def _figure(width: float, height: float) -> Any:
@@ -116,9 +116,15 @@ def trajectory_png(
         scale = 100.0 if qkey in ("accuracy", "fidelity_agreement") else 1.0
         pts = [(x, scale * float(a["metrics"][qkey])) for x, a in zip(xs, attempts)
                if _num((a.get("metrics") or {}).get(qkey)) is not None]
-        ax2.plot([p[0] for p in pts], [p[1] for p in pts], "--", marker=".", ms=5, color="#444444", lw=1.2, label=qkey, zorder=1)
-        ax2.set_ylabel(f"{qkey} (%)" if scale == 100.0 else qkey)
-        if qkey == "perplexity" and pts and max(p[1] for p in pts) / max(min(p[1] for p in pts), 1e-9) > 20:
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], "--", marker=".", ms=5, color="#444444", lw=1.2, label=qkey.replace("_", " "), zorder=1)
+        ax2.set_ylabel(f"{qkey} (%)" if scale == 100.0 else qkey.replace("_", " "))
+        if pts:  # a tiny spread must not look like a collapse: show at least 2 pt / 2% of the value
+            lo, hi = min(p[1] for p in pts), max(p[1] for p in pts)
+            span = 2.0 if scale == 100.0 else 0.02 * abs((lo + hi) / 2)
+            if 0 < span and hi - lo < span:
+                mid = (lo + hi) / 2
+                ax2.set_ylim(mid - span, mid + span)
+        if "perplexity" in qkey and pts and max(p[1] for p in pts) / max(min(p[1] for p in pts), 1e-9) > 20:
             ax2.set_yscale("log")  # a collapsed attempt would flatten every other point
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
@@ -131,7 +137,7 @@ def trajectory_png(
             target_ax, y = ax, 100 * e[metrics[0]]
         elif qkey is not None and _num((a.get("metrics") or {}).get(qkey)) is not None:
             target_ax = fig.axes[-1]
-            y = float(a["metrics"][qkey]) * (100.0 if qkey != "perplexity" else 1.0)
+            y = float(a["metrics"][qkey]) * (1.0 if "perplexity" in qkey else 100.0)
         else:
             continue
         h = target_ax.scatter([x], [y], marker=marker, s=110 if marker == "*" else 55, color=colour, zorder=5,

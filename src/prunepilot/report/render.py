@@ -28,7 +28,7 @@ HTML_NAME, MD_NAME = "report.html", "report.md"
 PLOT_PREFIX = "report-"
 CLIP_AT = 700  # characters of an LLM rationale shown inline; the HTML folds the rest, attempts.jsonl keeps it all
 # metric -> how to show it; quality metrics are fractions shown in percent, "higher" says which way is better
-PERCENT_METRICS = {"accuracy", "top1", "top5", "fidelity_agreement", "sparsity", "agreement"}
+PERCENT_METRICS = {"accuracy", "top1", "top5", "fidelity_agreement", "sparsity", "agreement", "top1_agreement", "retained"}
 COST_ORDER = ("macs", "params", "latency_ms", "size_mb", "memory_mb", "sparsity")
 QUALITY_ORDER = ("accuracy", "top5", "fidelity_agreement", "fidelity_kl", "perplexity")
 # top-level result.json keys the report shows in their own sections (the rest go to "Other details")
@@ -97,9 +97,67 @@ def load_run(run_dir: Path) -> RunFiles:
     rf.profile = _read_json(run_dir / "profile.json", rf.problems)
     rf.plan = _read_json(run_dir / "plan.json", rf.problems)
     rf.quantization = _read_json(run_dir / "quantization.json", rf.problems)
-    rf.attempts = _read_jsonl(run_dir / "attempts.jsonl", rf.problems)
-    rf.llm_calls = _read_jsonl(run_dir / "llm_calls.jsonl", rf.problems)
+    kind = str(rf.result.get("kind") or "")
+    rf.attempts = [normalise_attempt(a, kind) for a in _read_jsonl(run_dir / "attempts.jsonl", rf.problems)]
+    rf.llm_calls = [normalise_call(c) for c in _read_jsonl(run_dir / "llm_calls.jsonl", rf.problems)]
     return rf
+
+
+# ---------------------------------------------------------------- normalisation
+
+# verdict spellings seen in run folders -> the report's vocabulary (markers, colours)
+VERDICT_ALIASES = {"accept": "kept", "accepted": "kept", "keep": "kept", "forced": "kept", "improved": "kept",
+                   "rollback": "rolled_back", "rolled back": "rolled_back", "reject": "worse", "rejected": "worse",
+                   "error": "failed"}
+# metrics an attempt may carry at top level instead of under "metrics"
+TOP_LEVEL_METRICS = ("accuracy", "perplexity", "fidelity_agreement", "macs", "params", "latency_ms", "size_mb",
+                     "memory_mb", "sparsity")
+
+
+def normalise_verdict(v: Any) -> str:
+    raw = str(v or "").strip().lower()
+    if raw in VERDICT_ALIASES:
+        return VERDICT_ALIASES[raw]
+    if raw.startswith(("rollback", "rolled")):
+        return "rolled_back"
+    return raw.replace(" ", "_")
+
+
+def normalise_attempt(a: dict[str, Any], kind: str) -> dict[str, Any]:
+    """One attempt in the common shape (round, metrics, verdict, reflection), whatever loop wrote it; the
+    original verdict text is kept for the table."""
+    out = dict(a)
+    if out.get("round") is None:
+        for k in ("iteration", "step", "attempt", "index"):
+            if out.get(k) is not None:
+                out["round"] = out[k]
+                break
+    metrics = dict(a["metrics"]) if isinstance(a.get("metrics"), dict) else {}
+    for k in TOP_LEVEL_METRICS:
+        if k not in metrics and num(a.get(k)) is not None:
+            metrics[k] = a[k]
+    if "probe_perplexity" not in metrics and num(a.get("probe_ppl")) is not None:
+        metrics["probe_perplexity"] = a["probe_ppl"]  # the sparsify loop scores candidates on a probe slice
+    if kind == "sparsify" and "sparsity" not in metrics and num(a.get("achieved")) is not None:
+        metrics["sparsity"] = a["achieved"]
+    out["metrics"] = metrics
+    out["verdict_text"] = str(a.get("verdict") or "")
+    out["verdict"] = normalise_verdict(a.get("verdict"))
+    refl = [str(x) for x in (a.get("reflection"), a.get("llm_reflection")) if x]
+    out["reflection"] = "\n".join(dict.fromkeys(refl))
+    return out
+
+
+def normalise_call(c: dict[str, Any]) -> dict[str, Any]:
+    out = dict(c)
+    if out.get("round") is None:
+        for k in ("iteration", "level"):
+            if out.get(k) is not None:
+                out["round"] = f"{k} {out[k]:.3g}" if isinstance(out[k], float) else out[k]
+                break
+    if not out.get("status"):
+        out["status"] = "error" if c.get("error") else ("ok" if c.get("reply") is not None or c.get("data") is not None else "?")
+    return out
 
 
 # ---------------------------------------------------------------- formatting
@@ -123,7 +181,7 @@ def fmt(metric: str, v: Any) -> str:
         if a >= 1e3:
             return f"{f / 1e3:.4g} k"
         return f"{f:.4g}"
-    if metric in PERCENT_METRICS:
+    if metric.rsplit(".", 1)[-1] in PERCENT_METRICS:
         return f"{100 * f:.2f}%"
     if metric.endswith("_ms"):
         return f"{f:.4g} ms"
@@ -203,9 +261,23 @@ def budget_section(r: dict[str, Any]) -> dict[str, Any]:
     return {"rows": rows, "band": band_text if rows else None, "within": within if isinstance(within, bool) else None}
 
 
+def flatten_metrics(block: Any) -> dict[str, Any]:
+    """{'fidelity': {'kl': 0.1}} -> {'fidelity.kl': 0.1}, one level deep, numbers only for nested values; a
+    nested key that repeats a top-level one (memory.memory_mb) is dropped."""
+    if not isinstance(block, dict):
+        return {}
+    flat = {k: v for k, v in block.items() if _scalar(v)}
+    for k, v in block.items():
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                if k2 not in block and num(v2) is not None and not isinstance(v2, bool):
+                    flat[f"{k}.{k2}"] = v2
+    return flat
+
+
 def compare_section(r: dict[str, Any]) -> dict[str, Any]:
-    dense = r.get("dense") if isinstance(r.get("dense"), dict) else {}
-    comp = r.get("compressed") if isinstance(r.get("compressed"), dict) else {}
+    dense = flatten_metrics(r.get("dense"))
+    comp = flatten_metrics(r.get("compressed"))
     keys = [k for k in (*COST_ORDER, *QUALITY_ORDER) if k in dense or k in comp]
     keys += [k for k in dict.fromkeys([*dense, *comp]) if k not in keys and k != "module_ms"
              and _scalar(dense.get(k)) and _scalar(comp.get(k)) and (num(dense.get(k)) is not None or num(comp.get(k)) is not None)]
@@ -316,12 +388,14 @@ def attempts_section(attempts: list[dict[str, Any]], goals: dict[str, float], be
             "x": a.get("round", int(x)),
             "strategist": str(a.get("strategist") or ""),
             "verdict": str(a.get("verdict") or ""),
+            "verdict_text": str(a.get("verdict_text") or a.get("verdict") or ""),
             "best": a.get("verdict") == "best" or (best_round is not None and a.get("round") == best_round),
             "errors": ", ".join(f"{m} {pct(e)}" for m, e in errs.items()),
             "within": a.get("within_band") if isinstance(a.get("within_band"), bool) else None,
             "quality": fmt(qkey, metrics.get(qkey)) if qkey and metrics.get(qkey) is not None else "",
             "seconds": fmt("seconds", a.get("seconds")) if a.get("seconds") is not None else "",
-            "plan": plan_summary(plan),
+            "plan": plan_summary(plan if plan is not None else
+                                 ({"group_sparsity": a["group_sparsity"]} if isinstance(a.get("group_sparsity"), dict) else None)),
             "rationale": str(rationale or ""),
             "reflection": str(a.get("reflection") or ""),
             "guidance": guidance,
@@ -443,7 +517,7 @@ def kv_rows(d: Any, run_dir: Path | None = None) -> list[tuple[str, str]]:
         return []
     rows = []
     for k, v in d.items():
-        text = "—" if v is None else (str(v) if _scalar(v) else short_json(v, 400))
+        text = "—" if v is None else (fmt(str(k), v) if isinstance(v, float) else str(v) if _scalar(v) else short_json(v, 400))
         if run_dir is not None and isinstance(v, str) and v and "/" not in v.strip("./") and (run_dir / v).is_file():
             text += f" ({_size((run_dir / v).stat().st_size)})"
         rows.append((str(k), text))
@@ -461,6 +535,10 @@ def other_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             continue
         if _scalar(v):
             rows.append((k, "—" if v is None else (fmt(k, v) if isinstance(v, float) else str(v))))
+        elif isinstance(v, dict) and 0 < len(v) <= 40:  # e.g. protocol, timings, loop: one row per entry
+            for k2, v2 in v.items():
+                key = f"{k}.{k2}"
+                rows.append((key, "—" if v2 is None else (fmt(key, v2) if isinstance(v2, float) else short_json(v2, 300))))
         elif isinstance(v, (list, dict)) and len(json.dumps(v, default=str)) <= 400:
             rows.append((k, short_json(v, 400)))
         else:
@@ -502,6 +580,8 @@ def build_figures(rf: RunFiles, goals: dict[str, float], band: dict[str, float] 
                 order.append(str(g["name"]))
     dist = plots.family_distribution(rf.profile, widths)
     sp_layers = r.get("sparsity_per_layer") if isinstance(r.get("sparsity_per_layer"), dict) else None
+    if sp_layers is None and r.get("kind") == "sparsify" and rf.plan and isinstance(rf.plan.get("layers"), dict):
+        sp_layers = rf.plan["layers"]  # the sparsify command keeps the per-layer result in plan.json
     comp = r.get("compressed") if isinstance(r.get("compressed"), dict) else {}
     jobs = [
         ("trajectory", "Trajectory",
