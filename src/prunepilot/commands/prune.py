@@ -40,6 +40,14 @@ def register(app: typer.Typer) -> None:
         round_to: Optional[int] = typer.Option(8, "--round-to", help="Keep widths multiples of this (CPU/GPU kernels prefer 8/16). 1 = no rounding."),
         prune_heads: bool = typer.Option(False, "--prune-heads", help="For ViTs: remove whole attention heads instead of head dims."),
         protect: list[str] = typer.Option([], "--protect", help="Module name or re:regex never to prune (repeatable)."),
+        data: Optional[str] = typer.Option(None, "--data", help="Labelled data for the agent loop: fashion-mnist[:DIR], imagefolder:DIR, hf:NAME. Without it: one projected plan, no accuracy."),
+        agent: str = typer.Option("auto", "--agent", help="Strategist: auto, sensitivity, uniform, grid, optuna, local, anthropic:MODEL, openai:MODEL (auto = API key if set, else local LLM if installed, else sensitivity)."),
+        rounds: int = typer.Option(8, "--rounds", help="Agent rounds (each re-prunes the dense model with a new plan)."),
+        finetune_steps: int = typer.Option(60, "--finetune-steps", help="In-loop recovery steps per candidate (equal for all)."),
+        finetune_epochs: float = typer.Option(1.0, "--finetune-epochs", help="Final fine-tune of the winner, in epochs."),
+        kd: bool = typer.Option(True, "--kd/--no-kd", help="Distil from the dense model in the final fine-tune."),
+        eval_limit: int = typer.Option(2000, "--eval-limit", help="Validation images scored per candidate."),
+        llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="OpenAI-compatible server (vLLM, Ollama, llama.cpp server)."),
         weights: str = WeightsOpt,
         trust: bool = TrustOpt,
         input_shape: Optional[str] = ShapeOpt,
@@ -47,21 +55,31 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Prune a model so its MACs/params land inside the tolerance band, with a real CPU speed-up.
 
-        Without --plan the default shape is uniform (every group loses the same fraction); the projector finds
-        the exact scale and moves single channel units between groups to land inside the band."""
+        Without --data: one plan (uniform shape, or --plan), projected exactly onto the budget. With --data: the
+        agent loop (analyst proposes, projector guarantees, short recovery ranks candidates, best kept on disk),
+        then a final fine-tune, test accuracy, export and report. Every run is journaled in OUT/journal.sqlite."""
         from ..pipeline import run_prune
 
         budget = Budget.parse(tolerance=tolerance, macs=target_macs, params=target_params)
         plan = load_plan(plan_file, importance=importance, round_to=None if round_to == 1 else round_to,
                          prune_heads=prune_heads or None, protected=list(protect) or None)
         loaded = load(model, weights, trust, input_shape, state_dict)
-        with console.status("profiling, projecting, pruning, measuring"):
-            result = run_prune(loaded, budget, plan, out)
+        if data is not None:
+            from ..agents.master import SearchConfig
+            from ..search import run_search
+
+            cfg = SearchConfig(rounds=rounds, finetune_steps=finetune_steps, eval_limit=eval_limit)
+            result = run_search(loaded, budget, data, out, agent=agent, cfg=cfg, finetune_epochs=finetune_epochs, kd=kd,
+                                base_url=llm_base_url, log=console.print)
+        else:
+            with console.status("profiling, projecting, pruning, measuring"):
+                result = run_prune(loaded, budget, plan, out)
+            from ..search import render
+
+            render(out, console.print)
         console.print(result_table(result))
-        p = result["projection"]
         console.print(f"within band: {'[green]yes' if result['within_band'] else '[red]no'}[/]; "
-                      f"errors {', '.join(f'{m} {e:+.3%}' for m, e in result['errors'].items())}; "
-                      f"projection {p['iterations']} evals, {p['seconds']:.2f} s")
+                      f"errors {', '.join(f'{m} {e:+.3%}' for m, e in result['errors'].items())}")
         if result.get("speedup"):
             console.print(f"CPU speed-up {result['speedup']:.2f}x (MAC ratio {result['ideal_speedup']:.2f}x)")
         console.print(f"written to {out}/ (result.json, plan.json, summary.md, model.pt)")

@@ -1,0 +1,84 @@
+"""Journal: append-only SQLite record of runs, attempts and LLM transcripts. Runs resume and replay from it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, kind TEXT, created REAL, status TEXT, out_dir TEXT,
+                                 config TEXT, result TEXT);
+CREATE TABLE IF NOT EXISTS attempts (run_id TEXT, round INTEGER, created REAL, data TEXT,
+                                     PRIMARY KEY (run_id, round));
+CREATE TABLE IF NOT EXISTS llm_calls (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, round INTEGER,
+                                      created REAL, data TEXT);
+"""
+
+
+def default_journal_path() -> Path:
+    return Path("runs") / "journal.sqlite"
+
+
+class Journal:
+    """Each write is its own transaction, so a crash loses at most the attempt in flight."""
+
+    def __init__(self, path: Path | str | None = None) -> None:
+        self.path = Path(path) if path else default_journal_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._conn()) as c, c:
+            c.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def start_run(self, kind: str, config: dict[str, Any], out_dir: str | Path, run_id: str | None = None) -> str:
+        run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        with closing(self._conn()) as c, c:
+            c.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?)",
+                      (run_id, kind, time.time(), "running", str(out_dir), json.dumps(config, default=str), None))
+        return run_id
+
+    def record_attempt(self, run_id: str, round_: int, data: dict[str, Any]) -> None:
+        with closing(self._conn()) as c, c:
+            c.execute("INSERT OR REPLACE INTO attempts VALUES (?,?,?,?)",
+                      (run_id, round_, time.time(), json.dumps(data, default=str)))
+
+    def record_llm_call(self, run_id: str, round_: int, data: dict[str, Any]) -> None:
+        with closing(self._conn()) as c, c:
+            c.execute("INSERT INTO llm_calls (run_id, round, created, data) VALUES (?,?,?,?)",
+                      (run_id, round_, time.time(), json.dumps(data, default=str)))
+
+    def finish_run(self, run_id: str, status: str, result: dict[str, Any] | None = None) -> None:
+        with closing(self._conn()) as c, c:
+            c.execute("UPDATE runs SET status=?, result=? WHERE id=?",
+                      (status, json.dumps(result, default=str) if result is not None else None, run_id))
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        with closing(self._conn()) as c:
+            row = c.execute("SELECT id, kind, created, status, out_dir, config, result FROM runs WHERE id=?", (run_id,)).fetchone()
+        if row is None:
+            from .errors import PrunepilotError
+
+            raise PrunepilotError("no run with this id in the journal", run_id, f"list runs with `prunepilot runs list --journal {self.path}`")
+        return {"id": row[0], "kind": row[1], "created": row[2], "status": row[3], "out_dir": row[4],
+                "config": json.loads(row[5]), "result": json.loads(row[6]) if row[6] else None}
+
+    def runs(self) -> list[dict[str, Any]]:
+        with closing(self._conn()) as c:
+            rows = c.execute("SELECT id FROM runs ORDER BY created").fetchall()
+        return [self.run(r[0]) for r in rows]
+
+    def attempts(self, run_id: str) -> list[dict[str, Any]]:
+        with closing(self._conn()) as c:
+            rows = c.execute("SELECT data FROM attempts WHERE run_id=? ORDER BY round", (run_id,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def llm_calls(self, run_id: str) -> list[dict[str, Any]]:
+        with closing(self._conn()) as c:
+            rows = c.execute("SELECT round, data FROM llm_calls WHERE run_id=? ORDER BY id", (run_id,)).fetchall()
+        return [{"round": r[0], **json.loads(r[1])} for r in rows]
