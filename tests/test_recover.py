@@ -128,3 +128,25 @@ def test_divergence_is_reported_not_propagated() -> None:
 def test_progress_bar_runs() -> None:
     s = finetune(_cnn(), _loader(), steps=3, progress=True)
     assert s.steps == 3
+
+
+@pytest.mark.slow
+def test_recovery_pipeline_on_pruned_resnet20() -> None:
+    """Residual coupling included: prune ResNet-20 to ~half its channels, recalibrate BN, fine-tune."""
+    tp = pytest.importorskip("torch_pruning")
+    from prunepilot.evaluate.classification import recalibrate_batchnorm
+    from prunepilot.models import resnet20
+
+    torch.manual_seed(0)
+    dense = resnet20(num_classes=3).eval()
+    ex = torch.zeros(1, 1, 28, 28)
+    pruned = copy.deepcopy(dense)
+    tp.pruner.MetaPruner(pruned, ex, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.3,
+                         ignored_layers=[pruned.fc]).step()
+    assert pruned.conv1.out_channels < 16
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 3, (64,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=g)
+    assert recalibrate_batchnorm(pruned, loader, num_batches=2) == 21  # stem + 9 blocks x 2 + 2 shortcuts
+    s = finetune(pruned, loader, steps=4, lr=0.01, teacher=dense, progress=False)
+    assert s.steps == 4 and not s.diverged and pruned(ex).shape == (1, 3)
