@@ -138,7 +138,13 @@ def trajectory_png(
         elif qkey is not None and _num((a.get("metrics") or {}).get(qkey)) is not None:
             target_ax = fig.axes[-1]
             y = float(a["metrics"][qkey]) * (1.0 if "perplexity" in qkey else 100.0)
-        else:
+        else:  # nothing measured (a failed attempt): mark it on the bottom edge so it is not lost
+            h = ax.scatter([x], [0.03], marker=marker, s=55, color=colour, zorder=5, transform=ax.get_xaxis_transform(),
+                           clip_on=False)
+            if label not in seen:
+                seen.add(label)
+                handles.append(h)
+                labels.append(label)
             continue
         h = target_ax.scatter([x], [y], marker=marker, s=110 if marker == "*" else 55, color=colour, zorder=5,
                               edgecolors="white" if marker not in ("x",) else None, linewidths=0.6)
@@ -148,6 +154,7 @@ def trajectory_png(
             labels.append(label)
     if len(set(xs)) <= 30:
         ax.set_xticks(sorted(set(xs)))
+    ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.08 if qkey else 1.0, 1.0), fontsize=8, frameon=False)
     ax.set_title("Trajectory: budget error and quality per attempt", fontsize=10)
     return _png(fig)

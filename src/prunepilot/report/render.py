@@ -27,7 +27,7 @@ from . import plots
 HTML_NAME, MD_NAME = "report.html", "report.md"
 PLOT_PREFIX = "report-"
 CLIP_AT = 700  # characters of an LLM rationale shown inline; the HTML folds the rest, attempts.jsonl keeps it all
-# metric -> how to show it; quality metrics are fractions shown in percent, "higher" says which way is better
+# metrics stored as fractions and shown in percent (matched on the last dotted component)
 PERCENT_METRICS = {"accuracy", "top1", "top5", "fidelity_agreement", "sparsity", "agreement", "top1_agreement", "retained"}
 COST_ORDER = ("macs", "params", "latency_ms", "size_mb", "memory_mb", "sparsity")
 QUALITY_ORDER = ("accuracy", "top5", "fidelity_agreement", "fidelity_kl", "perplexity")
