@@ -295,3 +295,26 @@ def test_sparsify_loop_shapes(tmp_path: Path) -> None:
               "v-rolled_back", "v-kept", "group_sparsity: 2 keys, 0.1–0.3", "fidelity.top1_agreement", "84.38%", "ok 1",
               "level 0.25", "loop.rollbacks"):
         assert s in html, s
+
+
+@pytest.mark.slow
+def test_real_prune_run(tmp_path: Path) -> None:
+    """The real prune job's folder (tiny residual CNN, through profile/projector/engine) renders with its numbers."""
+    from prunepilot.budget import Budget
+    from prunepilot.pipeline import run_prune
+    from prunepilot.plan import Plan
+    from prunepilot.sources.models import LoadedModel
+    from tiny_models import make
+
+    model, x = make("residual")
+    result = run_prune(LoadedModel(model, x, "py:tiny", "tiny"), Budget.parse(macs="50%"), Plan(round_to=4), tmp_path,
+                       latency_rounds=2)
+    html_path, md_path = render_report(tmp_path)
+    html = html_path.read_text()
+    assert len(_imgs(html)) == 2  # widths + family distribution; no attempts in a single-shot prune
+    assert f"{100 * result['errors']['macs']:+.2f}%" in html
+    assert f"MAC ratio {result['ideal_speedup']:.2f}×" in html
+    assert ("within budget band" in html) == result["within_band"]
+    for fam in json.loads((tmp_path / "profile.json").read_text())["families"]:
+        assert f"<code>{fam['family']}</code>" in html  # per-family table under the distribution plot
+    assert "model.pt" in md_path.read_text()
