@@ -230,3 +230,16 @@ def test_end_to_end_run_writes_results(tmp_path: Path) -> None:
     calls = [json.loads(l) for l in (out / "llm_calls.jsonl").read_text().splitlines()]
     assert len(calls) == 2 and calls[0]["model"] == "fake-1"
     assert res["export"]["identical"]
+
+
+def test_sequential_wanda_block0_matches_dense_statistics(setup: dict[str, Any]) -> None:
+    """Block 0 sees unpruned inputs, so its masks must equal Wanda on the full-model activation norms
+    (this also catches statistics shared between linears that do not share their input)."""
+    model = tiny_llama()
+    infos = linear_layers(model)
+    norms = activation_norms(model, setup["calib"], 4)
+    mods = dict(model.named_modules())
+    expect = {i.name: sp.wanda_mask(mods[i.name].weight, norms[i.name], 0.5) for i in infos if i.block == 0}
+    sequential_sparsify(model, setup["calib"], project({}, infos, 0.5), "wanda")
+    for name, mask in expect.items():
+        assert torch.equal(mods[name].weight != 0, mask), name

@@ -65,3 +65,52 @@ def test_smollm2_loads_from_float_cache() -> None:
     with torch.no_grad():
         nxt = model(ids).logits[0, -1].argmax()
     assert tok.decode(nxt).strip() == "Paris"
+
+
+class _WordTok:
+    """Whitespace tokenizer with the call signature text.py uses."""
+
+    bos_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False, return_attention_mask: bool = False) -> dict:
+        return {"input_ids": [1 + (hash(w) % 50) for w in text.split()]}
+
+
+def test_text_file_split_is_disjoint_and_blocks_are_exact(tmp_path: Path) -> None:
+    from prunepilot.sources.text import load_split, token_blocks
+
+    f = tmp_path / "c.txt"
+    f.write_text("\n\n".join(f"para{i} " + "word " * 30 for i in range(50)))
+    split = load_split(f"text:{f}")
+    assert split.calib and split.eval and "file_split" in split.protocol
+    assert not set(split.calib.split("\n\n")) & set(split.eval.split("\n\n"))
+    tok = _WordTok()
+    ev = token_blocks(tok, split.eval, 16, 3)
+    assert ev.shape == (3, 16)
+    tok.prunepilot_add_bos = True  # type: ignore[attr-defined]
+    ca = token_blocks(tok, split.calib, 16, 4, seed=1)
+    assert ca.shape == (4, 16) and bool((ca[:, 0] == 0).all())
+    with pytest.raises(SourceError, match="blocks"):
+        token_blocks(tok, split.eval, 16, 10_000)
+
+
+def test_text_source_errors(tmp_path: Path) -> None:
+    from prunepilot.sources.text import load_split
+
+    with pytest.raises(SourceError, match="fix:"):
+        load_split("text:/nonexistent/file.txt")
+    with pytest.raises(SourceError, match="text source"):
+        load_split("calib-that-is-not-a-source", "pydocs-not")
+
+
+@pytest.mark.slow
+def test_pydocs_split_is_disjoint_by_page() -> None:
+    from prunepilot.sources.text import PYDOCS_ROOT, load_split, python_docs_documents
+
+    if not PYDOCS_ROOT.is_dir():
+        pytest.skip("python3.11-doc is not installed")
+    split = load_split("pydocs")
+    info = split.protocol["pydocs"]
+    assert info["calib_docs"] > 3 * info["eval_docs"] / 2 > 0
+    docs = python_docs_documents()
+    assert len(split.calib) > len(split.eval) > 100_000 and len(docs) == info["calib_docs"] + info["eval_docs"]

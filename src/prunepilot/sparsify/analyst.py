@@ -99,8 +99,11 @@ class LLMSparsityAnalyst:
 
     def propose(self, ctx: StepContext) -> SparsityPlan:
         schema = plan_json_schema(list(ctx.profile.groups))
-        schema["properties"]["rationale"]["maxLength"] = 300
-        schema["properties"]["reflection"] = {"type": "string", "maxLength": 300}
+        # every group required: a small constrained model must then write a number for each (no empty '{}');
+        # short strings keep a local model's decode inside its token budget
+        schema["properties"]["ratios"]["required"] = list(ctx.profile.groups)
+        schema["properties"]["rationale"]["maxLength"] = 160
+        schema["properties"]["reflection"] = {"type": "string", "maxLength": 160}
         messages = build_messages(ctx)
         try:
             reply = self._call(messages, schema, "propose", ctx)

@@ -198,18 +198,20 @@ def sequential_sparsify(
     for b, block in enumerate(layers):
         names = [i.name for i in infos if i.block == b and i.name in counts]
         stats: dict[str, torch.Tensor] = {}
-        shared: dict[int, str] = {}  # id of an input tensor -> the first linear that saw it (q/k/v share)
+        # input tensor id -> (the tensor, first linear that saw it): q/k/v (and gate/up) share one input.
+        # Holding the tensor keeps its id from being reused by a later input within the same forward.
+        shared: dict[int, tuple[torch.Tensor, str]] = {}
         hooks = []
         for name in names:
             def hook(m: nn.Module, args: tuple, name: str = name) -> None:
                 x = args[0].detach().reshape(-1, args[0].shape[-1])  # [tokens, in]
                 key = id(args[0])
-                first = shared.get(key)
-                if first is not None and first != name:
+                seen = shared.get(key)
+                if seen is not None and seen[0] is args[0] and seen[1] != name:
                     if name not in stats:
-                        stats[name] = stats[first]  # alias: same inputs, same statistics
+                        stats[name] = stats[seen[1]]  # alias: same inputs, same statistics
                     return
-                shared[key] = name
+                shared[key] = (args[0], name)
                 if method == "wanda":
                     stat = x.double().pow(2).sum(0)  # [in]
                 else:

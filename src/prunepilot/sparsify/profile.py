@@ -45,29 +45,31 @@ class WandaBank:
         self.p10: dict[str, float] = {}
         self.outliers: dict[str, int] = {}
         self.applied: dict[str, int] = {}
+        # first pass (cheap): each block's mean Wanda score, the OWL outlier threshold
         block_sum: dict[int, float] = {}
         block_n: dict[int, int] = {}
         for info in infos:
             w = self.mods[info.name].weight.detach()
+            col = norms[info.name].float().clamp_min(0).sqrt()  # [in]
+            block_sum[info.block] = block_sum.get(info.block, 0.0) + float(w.abs().float().sum(0) @ col)
+            block_n[info.block] = block_n.get(info.block, 0) + w.numel()
+        for info in infos:
+            w = self.mods[info.name].weight.detach()
             self.dense[info.name] = w.clone()
             score = sp.wanda_score(w, norms[info.name])  # [out, in]
-            order = torch.argsort(score, dim=1)  # ascending per row
+            self.outliers[info.name] = int((score > OWL_M * block_sum[info.block] / block_n[info.block]).sum())
+            sorted_s, order = torch.sort(score, dim=1)  # ascending per row
             self.order[info.name] = order.to(torch.int16 if info.in_features < 32768 else torch.int32)
-            sq = torch.gather(score, 1, order).double().pow(2)  # [out, in] sorted ascending
-            cum = torch.cumsum(sq, dim=1).sum(0)  # [in]: energy removed when c weights per row go
+            cum = torch.cumsum(sorted_s.pow(2).sum(0).double(), dim=0)  # [in]: energy when c weights per row go
             total = float(cum[-1]) or 1.0
             cols = info.in_features
             self.curve[info.name] = [0.0 if s == 0 else float(cum[min(cols, round(s * cols)) - 1]) / total
                                      for s in GRID]
-            nz = score[score > 0]
-            self.p10[info.name] = float(torch.quantile(nz[:: max(1, nz.numel() // 200_000)], 0.10)) if nz.numel() else 0.0
-            block_sum[info.block] = block_sum.get(info.block, 0.0) + float(score.sum())
-            block_n[info.block] = block_n.get(info.block, 0) + score.numel()
+            flat = sorted_s.flatten()
+            nz = flat[flat > 0]
+            sample = nz[:: max(1, nz.numel() // 200_000)]
+            self.p10[info.name] = float(torch.quantile(sample, 0.10)) if sample.numel() else 0.0
             self.applied[info.name] = 0
-        for info in infos:  # OWL: outliers are scores above M x the block's mean score
-            w = self.mods[info.name].weight.detach()
-            score = sp.wanda_score(w, norms[info.name])
-            self.outliers[info.name] = int((score > OWL_M * block_sum[info.block] / block_n[info.block]).sum())
 
     @torch.no_grad()
     def apply(self, counts: dict[str, int]) -> None:

@@ -121,8 +121,6 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     target, nm = parse_sparsity(cfg.sparsity)
-    if nm is not None and cfg.method == "magnitude" and False:
-        pass
     torch.manual_seed(cfg.seed)
 
     def lap(name: str, t0: float) -> None:
@@ -165,7 +163,7 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
     if nm is not None:
         counts = {i.name: int(round(nm.sparsity * i.params)) for i in infos}
         agent_used = f"{agent_used} (N:M fixes every layer at {nm}; nothing to allocate)"
-    elif cfg.method == "magnitude" and cfg.agent in ONE_SHOT and cfg.agent == "uniform":
+    elif cfg.agent == "uniform":  # needs no profile
         counts = project({}, infos, target)
     else:
         t0 = time.perf_counter()

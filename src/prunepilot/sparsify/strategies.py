@@ -83,8 +83,9 @@ class SensitivityStrategist:
 
     name = "sensitivity"
 
-    def __init__(self, beta: float = 0.3) -> None:
+    def __init__(self, beta: float = 0.3, spread: float = 0.2) -> None:
         self.beta = beta
+        self.spread = spread  # no layer further than this from the level: the cost model is local
 
     def _alpha(self, ctx: StepContext) -> dict[str, float]:
         t = min(max(ctx.target, GRID_STEP), GRID[-2])
@@ -110,11 +111,15 @@ class SensitivityStrategist:
         total = sum(i.params for i in ctx.infos)
         cap = int(round(MAX_RATIO / GRID_STEP))
 
+        lo_all = max(ctx.level - self.spread, 0.0)
+        hi_all = min(ctx.level + self.spread, MAX_RATIO)
+
         def alloc(lam: float) -> dict[str, float]:
             out = {}
             for i in ctx.infos:
                 steps = sum(1 for m in marg[i.name][:cap] if m <= lam)
-                out[i.name] = max(steps * GRID_STEP, ctx.current.get(i.name, 0.0))
+                s = min(max(steps * GRID_STEP, lo_all), hi_all)
+                out[i.name] = max(s, ctx.current.get(i.name, 0.0))
             return out
 
         lo, hi = -30.0, 5.0  # log10 of lambda

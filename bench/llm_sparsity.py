@@ -1,0 +1,198 @@
+"""LLM sparsity on SmolLM2-135M: dense vs magnitude, uniform Wanda, uniform SparseGPT, OWL and the agent loop,
+at 50% unstructured and 2:4, on the same calibration / evaluation text (Python docs prose, disjoint by page).
+
+    python bench/llm_sparsity.py                      # all variants, writes bench/results/llm_sparsity.json
+    python bench/llm_sparsity.py --variants u50,owl50,agent50 --eval-seqs 8
+
+Shares one model load, one dense evaluation and one sensitivity profile across variants; every variant
+restores the dense weights first. The JSON is rewritten after each variant, so a partial run still reports.
+Timings are wall-clock on a shared 2-core machine: compare them as ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunepilot.engines import sparsity as sp
+from prunepilot.evaluate.language import fidelity, knowledge_retention, knowledge_targets, mean_nll
+from prunepilot.results import environment, write_json_atomic
+from prunepilot.sources.llm import load_causal_lm
+from prunepilot.sources.text import load_split, token_blocks
+from prunepilot.sparsify.calibrate import activation_norms, gradient_importance, linear_layers, sequential_sparsify
+from prunepilot.sparsify.loop import LoopConfig, probe_groups, run_loop
+from prunepilot.sparsify.plan import project, resolve
+from prunepilot.sparsify.profile import WandaBank, build_profile
+from prunepilot.sparsify.strategies import OWLStrategist, SensitivityStrategist, StepContext, UniformStrategist
+
+# name -> (sparsity, method, allocation)
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    "u50": ("50%", "wanda", "uniform"),
+    "owl50": ("50%", "wanda", "owl"),
+    "agent50": ("50%", "wanda", "agent"),
+    "mag50": ("50%", "magnitude", "uniform"),
+    "sgpt50": ("50%", "sparsegpt", "uniform"),
+    "agent50_sgpt": ("50%", "sparsegpt", "agent"),
+    "w24": ("2:4", "wanda", "uniform"),
+    "sgpt24": ("2:4", "sparsegpt", "uniform"),
+    "mag24": ("2:4", "magnitude", "uniform"),
+    "llm50": ("50%", "wanda", "llm:local"),
+}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--calib-seqs", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-seqs", type=int, default=8)
+    ap.add_argument("--eval-seqlen", type=int, default=1024)
+    ap.add_argument("--probe-seqs", type=int, default=4)
+    ap.add_argument("--probe-seqlen", type=int, default=256)
+    ap.add_argument("--threshold", type=float, default=0.15)
+    ap.add_argument("--step", type=float, default=0.1)
+    ap.add_argument("--llm-iters", type=int, default=6)
+    ap.add_argument("--out", default="bench/results/llm_sparsity.json")
+    args = ap.parse_args()
+    out = Path(args.out)
+    t_all = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_all:7.1f}s] {msg}", flush=True)
+
+    lm = load_causal_lm(args.model)
+    model, tok = lm.model, lm.tokenizer
+    infos = linear_layers(model)
+    mods = dict(model.named_modules())
+    dense_w = {i.name: mods[i.name].weight.detach().clone() for i in infos}
+    text = load_split("pydocs")
+    cut = int(len(text.calib) * 0.9)
+    calib = token_blocks(tok, text.calib[:cut], args.seqlen, args.calib_seqs, seed=0)
+    probe = token_blocks(tok, text.calib[cut:], args.probe_seqlen, args.probe_seqs)
+    evalb = token_blocks(tok, text.eval, args.eval_seqlen, args.eval_seqs)
+    report: dict[str, Any] = {
+        "model": args.model, "environment": environment(),
+        "protocol": {**text.protocol, "calib": f"{args.calib_seqs}x{args.seqlen}", "eval": f"{args.eval_seqs}x{args.eval_seqlen}",
+                     "eval_tokens": int(evalb.numel()), "probe": f"{args.probe_seqs}x{args.probe_seqlen} (held-out calibration text)",
+                     "fidelity": f"1x{args.eval_seqlen}", "rollback_threshold": args.threshold, "step": args.step},
+        "variants": {},
+    }
+
+    t0 = time.perf_counter()
+    dense_nll = mean_nll(model, evalb)
+    facts = knowledge_targets(model, tok)
+    report["dense"] = {"perplexity": math.exp(dense_nll), "knowledge": knowledge_retention(model, tok, facts),
+                       "eval_s": time.perf_counter() - t0}
+    dense_copy = __import__("copy").deepcopy(model)
+    log(f"dense ppl {report['dense']['perplexity']:.2f} ({report['dense']['eval_s']:.0f}s)")
+    write_json_atomic(out, report)
+
+    t0 = time.perf_counter()
+    norms = activation_norms(model, calib)
+    grads = gradient_importance(model, calib[:2, :256], 1)
+    bank = WandaBank(model, infos, norms)
+    profile = build_profile(lm.name, 0.5, infos, bank, grads, 3)
+    report["profile_s"] = time.perf_counter() - t0
+    log(f"profile {report['profile_s']:.0f}s")
+    agent_counts: dict[str, int] | None = None
+    agent_info: dict[str, Any] = {}
+
+    def restore() -> None:
+        bank.restore()
+        with torch.no_grad():
+            for i in infos:
+                mods[i.name].weight.copy_(dense_w[i.name])
+        bank.applied = {n: 0 for n in bank.applied}
+
+    for name in [v for v in args.variants.split(",") if v]:
+        sparsity, method, alloc = VARIANTS[name]
+        target, nm = (0.5, sp.parse_nm(sparsity))
+        restore()
+        t0 = time.perf_counter()
+        info: dict[str, Any] = {"sparsity": sparsity, "method": method, "allocation": alloc}
+        try:
+            if nm is not None or alloc == "uniform":
+                counts = project({}, infos, target)
+            elif alloc == "owl":
+                ctx = StepContext(profile, infos, bank.curve, target, target, {i.name: 0.0 for i in infos})
+                counts = project(resolve(OWLStrategist().propose(ctx), infos, profile.groups, {}), infos, target)
+            elif alloc == "agent" and agent_counts is not None:
+                counts = agent_counts
+                info.update(agent_info, reused_allocation_from="agent50")
+            else:
+                strategist: Any = SensitivityStrategist()
+                calls: list[dict[str, Any]] = []
+                max_iters = 24
+                if alloc.startswith("llm:"):
+                    from prunepilot.agents.llm.factory import make_client
+                    from prunepilot.sparsify.analyst import LLMSparsityAnalyst
+
+                    strategist = LLMSparsityAnalyst(make_client(alloc[4:]), record=calls.append)
+                    max_iters = args.llm_iters
+                tp = time.perf_counter()
+                if not profile.group_probe:
+                    probe_groups(model, bank, infos, profile, probe, target)
+                probe_s = time.perf_counter() - tp
+                rows: list[dict[str, Any]] = []
+                res = run_loop(model, bank, infos, profile, strategist, probe,
+                               LoopConfig(target=target, step=args.step, threshold=args.threshold, max_iters=max_iters),
+                               fallback=SensitivityStrategist(), record=lambda a: (rows.append(a), log(
+                                   f"  it {a['iteration']} {a['from_level']:.3f}->{a['level']:.3f} probe {a['probe_ppl']:.2f} {a['verdict']}")))
+                counts = res.counts
+                restore()
+                loop_info = {"group_probe_s": probe_s, "iterations": len(rows), "rollbacks": res.rollbacks,
+                             "probe_ppl_dense": math.exp(res.probe_nll_dense), "probe_ppl_final": math.exp(res.probe_nll_final),
+                             "trajectory": [{k: a[k] for k in ("iteration", "from_level", "level", "probe_ppl", "rise", "verdict", "strategist")}
+                                            for a in rows]}
+                if calls:
+                    loop_info["llm_calls"] = len(calls)
+                    loop_info["llm_fallbacks"] = getattr(strategist, "fallbacks", 0)
+                    loop_info["llm_latency_s"] = sum(c["latency_s"] for c in calls)
+                info.update(loop_info)
+                if alloc == "agent":
+                    agent_counts, agent_info = counts, loop_info
+            achieved = sequential_sparsify(model, calib, counts, method, nm)
+            info["compress_s"] = time.perf_counter() - t0
+            total = sum(i.params for i in infos)
+            info["achieved_sparsity"] = sum(achieved[i.name] * i.params for i in infos) / total
+            if nm is not None:
+                info["nm_ok"] = all(sp.is_nm(mods[i.name].weight, nm) for i in infos)
+            te = time.perf_counter()
+            info["perplexity"] = math.exp(mean_nll(model, evalb))
+            info["knowledge"] = knowledge_retention(model, tok, facts)
+            info["fidelity"] = fidelity(model, dense_copy, evalb[:1], 1)
+            info["eval_s"] = time.perf_counter() - te
+            info["kind_sparsity"] = _by_kind(achieved)
+        except Exception as exc:  # keep the other variants' numbers
+            info["error"] = f"{type(exc).__name__}: {exc}"
+        info["peak_rss_mb_so_far"] = rss_mb()
+        report["variants"][name] = info
+        report["wall_s"] = time.perf_counter() - t_all
+        write_json_atomic(out, report)
+        log(f"{name}: ppl {info.get('perplexity', float('nan')):.2f} sparsity {info.get('achieved_sparsity', 0):.4f} "
+            f"compress {info.get('compress_s', 0):.0f}s {info.get('error', '')}")
+    log("done")
+
+
+def _by_kind(achieved: dict[str, float]) -> dict[str, float]:
+    by: dict[str, list[float]] = {}
+    for n, v in achieved.items():
+        by.setdefault(".".join(n.split(".")[-2:]), []).append(v)
+    return {k: round(sum(v) / len(v), 4) for k, v in by.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
