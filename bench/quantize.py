@@ -85,7 +85,15 @@ def bench_model(uri: str, *, rounds: int, compile_: bool, tmp: Path) -> dict[str
         ta = copy.deepcopy(fp32)
         rep_ao = quantize_(ta, {"*": "int8_dynamic"}, backend="torchao")
         notes["torchao"] = rep_ao.summary()
-        add("torchao_int8_eager", lambda: ta(x), rep_ao.size_after_bytes)
+        # torchao without compile is several times slower than fp32: timed apart (2 rounds) so its multi-second
+        # calls do not stretch the interleaved session of the others
+        with torch.inference_mode():
+            out_ao = ta(x)
+        slow = compare_latency({"fp32_eager": fp32, "torchao_int8_eager": ta}, x, warmup=1, rounds=2)
+        torchao_eager = {"latency_ms": round(slow["torchao_int8_eager"].median_ms, 2),
+                         "fp32_eager_same_session_ms": round(slow["fp32_eager"].median_ms, 2),
+                         "speedup_vs_fp32_eager": round(slow["fp32_eager"].median_ms / slow["torchao_int8_eager"].median_ms, 3),
+                         "size_mb": round(rep_ao.size_after_bytes / MB, 2), "cosine_vs_fp32": round(_cos(out_ao, ref), 5)}
         if compile_:
             t0 = time.perf_counter()
             ca = torch.compile(ta)
@@ -128,6 +136,8 @@ def bench_model(uri: str, *, rounds: int, compile_: bool, tmp: Path) -> dict[str
         variants["torchao_int8_compiled"]["speedup_vs_fp32_compiled"] = round(
             lat["fp32_compiled"].median_ms / lat["torchao_int8_compiled"].median_ms, 3)
     log(uri, {k: (v["latency_ms"], v["size_mb"]) for k, v in variants.items()})
+    if "torchao" in notes:
+        variants["torchao_int8_eager"] = torchao_eager
     return {"uri": uri, "input_shape": list(x.shape), "rounds": rounds, "variants": variants, "memory": mem,
             "notes": notes}
 
@@ -156,27 +166,28 @@ def fashion_mnist() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 def small_vit() -> nn.Module:
     import timm
 
-    # 16 tokens of 7x7 patches, width 128, 4 blocks: Linear layers carry ~all the compute, as in DeiT
+    # 16 tokens of 7x7 patches, width 96, 4 blocks: Linear layers carry ~all the compute, as in DeiT
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                             num_classes=10, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0)
+                             num_classes=10, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0)
 
 
 def trained_vit(xtr: torch.Tensor, ytr: torch.Tensor, epochs: int) -> tuple[nn.Module, dict[str, Any]]:
-    path = CACHE / f"fmnist_vit_e{epochs}.pt"
+    path = CACHE / f"fmnist_vit96_e{epochs}.pt"
     model = small_vit()
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), {"cached": str(path)}
     torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    steps = epochs * (len(xtr) // 128)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    bs = 256
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    steps = epochs * (len(xtr) // bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     t0 = time.perf_counter()
     model.train()
     for ep in range(epochs):
         perm = torch.randperm(len(xtr))
-        for i in range(len(xtr) // 128):
-            idx = perm[i * 128:(i + 1) * 128]
+        for i in range(len(xtr) // bs):
+            idx = perm[i * bs:(i + 1) * bs]
             loss = F.cross_entropy(model(xtr[idx]), ytr[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -196,10 +207,9 @@ def accuracy(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: tor
     return correct / len(x)
 
 
-def bench_accuracy(epochs: int, tmp: Path) -> dict[str, Any]:
-    xtr, ytr, xte, yte = fashion_mnist()
-    model, train_info = trained_vit(xtr, ytr, epochs)
-    res: dict[str, Any] = {"model": "ViT (28x28, patch 7, dim 128, depth 4) on Fashion-MNIST", "train": train_info,
+def bench_accuracy(model: nn.Module, train_info: dict[str, Any], xte: torch.Tensor, yte: torch.Tensor,
+                   tmp: Path) -> dict[str, Any]:
+    res: dict[str, Any] = {"model": "ViT (28x28, patch 7, dim 96, depth 4) on Fashion-MNIST", "train": train_info,
                            "test_samples": len(xte)}
     acc = {"fp32": accuracy(model, xte, yte)}
     sizes = {"fp32": state_dict_bytes(model) / MB}
@@ -227,12 +237,103 @@ def bench_accuracy(epochs: int, tmp: Path) -> dict[str, Any]:
     return res
 
 
+# ------------------------------------------------------------------------- joint prune + quantize
+
+
+def bench_joint(dense: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor,
+                *, steps: int) -> dict[str, Any]:
+    """Same weight-memory budget, three ways: int8 only, pruning only, pruning + int8 (each pruned point gets
+    the same short fine-tune). The pruning amount is found by the measured-budget projector, which brackets
+    the budget with real serialized sizes."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from prunepilot.budget import Band, Budget
+    from prunepilot.engines.recover import finetune
+    from prunepilot.evaluate.measured_budget import bracket_measured_target
+    from prunepilot.pipeline import Pruner
+    from prunepilot.plan import Plan
+    from prunepilot.sources.models import LoadedModel
+
+    x1 = xte[:1]
+    pruner = Pruner(LoadedModel(dense, x1, "fmnist-vit", "trained small ViT"))
+    dense_mb = state_dict_bytes(dense) / MB
+    loader = DataLoader(TensorDataset(xtr, ytr), batch_size=256, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    band = Band(over=0.0, under=0.05)  # a hard cap: never above the budget
+
+    def pruned(s: float) -> nn.Module:
+        keep = max(0.05, 1.0 - s)
+        rb = Budget.parse(params=f"{100 * keep:.3f}%").resolve(pruner.profile.dense)
+        return pruner.candidate(Plan(), rb).model
+
+    def int8(m: nn.Module) -> nn.Module:
+        q = copy.deepcopy(m)
+        quantize_(q, {"*": "int8_dynamic"}, measure_size=False)
+        return q
+
+    def size_mb(m: nn.Module) -> float:
+        return state_dict_bytes(m) / MB
+
+    def recovered(m: nn.Module) -> tuple[nn.Module, float]:
+        t0 = time.perf_counter()
+        finetune(m, loader, steps=steps, optimizer="adamw", lr=5e-4, weight_decay=0.05, progress=False)
+        return m.eval(), time.perf_counter() - t0
+
+    acc_dense = accuracy(dense, xte, yte)
+    q_only = int8(dense)
+    points: dict[str, Any] = {}
+    for frac in (0.30, 0.20):
+        goal = frac * dense_mb
+        row: dict[str, Any] = {"budget_size_mb": round(goal, 4), "budget_fraction": frac}
+        qs = size_mb(q_only)
+        row["quantize_only"] = {"size_mb": round(qs, 4), "feasible": qs <= goal,
+                                "accuracy": round(accuracy(q_only, xte, yte), 4)}
+        # pruning only: bracket the pruning amount s on the real size
+        t0 = time.perf_counter()
+        br = bracket_measured_target(pruned, size_mb, goal, band=band, lo=0.0, hi=0.95, noise=0.0, max_measurements=10)
+        if br.best_candidate is not None:
+            m, ft_s = recovered(br.best_candidate)
+            row["prune_only"] = {"size_mb": round(size_mb(m), 4), "params_removed": round(br.best.knob, 4),
+                                 "accuracy": round(accuracy(m, xte, yte), 4), "feasible": True,
+                                 "projector": {"n_measurements": br.n_measurements, "stop": br.stop_reason},
+                                 "search_s": round(time.perf_counter() - t0 - ft_s, 1), "finetune_s": round(ft_s, 1)}
+        # joint: the same bracketing, with int8 applied to every candidate before measuring
+        t0 = time.perf_counter()
+        pairs: dict[float, nn.Module] = {}
+
+        def joint(s: float) -> nn.Module:
+            pairs[s] = pruned(s) if s > 0 else copy.deepcopy(dense)
+            return int8(pairs[s])
+
+        bj = bracket_measured_target(joint, size_mb, goal, band=band, lo=0.0, hi=0.95, noise=0.0, max_measurements=10)
+        if bj.best is not None:
+            s = bj.best.knob
+            if s > 0:  # fine-tune the pruned float model, then quantize it (PTQ after recovery)
+                m, ft_s = recovered(pairs[s])
+                qm = int8(m)
+            else:
+                qm, ft_s = bj.best_candidate, 0.0
+            row["joint"] = {"size_mb": round(size_mb(qm), 4), "params_removed": round(s, 4),
+                            "accuracy": round(accuracy(qm, xte, yte), 4), "feasible": size_mb(qm) <= goal,
+                            "projector": {"n_measurements": bj.n_measurements, "stop": bj.stop_reason},
+                            "search_s": round(time.perf_counter() - t0 - ft_s, 1), "finetune_s": round(ft_s, 1)}
+        feas = {k: v["accuracy"] for k, v in row.items() if isinstance(v, dict) and v.get("feasible")}
+        row["best_feasible"] = max(feas, key=feas.get) if feas else None
+        log(f"joint @ {frac:.0%} of dense size:", {k: (v.get("size_mb"), v.get("accuracy"), v.get("feasible"))
+                                                   for k, v in row.items() if isinstance(v, dict)})
+        points[f"{int(frac * 100)}%"] = row
+    return {"dense_size_mb": round(dense_mb, 4), "dense_accuracy": round(acc_dense, 4), "finetune_steps": steps,
+            "finetune_batch": 256, "metric": "size_mb (serialized weights, packed int8 included)", "points": points}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip the torch.compile variants")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per variant")
     ap.add_argument("--models", default="timm:deit_base_patch16_224,timm:vit_base_patch16_224")
-    ap.add_argument("--epochs", type=int, default=2, help="Fashion-MNIST ViT training epochs (cached)")
+    ap.add_argument("--epochs", type=int, default=1, help="Fashion-MNIST ViT training epochs (cached)")
+    ap.add_argument("--ft-steps", type=int, default=150, help="fine-tuning steps per pruned point (joint part)")
+    ap.add_argument("--no-joint", action="store_true", help="skip the joint prune+quantize part")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
@@ -247,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         for uri in [u for u in args.models.split(",") if u]:
             result["models"].append(bench_model(uri, rounds=args.rounds, compile_=not args.quick, tmp=tmp))
             write_json_atomic(args.out, result)  # partial results survive a later failure
-        result["fashion_mnist"] = bench_accuracy(args.epochs, tmp)
+        xtr, ytr, xte, yte = fashion_mnist()
+        model, train_info = trained_vit(xtr, ytr, args.epochs)
+        result["fashion_mnist"] = bench_accuracy(model, train_info, xte, yte, tmp)
+        write_json_atomic(args.out, result)
+        if not args.no_joint:
+            result["joint"] = bench_joint(model, xtr, ytr, xte, yte, steps=args.ft_steps)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_json_atomic(args.out, result)
     log("wrote", args.out, f"in {result['seconds']} s")

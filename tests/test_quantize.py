@@ -291,3 +291,11 @@ def test_run_quantize_rejects_bad_options(tmp_path) -> None:
         run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path, layers="all", scheme="int8_weight_only")
     with pytest.raises(PlanError, match="--compile applies to the torchao backend"):
         run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path, compile_=True)
+
+
+def test_layer_rows_reuse_external_times(tiny: nn.Module) -> None:
+    rows = layer_rows(tiny, times_ms={"fc1": 3.0, "fc2": 1.0})
+    by = {r["name"]: r for r in rows}
+    assert by["fc1"]["latency_share"] == pytest.approx(0.75) and by["head"]["latency_ms"] == 0.0
+    with pytest.raises(PlanError, match="example input"):
+        layer_rows(tiny)

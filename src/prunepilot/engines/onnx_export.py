@@ -134,7 +134,8 @@ def export_onnx(
         raise PrunepilotError(
             "neither ONNX exporter could export this model",
             f"dynamo: {fallback_reason}; torchscript: {type(exc).__name__}: {str(exc)[:300]}",
-            "export an unquantized model (dynamic-int8 eager modules do not export; use --int8 for ORT int8)",
+            "export the float model (torchao int8 modules have no ONNX mapping; for int8 use --int8, which "
+            "quantizes with ONNX Runtime), or pick the exporter explicitly with --exporter dynamo|torchscript",
         ) from exc
     return ExportResult(path, "torchscript", opset, _onnx_size(path), time.perf_counter() - t0, fallback_reason)
 

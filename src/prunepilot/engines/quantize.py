@@ -273,14 +273,24 @@ def _apply_torchao(model: nn.Module, selected: dict[str, list[str]]) -> None:
 
 
 def layer_rows(
-    model: nn.Module, example_input: torch.Tensor, *, runs: int = 3, clock: Callable[[], float] = time.perf_counter
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    *,
+    runs: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+    times_ms: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Per weight layer: kind, params, weight bytes and measured forward time (hooks around each layer).
 
-    The per-layer time is the median over `runs` forward passes after one warm-up; shares are relative to
-    the sum over weight layers (what quantization can speed up), not to the whole forward.
+    The per-layer time is the mean per forward over `runs` passes after one warm-up; shares are relative to
+    the sum over weight layers (what quantization can speed up), not to the whole forward. Pass `times_ms`
+    (e.g. `prunepilot.profile.module_times(model, x)`) to reuse timings measured elsewhere.
     """
     layers = weight_layers(model)
+    if times_ms is not None:
+        return _rows(layers, {n: float(times_ms.get(n, 0.0)) for n, _ in layers})
+    if example_input is None:
+        raise PlanError("layer_rows needs an example input (or times_ms)", None, "pass the model's example input")
     times: dict[str, list[float]] = {n: [] for n, _ in layers}
     starts: dict[str, float] = {}
     handles = []
@@ -297,17 +307,19 @@ def layer_rows(
     finally:
         for h in handles:
             h.remove()
+    # a layer called k times per forward appears k*runs times: time per forward = total / runs
+    return _rows(layers, {n: sum(ts) / runs * 1000 for n, ts in times.items()})
+
+
+def _rows(layers: list[tuple[str, nn.Module]], ms: Mapping[str, float]) -> list[dict[str, Any]]:
     rows = []
     for name, mod in layers:
-        ts = sorted(times[name])
-        # a layer called k times per forward appears k*runs times: sum per forward = total / runs
-        per_forward = sum(ts) / runs if ts else 0.0
         rows.append({
             "name": name,
             "kind": type(mod).__name__,
             "params": _params(mod),
             "weight_bytes": sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False)),
-            "latency_ms": per_forward * 1000,
+            "latency_ms": ms[name],
         })
     total_t = sum(r["latency_ms"] for r in rows) or 1.0
     total_p = sum(r["params"] for r in rows) or 1
