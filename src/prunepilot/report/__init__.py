@@ -1,0 +1,3 @@
+from .render import render_report
+
+__all__ = ["render_report"]
