@@ -13,7 +13,7 @@ import torch
 
 from prunepilot.errors import SourceError
 from prunepilot.models import build, resnet20, resnet56
-from prunepilot.models.baseline import baseline_paths, get_or_train_baseline, load_baseline
+from prunepilot.models.baseline import baseline_paths, cache_slot, get_or_train_baseline, load_baseline
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,6 +78,8 @@ def test_get_or_train_caches_and_reloads(tmp_path: Path) -> None:
                                       progress=False)
     assert info3["epochs"] == 0.5 and baseline_paths("resnet20", cache, 0.5)[0].is_file()
     assert get_or_train_baseline("resnet20", cache_dir=cache, progress=False)[1]["epochs"] == 1
+    assert cache_slot("resnet20", 1, cache) == (pt, None)
+    assert cache_slot("resnet20", 2, cache) == (baseline_paths("resnet20", cache, 2)[0], 2)
 
 
 def test_train_baseline_command(tmp_path: Path) -> None:

@@ -163,16 +163,20 @@ def get_or_train_baseline(
     An explicit `epochs` returns the default baseline when it was trained that long, else the
     `fmnist_<arch>_e<epochs>.pt` one, training it when absent. `retrain` always trains.
     """
-    default_pt, _ = baseline_paths(arch, cache_dir)
-    default_epochs = _cached_epochs(arch, cache_dir) if default_pt.is_file() else float(DEFAULT_EPOCHS)
-    if epochs is None or abs(default_epochs - float(epochs)) < 1e-6:
-        pt, key = default_pt, None
-    else:
-        pt, key = baseline_paths(arch, cache_dir, epochs)[0], epochs
+    pt, key = cache_slot(arch, epochs, cache_dir)
     if pt.is_file() and not retrain:
         return load_baseline(arch, cache_dir, key)
     return train_baseline(arch, DEFAULT_EPOCHS if epochs is None else epochs, out=pt, seed=seed, data=data,
                           progress=progress, log=log)
+
+
+def cache_slot(arch: str, epochs: float | None, cache_dir: Path | str | None = None) -> tuple[Path, float | None]:
+    """(weights path, epochs key for load_baseline) where a baseline of `epochs` epochs lives or will live."""
+    default_pt, _ = baseline_paths(arch, cache_dir)
+    default_epochs = _cached_epochs(arch, cache_dir) if default_pt.is_file() else float(DEFAULT_EPOCHS)
+    if epochs is None or abs(default_epochs - float(epochs)) < 1e-6:
+        return default_pt, None
+    return baseline_paths(arch, cache_dir, epochs)[0], epochs
 
 
 def _cached_epochs(arch: str, cache_dir: Path | str | None) -> float:
