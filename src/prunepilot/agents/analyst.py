@@ -1,0 +1,389 @@
+"""LLMAnalyst: the strategist that asks an LLM for a Plan, validates it, repairs once, else falls back.
+
+The reply is data, never code: JSON -> clamp ratios -> Plan.model_validate -> plan.check_names. Everything the
+analyst knows comes from `propose()`'s arguments (profile, budget, history); it keeps no state between rounds,
+so a resumed or replayed run asks exactly the same questions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from string import Template
+from typing import Any, Literal, Protocol
+
+from pydantic import ValidationError
+
+from ..errors import PlanError
+from ..plan import MAX_RATIO, Plan
+from .llm.base import LLMClient, LLMError, LLMReply, Message
+from .llm.parsing import extract_json, messages_hash, messages_to_dicts
+from .llm.retry import redact
+
+SchemaMode = Literal["auto", "plan", "narrow"]
+RATIO_GRID = [round(i * 0.05, 2) for i in range(round(MAX_RATIO / 0.05) + 1)]  # 0.0, 0.05, ..., 0.9
+_MAX_NAMES_SHOWN = 60
+_CELL = 140  # characters per history-table cell: long histories must still fit a small model's context
+
+
+@dataclass
+class ProposeResult:
+    """What a strategist proposes, with the LLM calls behind it (for the journal) and why it fell back."""
+
+    plan: Plan
+    llm_calls: list[dict[str, Any]] = field(default_factory=list)
+    fallback_reason: str | None = None
+
+    @property
+    def used_fallback(self) -> bool:
+        return self.fallback_reason is not None
+
+
+class Strategist(Protocol):
+    def propose(self, profile: dict, budget: dict, history: list[dict], *, seed: int = 0) -> Plan | ProposeResult: ...
+
+
+# ----------------------------------------------------------------------------------------------- profile names
+@dataclass(frozen=True)
+class Names:
+    families: list[str]
+    groups: list[str]
+    layers: list[str] | None  # quantizable layers when the profile lists them
+
+
+def profile_names(profile: dict) -> Names:
+    """Family, group and layer names from a compact profile. Accepts `families` as {name: info} or
+    [{"name", "groups"|"members"}], `groups` as [name], [{"name", "family"}] or {name: info}."""
+    families: list[str] = []
+    groups: list[str] = []
+
+    def add(seq: list[str], name: Any) -> None:
+        if isinstance(name, str) and name and name not in seq:
+            seq.append(name)
+
+    fam = profile.get("families", {})
+    fam_items = fam.items() if isinstance(fam, dict) else ((f.get("name") if isinstance(f, dict) else f, f) for f in fam)
+    for name, info in fam_items:
+        add(families, name)
+        if isinstance(info, dict):
+            for g in info.get("groups", info.get("members", [])) or []:
+                add(groups, g.get("name") if isinstance(g, dict) else g)
+    grp = profile.get("groups", [])
+    grp_items = grp.items() if isinstance(grp, dict) else ((g.get("name") if isinstance(g, dict) else g, g) for g in grp)
+    for name, info in grp_items:
+        add(groups, name)
+        if isinstance(info, dict):
+            add(families, info.get("family"))
+    layers_raw = profile.get("layers")
+    layers: list[str] | None = None
+    if isinstance(layers_raw, dict):
+        layers = [k for k in layers_raw if isinstance(k, str)]
+    elif isinstance(layers_raw, list) and layers_raw:
+        layers = [x for x in ((y.get("name") if isinstance(y, dict) else y) for y in layers_raw) if isinstance(x, str)]
+    return Names(families, groups, layers)
+
+
+# ----------------------------------------------------------------------------------------------------- schema
+def narrow_schema(names: Names, *, rationale_chars: int = 160, required_limit: int = 12) -> dict[str, Any]:
+    """A profile-specific sub-schema of the Plan for constrained decoders: every instance is a valid Plan
+    whose names all exist. Ratios come from a 0.05 grid without 0 (a small model cannot emit 1.2 or
+    0.3000001, nor an all-zero shape that the projector could not scale; 0.05 is near-protection)."""
+    keys = names.families or names.groups[:32]
+    ratio = {"type": "number", "enum": RATIO_GRID[1:]}
+    ratios: dict[str, Any] = {
+        "type": "object",
+        "properties": {k: ratio for k in keys},
+        "additionalProperties": False,
+    }
+    if len(keys) <= required_limit:
+        ratios["required"] = list(keys)  # a small model then decides every family, instead of stopping early
+    props: dict[str, Any] = {
+        "rationale": {"type": "string", "maxLength": rationale_chars},
+        "ratios": ratios,
+        "importance": {"type": "string", "enum": ["l1", "l2", "taylor"]},
+        "round_to": {"type": "integer", "enum": [1, 4, 8, 16]},
+    }
+    required = ["rationale", "ratios", "importance", "round_to"]
+    if len(keys) > required_limit:
+        props["default_ratio"] = ratio
+        required.append("default_ratio")
+    return {"title": "Plan", "type": "object", "properties": props, "required": required, "additionalProperties": False}
+
+
+def plan_schema() -> dict[str, Any]:
+    return Plan.model_json_schema()
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+def _template(name: str) -> Template:
+    return Template(resources.files("prunepilot.agents").joinpath("prompts", name).read_text(encoding="utf-8"))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def _cell(v: Any) -> str:
+    s = _fmt(v).replace("|", "/").replace("\n", " ").strip()
+    return s if len(s) <= _CELL else s[: _CELL - 1] + "…"
+
+
+def _plan_summary(plan: Any) -> str:
+    if plan is None:
+        return "-"
+    d = plan.model_dump() if isinstance(plan, Plan) else plan
+    if not isinstance(d, dict):
+        return _cell(d)
+    parts = []
+    if d.get("ratios"):
+        parts.append(_fmt({k: round(float(v), 3) for k, v in d["ratios"].items() if isinstance(v, (int, float))}))
+    if "scale" in d:
+        parts.insert(0, f"scale={_fmt(d['scale'])}")
+    for k in ("default_ratio", "importance", "round_to"):
+        if d.get(k) is not None and k in d:
+            parts.append(f"{k}={_fmt(d[k])}")
+    if d.get("protected"):
+        parts.append(f"protected={_fmt(d['protected'])}")
+    return _cell("; ".join(parts) or "-")
+
+
+def history_table(history: list[dict], *, max_rows: int = 8) -> str:
+    """A markdown table of the last `max_rows` attempts, then their rationales and reflections."""
+    if not history:
+        return "No attempts yet: this is the first round."
+    rows = history[-max_rows:]
+    first = len(history) - len(rows)
+    lines = []
+    if first:
+        lines.append(f"({first} earlier attempts not shown.)")
+    lines += [
+        "| # | plan (shape) | projected | achieved | accuracy | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, a in enumerate(rows, start=first + 1):
+        n = a.get("round", a.get("index", i))
+        projected = a.get("projected", a.get("projected_plan"))
+        achieved = a.get("achieved", a.get("metrics"))
+        acc = a.get("accuracy")
+        lines.append(
+            f"| {n} | {_plan_summary(a.get('plan'))} | {_plan_summary(projected)} | "
+            f"{_cell(achieved) if achieved else '-'} | {_cell(acc) if acc is not None else '-'} | "
+            f"{_cell(a.get('verdict', '-'))} |"
+        )
+    notes = []
+    for i, a in enumerate(rows, start=first + 1):
+        n = a.get("round", a.get("index", i))
+        for key in ("rationale", "reflection"):
+            if a.get(key):
+                notes.append(f"- #{n} {key}: {_cell(a[key])}")
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines)
+
+
+def guidance_text(history: list[dict]) -> str:
+    """The monitor's guidance attached to the latest attempt (deduplicated, in order)."""
+    if not history:
+        return "None."
+    g = history[-1].get("guidance") or []
+    items = [g] if isinstance(g, str) else list(g)
+    seen: list[str] = []
+    for x in items:
+        if x and str(x) not in seen:
+            seen.append(str(x))
+    return "\n".join(f"- {x}" for x in seen) if seen else "None."
+
+
+def _names_line(names: list[str]) -> str:
+    if not names:
+        return "(none listed)"
+    shown = ", ".join(names[:_MAX_NAMES_SHOWN])
+    return shown + (f", … ({len(names) - _MAX_NAMES_SHOWN} more)" if len(names) > _MAX_NAMES_SHOWN else "")
+
+
+def display_schema(schema: Any) -> Any:
+    """The schema as shown in the prompt: a ratio grid enum is shown as a range (far fewer tokens)."""
+    if isinstance(schema, dict):
+        enum = schema.get("enum")
+        if schema.get("type") == "number" and isinstance(enum, list) and len(enum) > 6:
+            return {"type": "number", "minimum": min(enum), "maximum": max(enum)}
+        return {k: display_schema(v) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [display_schema(v) for v in schema]
+    return schema
+
+
+def build_messages(profile: dict, budget: dict, history: list[dict], schema: dict[str, Any], *, max_rows: int = 8) -> list[Message]:
+    names = profile_names(profile)
+    compact = dict(separators=(",", ":"), ensure_ascii=False, default=str)
+    system = _template("system.md").substitute(schema=json.dumps(display_schema(schema), **compact))
+    user = _template("user.md").substitute(
+        profile=json.dumps(profile, **compact),
+        budget=json.dumps(budget, **compact),
+        families=_names_line(names.families),
+        groups=_names_line(names.groups),
+        n_attempts=len(history),
+        history=history_table(history, max_rows=max_rows),
+        guidance=guidance_text(history),
+    )
+    return [Message("system", system), Message("user", user)]
+
+
+def repair_messages(messages: list[Message], reply_text: str, error: str) -> list[Message]:
+    repair = _template("repair.md").substitute(error=error)
+    return [*messages, Message("assistant", reply_text or "(empty reply)"), Message("user", repair)]
+
+
+# ----------------------------------------------------------------------------------------------------- parse
+def clamp_plan_data(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Clamp numeric ratios into [0, MAX_RATIO]; returns the new data and a note per clamp."""
+    out = dict(data)
+    notes: list[str] = []
+
+    def clamp(label: str, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return v  # leave it for validation to reject with a clear message
+        c = min(max(float(v), 0.0), MAX_RATIO)
+        if c != v:
+            notes.append(f"{label} {v} clamped to {c}")
+        return c
+
+    if isinstance(out.get("ratios"), dict):
+        out["ratios"] = {k: clamp(f"ratio for '{k}'", v) for k, v in out["ratios"].items()}
+    if "default_ratio" in out:
+        out["default_ratio"] = clamp("default_ratio", out["default_ratio"])
+    return out, notes
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:6]:
+        loc = ".".join(str(x) for x in e.get("loc", ())) or "(root)"
+        parts.append(f"{loc}: {e.get('msg')}")
+    return "the plan does not match the Plan schema: " + "; ".join(parts)
+
+
+def parse_plan(reply: LLMReply, names: Names) -> tuple[Plan | None, str | None, list[str]]:
+    """(plan, None, clamp notes) when valid, else (None, what is wrong, notes)."""
+    data = reply.data if reply.data is not None else extract_json(reply.text)
+    if data is None:
+        return None, "the reply is not a JSON object (write only the JSON object, no prose)", []
+    if not isinstance(data, dict):
+        return None, f"the reply is JSON but not an object (got {type(data).__name__})", []
+    data, notes = clamp_plan_data(data)
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as exc:
+        return None, _validation_summary(exc), notes
+    if not plan.quantize and not plan.prune_heads and not any(plan.ratios.values()) and (
+        plan.default_ratio == 0 or (names.families and set(names.families) <= set(plan.ratios))
+    ):
+        return None, "every ratio is 0, so the plan has no shape to scale onto the budget: give positive ratios", notes
+    if names.groups or names.families:
+        try:
+            plan.check_names(names.groups, names.families, names.layers)
+        except PlanError as exc:
+            return None, str(exc), notes
+    return plan, None, notes
+
+
+# ---------------------------------------------------------------------------------------------------- analyst
+class LLMAnalyst:
+    """Strategist backed by an LLMClient. `fallback` is any strategist with the same `propose` signature
+    (returning a Plan or a ProposeResult); it answers when the LLM fails or twice gives an invalid plan."""
+
+    def __init__(
+        self,
+        client: LLMClient,
+        fallback: Strategist,
+        *,
+        repairs: int = 1,
+        schema_mode: SchemaMode = "auto",
+        max_history_rows: int = 8,
+    ) -> None:
+        self.client = client
+        self.fallback = fallback
+        self.repairs = repairs
+        self.schema_mode = schema_mode
+        self.max_history_rows = max_history_rows
+        self.name = f"llm:{getattr(client, 'name', type(client).__name__)}"
+
+    def response_schema(self, profile: dict) -> dict[str, Any]:
+        mode = self.schema_mode
+        if mode == "auto":
+            mode = "narrow" if getattr(self.client, "constrained", False) else "plan"
+        return narrow_schema(profile_names(profile)) if mode == "narrow" else plan_schema()
+
+    def propose(self, profile: dict, budget: dict, history: list[dict], *, seed: int = 0) -> ProposeResult:
+        names = profile_names(profile)
+        schema = self.response_schema(profile)
+        messages = build_messages(profile, budget, history, schema, max_rows=self.max_history_rows)
+        calls: list[dict[str, Any]] = []
+        error = ""
+        for attempt in range(1 + max(0, self.repairs)):
+            kind = "propose" if attempt == 0 else "repair"
+            try:
+                reply = self.client.complete(messages, schema)
+            except LLMError as exc:
+                calls.append(_call_record(kind, messages, None, "error", str(exc), [], self.name))
+                return self._fallback(profile, budget, history, seed, calls, f"the LLM call failed: {redact(exc)}")
+            plan, error, notes = parse_plan(reply, names)
+            status = "ok" if plan is not None else "invalid"
+            calls.append(_call_record(kind, messages, reply, status, error, notes, self.name))
+            if plan is not None:
+                return ProposeResult(plan=plan, llm_calls=calls)
+            messages = repair_messages(messages, reply.text, error or "invalid")
+        tries = 1 + max(0, self.repairs)
+        reason = f"the LLM gave no valid plan in {tries} tries; last error: {error}"
+        return self._fallback(profile, budget, history, seed, calls, reason)
+
+    def _fallback(
+        self, profile: dict, budget: dict, history: list[dict], seed: int, calls: list[dict[str, Any]], reason: str
+    ) -> ProposeResult:
+        out = self.fallback.propose(profile, budget, history, seed=seed)
+        if isinstance(out, ProposeResult):
+            return ProposeResult(plan=out.plan, llm_calls=calls + out.llm_calls, fallback_reason=redact(reason))
+        if not isinstance(out, Plan):
+            raise PlanError(
+                "a fallback strategist must return a Plan or a ProposeResult",
+                type(out).__name__,
+                "make the fallback's propose() return prunepilot.plan.Plan",
+            )
+        return ProposeResult(plan=out, llm_calls=calls, fallback_reason=redact(reason))
+
+
+def _call_record(
+    kind: str,
+    messages: list[Message],
+    reply: LLMReply | None,
+    status: str,
+    error: str | None,
+    notes: list[str],
+    client_name: str,
+) -> dict[str, Any]:
+    """One journal-ready record per LLM call; every string passes through redact()."""
+    rec: dict[str, Any] = {
+        "kind": kind,  # propose | repair
+        "status": status,  # ok | invalid | error
+        "client": client_name,
+        "messages_hash": messages_hash(messages),
+        "messages": [{"role": m["role"], "content": redact(m["content"])} for m in messages_to_dicts(messages)],
+        "reply": redact(reply.text) if reply is not None else None,
+        "data": reply.data if reply is not None else None,
+        "model": reply.model if reply is not None else None,
+        "input_tokens": reply.input_tokens if reply is not None else 0,
+        "output_tokens": reply.output_tokens if reply is not None else 0,
+        "latency_s": round(reply.latency_s, 4) if reply is not None else 0.0,
+        "error": redact(error) if error else None,
+        "clamped": notes,
+        "meta": reply.meta if reply is not None else {},
+    }
+    return rec
