@@ -244,3 +244,43 @@ def test_keys_never_reach_the_call_records(monkeypatch):
     res = a.propose(PROFILE, BUDGET, [])
     dumped = json.dumps(res.llm_calls) + str(res.fallback_reason)
     assert secret not in dumped and "[REDACTED]" in dumped
+
+
+# The shapes prunepilot's own profile (Profile.compact) and master (history records) produce.
+COMPACT = {
+    "model": "file:resnet20.pt",
+    "dense": {"macs": 40.8e6, "params": 2.7e5},
+    "families": [
+        {"family": "layer1.*.conv1", "kind": "conv_channels", "groups": 3, "width": [16], "macs_share": 0.3,
+         "params_share": 0.05, "latency_share": 0.3, "sensitivity_z": 1.0},
+        {"family": "layer2.*.conv1", "kind": "conv_channels", "groups": 3, "width": [32], "macs_share": 0.3,
+         "params_share": 0.2, "latency_share": 0.3, "sensitivity_z": -1.0},
+    ],
+    "groups": ["layer1.0.conv1", "layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1", "layer2.1.conv1", "layer2.2.conv1"],
+    "ignored": {"fc": "output layer"},
+}
+MASTER_HISTORY = [
+    {"round": 0, "strategist": "llm:scripted", "plan": {"ratios": {"layer1.*.conv1": 0.2, "layer2.*.conv1": 0.6},
+     "rationale": "stage 2 is robust"}, "rationale": "stage 2 is robust", "fallback_reason": None, "guidance": [],
+     "projected_ratios": {"layer1.0.conv1": 0.25, "layer1.1.conv1": 0.25, "layer1.2.conv1": 0.25,
+                          "layer2.0.conv1": 0.5, "layer2.1.conv1": 0.5, "layer2.2.conv1": 0.75},
+     "metrics": {"macs": 20.3e6, "accuracy": 0.81}, "errors": {"macs": -0.004}, "within_band": True, "verdict": "best"},
+    {"round": 1, "strategist": "llm:scripted", "plan": {"ratios": {"layer1.*.conv1": 0.5}}, "rationale": "",
+     "fallback_reason": "the LLM gave no valid plan", "guidance": ["stagnation: no improvement for 3 rounds"],
+     "projected_ratios": {"layer1.0.conv1": 0.5}, "metrics": {"macs": 25e6, "accuracy": 0.7},
+     "errors": {"macs": 0.23}, "within_band": False, "verdict": "infeasible"},
+]
+
+
+def test_prunepilot_profile_and_master_history_shapes():
+    names = profile_names(COMPACT)
+    assert names.families == ["layer1.*.conv1", "layer2.*.conv1"] and len(names.groups) == 6
+    user = build_messages(COMPACT, BUDGET, MASTER_HISTORY, Plan.model_json_schema())[1].content
+    assert "layer1.*.conv1=0.25" in user and "layer2.*.conv1=0.583" in user  # per-family mean of projection
+    assert "macs -0.4%" in user and "in band" in user and "OUT of band" in user and "0.81" in user
+    assert "(-0.11 vs previous)" in user and "built-in strategist answered" in user
+    assert "stagnation: no improvement for 3 rounds" in user and "stage 2 is robust" in user
+    a, _, _ = analyst([{"ratios": {"layer2.*.conv1": 0.7, "layer1.*.conv1": 0.1}}])
+    assert a.propose(COMPACT, BUDGET, MASTER_HISTORY).fallback_reason is None
+    a, _, _ = analyst([{"ratios": {"layer3.*.conv1": 0.7}}, {"ratios": {"layer9": 1}}])
+    assert a.propose(COMPACT, BUDGET, MASTER_HISTORY).used_fallback

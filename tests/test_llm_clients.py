@@ -352,3 +352,18 @@ def test_openai_retries_5xx_then_raises_llmerror():
     c = OpenAIClient("m", sdk_client=sdk, retry=RetryPolicy(max_attempts=2), sleep=lambda s: None)
     with pytest.raises(LLMError, match="after 2 attempts"):
         c.complete(MSGS, SCHEMA)
+
+
+def test_replay_of_journal_records_reproduces_recorded_errors():
+    records = [
+        {"round": 0, "kind": "propose", "status": "error", "reply": None, "error": "HTTP 529 overloaded",
+         "messages_hash": messages_hash(MSGS)},
+        {"round": 1, "kind": "propose", "status": "ok", "reply": '{"a": 1}', "messages_hash": "not-checked"},
+    ]
+    c = factory.make_client("replay:lenient", transcripts=records)
+    with pytest.raises(LLMError, match="529"):
+        c.complete(MSGS, SCHEMA)
+    assert c.complete([Message("user", "anything")], SCHEMA).data == {"a": 1}
+    assert factory.make_client("replay", transcripts=records).strict
+    with pytest.raises(factory.AgentSpecError):
+        factory.make_client("replay:fuzzy", transcripts=records)

@@ -54,8 +54,9 @@ class Names:
 
 
 def profile_names(profile: dict) -> Names:
-    """Family, group and layer names from a compact profile. Accepts `families` as {name: info} or
-    [{"name", "groups"|"members"}], `groups` as [name], [{"name", "family"}] or {name: info}."""
+    """Family, group and layer names from a compact profile (`prunepilot.profile.Profile.compact()`:
+    families as [{"family", ...}], groups as [name]). Also accepts `families` as {name: info} or
+    [{"name", "groups"|"members"}], and `groups` as [{"name", "family"}] or {name: info}."""
     families: list[str] = []
     groups: list[str] = []
 
@@ -64,11 +65,15 @@ def profile_names(profile: dict) -> Names:
             seq.append(name)
 
     fam = profile.get("families", {})
-    fam_items = fam.items() if isinstance(fam, dict) else ((f.get("name") if isinstance(f, dict) else f, f) for f in fam)
+    fam_items = (
+        fam.items() if isinstance(fam, dict)
+        else (((f.get("name") or f.get("family")) if isinstance(f, dict) else f, f) for f in fam)
+    )
     for name, info in fam_items:
         add(families, name)
         if isinstance(info, dict):
-            for g in info.get("groups", info.get("members", [])) or []:
+            members = info.get("groups", info.get("members", []))
+            for g in members if isinstance(members, list) else []:  # prunepilot.profile gives a count here
                 add(groups, g.get("name") if isinstance(g, dict) else g)
     grp = profile.get("groups", [])
     grp_items = grp.items() if isinstance(grp, dict) else ((g.get("name") if isinstance(g, dict) else g, g) for g in grp)
@@ -155,35 +160,93 @@ def _plan_summary(plan: Any) -> str:
     return _cell("; ".join(parts) or "-")
 
 
-def history_table(history: list[dict], *, max_rows: int = 8) -> str:
+def _family_of(group: str) -> str:
+    """Same wildcarding as prunepilot.structure.family_of: layer1.0.conv1 -> layer1.*.conv1."""
+    return ".".join("*" if seg.isdigit() else seg for seg in group.split("."))
+
+
+def _projected_summary(a: dict, families: list[str]) -> str:
+    """The projector's per-group ratios, averaged per family (a long group list would swamp the prompt)."""
+    proj = a.get("projected_ratios")
+    if not isinstance(proj, dict) or not proj:
+        return _plan_summary(a.get("projected", a.get("projected_plan")))
+    known = set(families)
+    buckets: dict[str, list[float]] = {}
+    for g, r in proj.items():
+        if isinstance(r, (int, float)):
+            fam = _family_of(g)
+            buckets.setdefault(fam if fam in known else g, []).append(float(r))
+    return _cell({k: round(sum(v) / len(v), 3) for k, v in buckets.items()})
+
+
+def _accuracy(a: dict) -> Any:
+    if a.get("accuracy") is not None:
+        return a["accuracy"]
+    m = a.get("metrics") or a.get("achieved") or {}
+    return m.get("accuracy") if isinstance(m, dict) else None
+
+
+def _achieved(a: dict) -> str:
+    m = a.get("achieved", a.get("metrics")) or {}
+    parts = []
+    if isinstance(m, dict):
+        parts += [f"{k}={_fmt(v)}" for k, v in m.items() if k != "accuracy" and isinstance(v, (int, float, str))]
+    errs = a.get("errors")
+    if isinstance(errs, dict) and errs:
+        parts.append("error " + ", ".join(f"{k} {v:+.1%}" for k, v in errs.items() if isinstance(v, (int, float))))
+    if a.get("within_band") is not None:
+        parts.append("in band" if a["within_band"] else "OUT of band")
+    return _cell("; ".join(parts)) if parts else "-"
+
+
+def _auto_reflection(prev: dict | None, a: dict) -> str:
+    """A factual one-liner computed from the records when the attempt carries no reflection of its own."""
+    bits = []
+    acc, prev_acc = _accuracy(a), _accuracy(prev) if prev else None
+    if isinstance(acc, (int, float)):
+        bits.append(f"accuracy {acc:.4g}" + (f" ({acc - prev_acc:+.3g} vs previous)" if isinstance(prev_acc, (int, float)) else ""))
+    if a.get("within_band") is not None:
+        bits.append("landed in the band" if a["within_band"] else "missed the band")
+    if a.get("fallback_reason"):
+        bits.append("the built-in strategist answered because the LLM's plan was invalid")
+    if a.get("error") or a.get("verdict") == "failed":
+        bits.append(f"failed: {a.get('error', 'see journal')}")
+    return "; ".join(bits)
+
+
+def history_table(history: list[dict], *, max_rows: int = 8, families: list[str] | None = None) -> str:
     """A markdown table of the last `max_rows` attempts, then their rationales and reflections."""
     if not history:
         return "No attempts yet: this is the first round."
+    families = families or []
     rows = history[-max_rows:]
     first = len(history) - len(rows)
     lines = []
     if first:
         lines.append(f"({first} earlier attempts not shown.)")
     lines += [
-        "| # | plan (shape) | projected | achieved | accuracy | verdict |",
+        "| # | plan (shape) | projected (per family) | achieved | accuracy | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    for i, a in enumerate(rows, start=first + 1):
+    for i, a in enumerate(rows, start=first):
         n = a.get("round", a.get("index", i))
-        projected = a.get("projected", a.get("projected_plan"))
-        achieved = a.get("achieved", a.get("metrics"))
-        acc = a.get("accuracy")
+        acc = _accuracy(a)
         lines.append(
-            f"| {n} | {_plan_summary(a.get('plan'))} | {_plan_summary(projected)} | "
-            f"{_cell(achieved) if achieved else '-'} | {_cell(acc) if acc is not None else '-'} | "
-            f"{_cell(a.get('verdict', '-'))} |"
+            f"| {n} | {_plan_summary(a.get('plan'))} | {_projected_summary(a, families)} | {_achieved(a)} | "
+            f"{_cell(acc) if acc is not None else '-'} | {_cell(a.get('verdict', '-'))} |"
         )
     notes = []
-    for i, a in enumerate(rows, start=first + 1):
+    for i, a in enumerate(rows, start=first):
         n = a.get("round", a.get("index", i))
-        for key in ("rationale", "reflection"):
-            if a.get(key):
-                notes.append(f"- #{n} {key}: {_cell(a[key])}")
+        prev = history[i - 1] if i > 0 else None
+        rationale = a.get("rationale")
+        if not rationale and isinstance(a.get("plan"), dict):
+            rationale = a["plan"].get("rationale")
+        if rationale:
+            notes.append(f"- #{n} rationale: {_cell(rationale)}")
+        reflection = a.get("reflection") or _auto_reflection(prev, a)
+        if reflection:
+            notes.append(f"- #{n} reflection: {_cell(reflection)}")
     if notes:
         lines += ["", *notes]
     return "\n".join(lines)
@@ -231,7 +294,7 @@ def build_messages(profile: dict, budget: dict, history: list[dict], schema: dic
         families=_names_line(names.families),
         groups=_names_line(names.groups),
         n_attempts=len(history),
-        history=history_table(history, max_rows=max_rows),
+        history=history_table(history, max_rows=max_rows, families=names.families),
         guidance=guidance_text(history),
     )
     return [Message("system", system), Message("user", user)]

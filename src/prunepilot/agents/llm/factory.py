@@ -15,7 +15,7 @@ SPECS = (
     "openai[:MODEL]",
     "openai-compatible:MODEL (with --llm-base-url)",
     "local[:smollm2]",
-    "replay",
+    "replay[:lenient]",
     "scripted",
 )
 _DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-5", "openai": "gpt-4o", "local": "smollm2"}
@@ -48,7 +48,10 @@ def make_client(
     - openai[:MODEL]: OPENAI_API_KEY or `api_key`; with `base_url` it talks to that server instead.
     - openai-compatible:MODEL: needs `base_url` (vLLM, Ollama, llama.cpp server); key optional.
     - local[:ALIAS]: SmolLM2 in-process, schema-constrained.
-    - replay: answers from `transcripts` (the journal's recorded LLM calls), in order.
+    - replay[:lenient]: answers from `transcripts` (the journal's recorded LLM calls), in order; strict by
+      default (a prompt that differs from the recorded one raises ReplayDivergence, and the analyst falls
+      back saying so); `replay:lenient` answers in order regardless (measured numbers in the history, such as
+      latency, can differ between the recorded and the replayed run).
     - scripted: answers with `transcripts` as a list of replies (tests, demos).
     """
     kind, model = parse_spec(spec)
@@ -83,7 +86,9 @@ def make_client(
             )
         from .replay import ReplayClient
 
-        return ReplayClient(transcripts)
+        if model not in (None, "strict", "lenient"):
+            raise AgentSpecError("a replay spec is replay, replay:strict or replay:lenient", spec, "use --agent replay")
+        return ReplayClient(transcripts, strict=model != "lenient")
     from .scripted import ScriptedClient
 
     return ScriptedClient(list(transcripts or []))

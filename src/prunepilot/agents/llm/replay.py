@@ -14,8 +14,10 @@ class ReplayDivergence(LLMError):
 
 
 class ReplayClient:
-    """Replays `transcripts`: a list of {"text": reply, optional "messages_hash" | "messages", "index",
-    "model", "data", "input_tokens", "output_tokens", "latency_s"} in the order they were recorded.
+    """Replays `transcripts`: a list of {"text" | "reply": reply, optional "messages_hash" | "messages",
+    "index", "model", "data", "status", "error", "input_tokens", "output_tokens", "latency_s"} in the order
+    they were recorded (the analyst's `llm_calls` records, as the journal stores them, fit as they are).
+    A recorded call with status "error" raises LLMError again, so the replayed analyst falls back as before.
 
     When an entry carries the hash (or the messages) of the prompt it answered, the new prompt must hash the
     same; otherwise the replay stops with ReplayDivergence naming the call, instead of silently answering a
@@ -27,7 +29,7 @@ class ReplayClient:
         if entries and all("index" in e for e in entries):
             entries.sort(key=lambda e: int(e["index"]))
         for i, e in enumerate(entries):
-            if "text" not in e and "reply" not in e:
+            if "text" not in e and "reply" not in e and e.get("status") != "error":
                 raise LLMError(
                     f"replay transcript entry {i} has no reply text (keys: {sorted(e)}); "
                     "fix: pass the transcripts the journal recorded (each has 'text' or 'reply')"
@@ -59,7 +61,10 @@ class ReplayClient:
                 "fix: replay with the same inputs, or pass strict=False to answer in order regardless"
             )
         self._pos += 1
-        text = str(entry.get("text", entry.get("reply", "")))
+        if entry.get("status") == "error":  # the recorded call failed: fail the same way, so the run falls back
+            raise LLMError(f"(replayed) {entry.get('error') or 'the recorded LLM call failed'}")
+        text = entry.get("text", entry.get("reply"))
+        text = "" if text is None else str(text)
         data = entry.get("data")
         return LLMReply(
             text=text,
