@@ -367,3 +367,13 @@ def test_replay_of_journal_records_reproduces_recorded_errors():
     assert factory.make_client("replay", transcripts=records).strict
     with pytest.raises(factory.AgentSpecError):
         factory.make_client("replay:fuzzy", transcripts=records)
+
+
+def test_openai_adapts_to_reasoning_model_parameters():
+    sdk = FakeOpenAI([HTTPError(400, "Unsupported parameter: 'max_tokens'; use 'max_completion_tokens'"),
+                      HTTPError(400, "Unsupported value: 'temperature' does not support 0"), _oa_resp('{"a": 1}')])
+    c = OpenAIClient("o-model", sdk_client=sdk, sleep=lambda s: None)
+    r = c.complete(MSGS, SCHEMA)
+    assert r.data == {"a": 1} and r.meta["mode"] == "json_schema"
+    assert "max_tokens" in sdk.kwargs[0] and "max_completion_tokens" in sdk.kwargs[1]
+    assert "temperature" in sdk.kwargs[1] and "temperature" not in sdk.kwargs[2]

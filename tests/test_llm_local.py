@@ -130,3 +130,14 @@ def test_real_smollm2_analyst_gives_a_schema_valid_plan():
     assert all(0 < r <= MAX_RATIO for r in res.plan.ratios.values())
     assert res.plan.rationale  # the model explained itself (content not judged)
     assert call["model"] == "local:smollm2" and call["output_tokens"] > 10
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error():
+    def small_ctx():
+        model, tok = tiny_loader()()
+        model.config.max_position_embeddings = 64
+        return model, tok
+
+    client = LocalClient("tiny", loader=small_ctx, max_new_tokens=32)
+    with pytest.raises(LLMError, match="exceeds the local model's context"):
+        client.complete([Message("user", "x" * 100)], narrow_schema(NAMES))

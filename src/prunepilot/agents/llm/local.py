@@ -180,6 +180,13 @@ class LocalClient:
         parser.config.force_json_field_order = True
         parser.config.max_consecutive_whitespaces = self.max_whitespace
         prompt = self._prompt_ids(messages)
+        context = int(getattr(self._model.config, "max_position_embeddings", 0) or 0)
+        if context and len(prompt) + self.max_new_tokens > context:
+            raise LLMError(
+                f"the prompt ({len(prompt)} tokens) plus {self.max_new_tokens} new tokens exceeds the local "
+                f"model's context of {context} tokens; fix: use a remote backend (--agent anthropic/openai) for "
+                "models with this many groups, or fewer history rows"
+            )
         eos = self._tok.eos_token_id
         out: list[int] = []
         t0 = time.perf_counter()

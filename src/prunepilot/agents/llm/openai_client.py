@@ -28,7 +28,7 @@ class OpenAIClient:
         base_url: str | None = None,
         api_key: str | None = None,
         max_tokens: int = 2048,
-        temperature: float = 0.0,
+        temperature: float | None = 0.0,
         mode: str = "json_schema",
         retry: RetryPolicy = RetryPolicy(),
         sleep: Callable[[float], Any] = time.sleep,
@@ -42,6 +42,7 @@ class OpenAIClient:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.mode = mode
+        self._use_completion_tokens = False
         self.retry = retry
         self._sleep = sleep
         self._rng = random.Random(0)
@@ -76,9 +77,10 @@ class OpenAIClient:
         t0 = time.perf_counter()
         downgrades: list[str] = []
         while True:
-            kwargs: dict[str, Any] = dict(
-                model=self.model, messages=msgs, temperature=self.temperature, max_tokens=self.max_tokens
-            )
+            kwargs: dict[str, Any] = dict(model=self.model, messages=msgs)
+            kwargs["max_completion_tokens" if self._use_completion_tokens else "max_tokens"] = self.max_tokens
+            if self.temperature is not None:
+                kwargs["temperature"] = self.temperature
             fmt = self._response_format(self.mode, schema)
             if fmt is not None:
                 kwargs["response_format"] = fmt
@@ -93,6 +95,16 @@ class OpenAIClient:
                 )
                 break
             except LLMRequestError as exc:
+                text = str(exc).lower()
+                # Reasoning models refuse `max_tokens` (want max_completion_tokens) and a temperature of 0.
+                if exc.status in (400, 422) and "max_tokens" in text and not self._use_completion_tokens:
+                    self._use_completion_tokens = True
+                    downgrades.append("max_tokens -> max_completion_tokens")
+                    continue
+                if exc.status in (400, 422) and "temperature" in text and self.temperature is not None:
+                    self.temperature = None
+                    downgrades.append("temperature dropped")
+                    continue
                 # 400/422 with a response_format: the server does not support it; try the next weaker mode.
                 if exc.status in (400, 422) and self.mode != "plain":
                     downgrades.append(f"{self.mode}: {str(exc)[:120]}")
