@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ...errors import require
+from ...errors import PrunepilotError, require
 from .base import LLMError, LLMReply, Message
 from .parsing import extract_json
 
@@ -158,6 +158,13 @@ class LocalClient:
             torch.set_num_threads(self.threads)
         try:
             return self._complete(messages, schema)
+        except (LLMError, PrunepilotError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a decoding failure must cost one round, not the whole run
+            raise LLMError(
+                f"local decoding failed: {type(exc).__name__}: {str(exc)[:300]}; "
+                "fix: report this with the run's journal, or use --agent sensitivity meanwhile"
+            ) from exc
         finally:
             torch.set_num_threads(previous)
 
