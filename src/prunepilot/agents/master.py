@@ -42,7 +42,10 @@ class Evaluator:
         from ..evaluate.classification import dense_logits
 
         self.data, self.dense, self.cfg = data, dense, cfg
-        self.val = data.loader("val", batch_size=256, limit=cfg.eval_limit, shuffle=False, seed=cfg.seed)
+        # Scoring sets are materialised once: every candidate sees the same tensors, and no per-item
+        # decoding is paid again for each of the dozens of candidates a search scores.
+        self.val = _materialise(data.loader("val", batch_size=256, limit=cfg.eval_limit, shuffle=False, seed=cfg.seed))
+        self.calib = _materialise(data.loader("train", batch_size=cfg.batch_size, limit=cfg.bn_batches * cfg.batch_size, seed=cfg.seed))
         self.train = data.loader("train", batch_size=cfg.batch_size, seed=cfg.seed)
         self.dense_logits = dense_logits(dense, self.val)
 
@@ -50,7 +53,7 @@ class Evaluator:
         from ..evaluate.classification import has_batchnorm, recalibrate_batchnorm
 
         if has_batchnorm(model):
-            recalibrate_batchnorm(model, self.train, num_batches=self.cfg.bn_batches)
+            recalibrate_batchnorm(model, self.calib, num_batches=self.cfg.bn_batches)
 
     def score(self, model: nn.Module, steps: int) -> dict[str, float]:
         from ..engines.recover import finetune
@@ -65,6 +68,10 @@ class Evaluator:
         fid = fidelity(model, self.dense_logits, self.val)
         out["fidelity_agreement"], out["fidelity_kl"] = fid["agreement"], fid["kl"]
         return out
+
+
+def _materialise(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x, y) for x, y in loader]
 
 
 def measure_sensitivity(pruner: Pruner, evaluator: Evaluator, ratio: float = 0.4) -> dict[str, float]:
