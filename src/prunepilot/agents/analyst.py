@@ -284,12 +284,40 @@ def display_schema(schema: Any) -> Any:
     return schema
 
 
+def profile_text(profile: dict) -> str:
+    """The compact profile as the prompt shows it: scalars as one JSON line, families as a table (about half
+    the tokens of the JSON, and easier to compare row by row). Group names are listed under "Names"."""
+    compact = dict(separators=(",", ":"), ensure_ascii=False, default=str)
+    rest = {k: v for k, v in profile.items() if k not in ("families", "groups")}
+    lines = [json.dumps(rest, **compact)] if rest else []
+    fam = profile.get("families") or []
+    rows: list[dict[str, Any]] = []
+    if isinstance(fam, dict):
+        rows = [{"family": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in fam.items()]
+    else:
+        rows = [({"family": f.get("family", f.get("name")), **{k: v for k, v in f.items() if k not in ("family", "name")}}
+                 if isinstance(f, dict) else {"family": f}) for f in fam]
+    if rows:
+        cols: list[str] = []
+        for r in rows:
+            cols += [k for k in r if k not in cols]
+
+        def cell(v: Any) -> str:
+            if isinstance(v, list):
+                return str(len(v)) if v and isinstance(v[0], (str, dict)) else "/".join(_fmt(x) for x in v)
+            return _fmt(v).replace("|", "/")
+
+        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def build_messages(profile: dict, budget: dict, history: list[dict], schema: dict[str, Any], *, max_rows: int = 8) -> list[Message]:
     names = profile_names(profile)
     compact = dict(separators=(",", ":"), ensure_ascii=False, default=str)
     system = _template("system.md").substitute(schema=json.dumps(display_schema(schema), **compact))
     user = _template("user.md").substitute(
-        profile=json.dumps(profile, **compact),
+        profile=profile_text(profile),
         budget=json.dumps(budget, **compact),
         families=_names_line(names.families),
         groups=_names_line(names.groups),
