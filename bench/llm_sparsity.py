@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--step", type=float, default=0.1)
     ap.add_argument("--llm-iters", type=int, default=6)
     ap.add_argument("--out", default="bench/results/llm_sparsity.json")
+    ap.add_argument("--no-dense-eval", action="store_true", help="skip the dense perplexity (another process measures it)")
     args = ap.parse_args()
     out = Path(args.out)
     t_all = time.perf_counter()
@@ -92,30 +93,37 @@ def main() -> None:
     }
 
     t0 = time.perf_counter()
-    dense_nll = mean_nll(model, evalb)
     facts = knowledge_targets(model, tok)
-    report["dense"] = {"perplexity": math.exp(dense_nll), "knowledge": knowledge_retention(model, tok, facts),
-                       "eval_s": time.perf_counter() - t0}
+    if not args.no_dense_eval:
+        dense_nll = mean_nll(model, evalb)
+        report["dense"] = {"perplexity": math.exp(dense_nll), "knowledge": knowledge_retention(model, tok, facts),
+                           "eval_s": time.perf_counter() - t0}
+        log(f"dense ppl {report['dense']['perplexity']:.2f} ({report['dense']['eval_s']:.0f}s)")
     dense_copy = __import__("copy").deepcopy(model)
-    log(f"dense ppl {report['dense']['perplexity']:.2f} ({report['dense']['eval_s']:.0f}s)")
     write_json_atomic(out, report)
+    bank: Any = None
+    profile: Any = None
 
-    t0 = time.perf_counter()
-    norms = activation_norms(model, calib)
-    grads = gradient_importance(model, calib[:2, :256], 1)
-    bank = WandaBank(model, infos, norms)
-    profile = build_profile(lm.name, 0.5, infos, bank, grads, 3)
-    report["profile_s"] = time.perf_counter() - t0
-    log(f"profile {report['profile_s']:.0f}s")
+    def need_profile() -> None:
+        nonlocal bank, profile
+        if profile is not None:
+            return
+        t0 = time.perf_counter()
+        norms = activation_norms(model, calib)
+        grads = gradient_importance(model, calib[:2, :256], 1)
+        bank = WandaBank(model, infos, norms)
+        profile = build_profile(lm.name, 0.5, infos, bank, grads, 3)
+        report["profile_s"] = time.perf_counter() - t0
+        log(f"profile {report['profile_s']:.0f}s")
     agent_counts: dict[str, int] | None = None
     agent_info: dict[str, Any] = {}
 
     def restore() -> None:
-        bank.restore()
         with torch.no_grad():
             for i in infos:
                 mods[i.name].weight.copy_(dense_w[i.name])
-        bank.applied = {n: 0 for n in bank.applied}
+        if bank is not None:
+            bank.applied = {n: 0 for n in bank.applied}
 
     for name in [v for v in args.variants.split(",") if v]:
         sparsity, method, alloc = VARIANTS[name]
@@ -127,12 +135,14 @@ def main() -> None:
             if nm is not None or alloc == "uniform":
                 counts = project({}, infos, target)
             elif alloc == "owl":
+                need_profile()
                 ctx = StepContext(profile, infos, bank.curve, target, target, {i.name: 0.0 for i in infos})
                 counts = project(resolve(OWLStrategist().propose(ctx), infos, profile.groups, {}), infos, target)
             elif alloc == "agent" and agent_counts is not None:
                 counts = agent_counts
                 info.update(agent_info, reused_allocation_from="agent50")
             else:
+                need_profile()
                 strategist: Any = SensitivityStrategist()
                 calls: list[dict[str, Any]] = []
                 max_iters = 24
