@@ -299,3 +299,11 @@ def test_layer_rows_reuse_external_times(tiny: nn.Module) -> None:
     assert by["fc1"]["latency_share"] == pytest.approx(0.75) and by["head"]["latency_ms"] == 0.0
     with pytest.raises(PlanError, match="example input"):
         layer_rows(tiny)
+
+
+def test_why_not_explains_unselected_layers(tiny: nn.Module) -> None:
+    rep = quantize_(copy.deepcopy(tiny), {"fc1": "int8_dynamic"}, measure_size=False,
+                    why_not={"fc2": "coverage 95% already reached"})
+    reasons = {d.name: d.reason for d in rep.skipped}
+    assert reasons["fc2"] == "not selected: coverage 95% already reached"
+    assert reasons["head"] == "not selected by the plan"

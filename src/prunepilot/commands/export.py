@@ -146,7 +146,7 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, "--data", help="Verify on real inputs: fashion-mnist[:DIR], imagefolder:DIR, hf:NAME (default: random inputs)."),
         samples: int = typer.Option(64, "--samples", help="Inputs used for verification."),
         input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape if the run does not record it, e.g. 1,3,224,224."),
-        trust: bool = typer.Option(False, "--trust", help="Allow loading model.pt (a pickled module that can run code) from a folder prunepilot did not write. Folders with a prunepilot result.json load without it; model.pt2 (torch.export) never needs it."),
+        trust: bool = typer.Option(False, "--trust", help="Allow loading model.pt (a pickled module that can run code) from a folder prunepilot did not write. Folders holding a prunepilot result.json load without it (that file can be copied, so only export run folders you created); model.pt2 (torch.export) never needs it."),
     ) -> None:
         """Export the model of a run folder to ONNX (dynamo exporter, legacy fallback), optionally with an
         ONNX Runtime int8 copy, and verify both against the PyTorch model. Loads model.pt2 when present;
