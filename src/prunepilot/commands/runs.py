@@ -90,4 +90,6 @@ def register(app: typer.Typer) -> None:
         c["out"] = str(new_out)
         new_id = nj.start_run("prune", c, new_out)
         console.print(f"replaying {len(calls)} LLM calls into {new_id}")
-        _continue(new_id, new_journal, calls, "replay")
+        # lenient: measured numbers in the history (latency, accuracy) never repeat bit for bit, so replay
+        # answers in recorded order instead of refusing on a prompt hash mismatch
+        _continue(new_id, new_journal, calls, "replay:lenient")
