@@ -141,9 +141,7 @@ class Master:
         """Continue the loop from whatever the journal already holds; return the best attempt."""
         t0 = time.perf_counter()
         profile = self.pruner.profile.compact()
-        history = self.journal.attempts(self.run_id)
-        for attempt in history:  # a resumed run rebuilds its best model from the journal's plans, no re-search
-            pass
+        history = self.journal.attempts(self.run_id)  # non-empty when resuming: those rounds are not redone
         while len(history) < self.cfg.rounds:
             if self.cfg.wall_time_s and time.perf_counter() - t0 > self.cfg.wall_time_s:
                 self.log("stopping: wall-time budget spent")
@@ -172,9 +170,10 @@ class Master:
     def _round(self, rnd: int, profile: dict, history: list[dict]) -> dict:
         t = time.perf_counter()
         guidance = divergence_guidance(history)
-        for h in history:
-            h.setdefault("guidance", [])
-        hist_for_agent = [dict(h, guidance=guidance if i == len(history) - 1 else h.get("guidance", [])) for i, h in enumerate(history)]
+        # the monitor's findings ride on the latest attempt, where the analyst reads them
+        hist_for_agent = [dict(h) for h in history]
+        if hist_for_agent:
+            hist_for_agent[-1]["guidance"] = guidance
         result = self.strategist.propose(profile, self.budget_json(), hist_for_agent, seed=self.cfg.seed)
         plan: Plan = getattr(result, "plan", result)
         llm_calls = getattr(result, "llm_calls", []) or []

@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="Model URI: torchvision:NAME, timm:NAME, file:PATH, py:module:function."),
         target_macs: Optional[str] = typer.Option(None, "--target-macs", help="MACs target: absolute (1.77G) or relative (45%)."),
         target_params: Optional[str] = typer.Option(None, "--target-params", help="Parameter target: absolute (10M) or relative (60%)."),
+        target_latency: Optional[str] = typer.Option(None, "--target-latency", help="CPU latency target measured on this machine: absolute (20ms) or relative (50%); bracketed with real measurements."),
         tolerance: str = typer.Option("+1%/-5%", "--tolerance", help="Band around each target: +OVER%/-UNDER%."),
         out: Path = typer.Option(Path("runs/prune"), "--out", help="Output folder (model, plan.json, result.json, summary.md)."),
         plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON (its ratios are a shape; the projector rescales them)."),
@@ -60,11 +61,16 @@ def register(app: typer.Typer) -> None:
         then a final fine-tune, test accuracy, export and report. Every run is journaled in OUT/journal.sqlite."""
         from ..pipeline import run_prune
 
-        budget = Budget.parse(tolerance=tolerance, macs=target_macs, params=target_params)
+        budget = Budget.parse(tolerance=tolerance, macs=target_macs, params=target_params, latency_ms=target_latency)
         plan = load_plan(plan_file, importance=importance, round_to=None if round_to == 1 else round_to,
                          prune_heads=prune_heads or None, protected=list(protect) or None)
         loaded = load(model, weights, trust, input_shape, state_dict)
-        if data is not None:
+        if target_latency is not None:
+            from ..joint import run_compress
+
+            # a measured target: bracket the pruning amount with real timings (no quantization)
+            result = run_compress(loaded, budget, out, data_spec=data, plan=plan, quant_options=("none",), log=console.print)
+        elif data is not None:
             from ..agents.master import SearchConfig
             from ..search import run_search
 
@@ -72,6 +78,9 @@ def register(app: typer.Typer) -> None:
             result = run_search(loaded, budget, data, out, agent=agent, cfg=cfg, finetune_epochs=finetune_epochs, kd=kd,
                                 base_url=llm_base_url, log=console.print)
         else:
+            if agent != "auto":
+                console.print("[yellow]note:[/] without --data there is nothing to score candidates with, so one "
+                              "projected plan is applied and --agent is not used")
             with console.status("profiling, projecting, pruning, measuring"):
                 result = run_prune(loaded, budget, plan, out)
             from ..search import render
