@@ -343,7 +343,7 @@ def select_layers_auto(
     profile_rows: Iterable[Mapping[str, Any]],
     *,
     scheme: Scheme = "int8_dynamic",
-    coverage: float = 0.95,
+    coverage: float = 0.99,
     min_params: int = 16_384,
     kinds: Sequence[str] = ("Linear", "NonDynamicallyQuantizableLinear"),
     protect: Sequence[str] = (),
