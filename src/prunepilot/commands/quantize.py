@@ -12,7 +12,7 @@ import torch
 import typer
 from torch import nn
 
-from ..errors import PlanError, PrunepilotError
+from ..errors import PlanError
 from ..results import build_result, write_json_atomic, write_text_atomic
 from .common import ShapeOpt, StateDictOpt, TrustOpt, WeightsOpt, console, load
 
@@ -237,11 +237,8 @@ def register(app: typer.Typer) -> None:
         """Dynamic int8 post-training quantization of selected layers; dense and quantized are timed side by
         side in this process. Every weight layer is reported as quantized or skipped with its reason."""
         loaded = load(model, weights, trust, input_shape, state_dict)
-        try:
-            result = run_quantize(loaded, out=out, layers=layers, backend=backend, scheme=scheme, plan_file=plan_file,
-                                  data=data, data_limit=data_limit, rounds=rounds, compile_=compile_)
-        except PrunepilotError:
-            raise
+        result = run_quantize(loaded, out=out, layers=layers, backend=backend, scheme=scheme, plan_file=plan_file,
+                              data=data, data_limit=data_limit, rounds=rounds, compile_=compile_)
         d, c = result["dense"], result["compressed"]
         console.print(f"[bold]{model}[/] {backend}: size {d['size_mb']:.1f} -> {c['size_mb']:.1f} MB "
                       f"(−{result['size_reduction']:.1%}), latency {d['latency_ms']:.1f} -> {c['latency_ms']:.1f} ms "
