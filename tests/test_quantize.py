@@ -307,3 +307,19 @@ def test_why_not_explains_unselected_layers(tiny: nn.Module) -> None:
     reasons = {d.name: d.reason for d in rep.skipped}
     assert reasons["fc2"] == "not selected: coverage 95% already reached"
     assert reasons["head"] == "not selected by the plan"
+
+
+def test_run_quantize_takes_the_plan_quantize_map(tmp_path) -> None:
+    import json
+
+    from prunepilot.commands.quantize import run_quantize
+    from prunepilot.plan import Plan
+
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(Plan(quantize={"re:^[02]$": "int8_dynamic"}).model_dump_json())
+    run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path / "run", plan_file=plan_path, rounds=1)
+    rep = json.loads((tmp_path / "run" / "quantization.json").read_text())
+    assert sorted(q["name"] for q in rep["quantized"]) == ["0", "2"]
+    plan_path.write_text(Plan().model_dump_json())
+    with pytest.raises(PlanError, match="empty 'quantize' map"):
+        run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path / "run2", plan_file=plan_path, rounds=1)
