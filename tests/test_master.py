@@ -191,3 +191,26 @@ def test_llm_rounds_are_journaled_and_replayable(tmp_path, pruner, bundle):
     a1 = [a["plan"] for a in j1.attempts(r1)]
     a2 = [a["plan"] for a in j2.attempts(r2)]
     assert a1 == a2 and a1[0]["rationale"] == "r0.2"
+
+
+@pytest.mark.slow
+def test_real_local_analyst_drives_the_loop(tmp_path, pruner, bundle):
+    """End to end with the real SmolLM2 analyst (schema-constrained, in-process): its plan is projected,
+    applied and scored, and the call is journaled."""
+    from prunepilot.agents.llm.factory import local_available
+    from prunepilot.search import make_strategist
+
+    if not local_available():
+        pytest.skip("local LLM backend not installed")
+    strategist, spec = make_strategist("local")
+    cfg = SearchConfig(rounds=1, finetune_steps=0, eval_limit=64, bn_batches=1, batch_size=32)
+    journal = Journal(tmp_path / "j.sqlite")
+    run_id = journal.start_run("prune", {}, tmp_path)
+    best = Master(pruner, _budget(pruner), strategist, Evaluator(bundle, pruner.dense, cfg), journal, run_id, tmp_path, cfg,
+                  log=lambda s: None).run()
+    (attempt,) = journal.attempts(run_id)
+    calls = journal.llm_calls(run_id)
+    assert calls and calls[0]["model"]
+    assert attempt["within_band"] and best is not None
+    if attempt["fallback_reason"] is None:
+        assert calls[0]["status"] == "ok"
