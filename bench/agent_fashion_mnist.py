@@ -117,7 +117,20 @@ def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root:
     return row
 
 
+def merge(paths: list[str], out: str) -> None:
+    """Combine shards run in parallel (one process per seed) into one result with a joint summary."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for p in parts for r in p["rows"]]
+    merged = {**parts[0], "rows": rows, "summary": summarise(rows), "shards": paths,
+              "command": "python bench/agent_fashion_mnist.py --merge " + " ".join(paths)}
+    write_json_atomic(Path(out), merged)
+    print(json.dumps(merged["summary"], indent=1))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--merge"]:
+        merge(sys.argv[2:], "bench/results/agent_fashion_mnist.json")
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--arms", default="uniform,grid,tp_global,sensitivity,optuna,local")
     ap.add_argument("--targets", default="50%,30%")
