@@ -67,8 +67,11 @@ def main() -> None:
     ap.add_argument("--llm-iters", type=int, default=6)
     ap.add_argument("--out", default="bench/results/llm_sparsity.json")
     ap.add_argument("--no-dense-eval", action="store_true", help="skip the dense perplexity (another process measures it)")
+    ap.add_argument("--merge", nargs="+", help="fold these result files (same protocol) into --out and exit")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.merge:
+        return merge([Path(p) for p in args.merge], out)
     t_all = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -195,6 +198,24 @@ def main() -> None:
         log(f"{name}: ppl {info.get('perplexity', float('nan')):.2f} sparsity {info.get('achieved_sparsity', 0):.4f} "
             f"compress {info.get('compress_s', 0):.0f}s {info.get('error', '')}")
     log("done")
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """Combine runs made in parallel processes with the same protocol (dense numbers from whichever has them)."""
+    runs = [json.loads(p.read_text()) for p in paths if p.is_file()]
+    merged = dict(runs[0])
+    merged["variants"], merged["merged_from"] = {}, [str(p) for p in paths if p.is_file()]
+    for r in runs:
+        if r["protocol"]["eval_tokens"] != runs[0]["protocol"]["eval_tokens"]:
+            raise SystemExit(f"protocol mismatch in {r}")
+        merged.setdefault("dense", r.get("dense"))
+        if "dense" in r:
+            merged["dense"] = r["dense"]
+        merged["variants"].update(r["variants"])
+    d = merged.get("dense", {}).get("perplexity")
+    if d:
+        merged["degradation"] = {k: v["perplexity"] / d - 1 for k, v in merged["variants"].items() if "perplexity" in v}
+    write_json_atomic(out, merged)
 
 
 def _by_kind(achieved: dict[str, float]) -> dict[str, float]:

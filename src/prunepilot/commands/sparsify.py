@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         seqlen: int = typer.Option(512, "--seqlen", help="Calibration sequence length."),
         eval_seqs: int = typer.Option(16, "--eval-seqs", help="Evaluation sequences."),
         eval_seqlen: int = typer.Option(1024, "--eval-seqlen", help="Evaluation sequence length."),
+        probe_seqs: int = typer.Option(4, "--probe-seqs", help="Probe sequences (held-out calibration text) measured each iteration."),
+        probe_seqlen: int = typer.Option(256, "--probe-seqlen", help="Probe sequence length."),
         bands: int = typer.Option(3, "--bands", help="Depth bands per layer kind (groups the analyst allocates)."),
         llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="Base URL of an OpenAI-compatible server."),
         out: Path = typer.Option(Path("runs/sparsify"), "--out", help="Output folder."),
@@ -52,7 +54,7 @@ def register(app: typer.Typer) -> None:
         cfg = SparsifyConfig(model=model, sparsity=sparsity, method=method, agent=agent, calib=calib,
                              eval=eval_text, rollback_threshold=_fraction(rollback_threshold), step=step,
                              calib_seqs=calib_seqs, calib_seqlen=seqlen, eval_seqs=eval_seqs,
-                             eval_seqlen=eval_seqlen, bands=bands, llm_base_url=llm_base_url, export=not no_export)
+                             eval_seqlen=eval_seqlen, probe_seqs=probe_seqs, probe_seqlen=probe_seqlen, bands=bands, llm_base_url=llm_base_url, export=not no_export)
         result = run_sparsify(cfg, out, say=lambda s: console.print(s))
         d, c = result["dense"], result["compressed"]
         console.print(f"[bold]perplexity[/] {d['perplexity']:.2f} -> {c['perplexity']:.2f}; sparsity "

@@ -121,6 +121,6 @@ class LLMSparsityAnalyst:
             return plan
         self.fallbacks += 1
         plan = self.fallback.propose(ctx)
-        plan.rationale = f"LLM reply unusable after one repair ({'; '.join(problems)}); {self.fallback.name} decided: {plan.rationale}"
+        plan.rationale = f"LLM answer unusable ({'; '.join(problems)}); {self.fallback.name} decided: {plan.rationale}"
         plan.source = f"{self.fallback.name} (fallback from {self.name})"
         return plan

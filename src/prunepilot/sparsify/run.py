@@ -264,7 +264,8 @@ def summary_markdown(result: dict[str, Any], per_layer: dict[str, float], attemp
         "| | dense | compressed |", "|---|---|---|",
         f"| perplexity | {d['perplexity']:.2f} | {c['perplexity']:.2f} |",
         f"| sparsity (parameter-weighted) | 0 | {c['sparsity']:.4f} |",
-        f"| knowledge retained | {d['knowledge']['facts']} facts | {c['knowledge']['retained']:.0%} |",
+        f"| knowledge retained | {d['knowledge']['facts']} facts | "
+        + (f"{c['knowledge']['retained']:.0%} |" if d["knowledge"]["facts"] else "n/a (no confident facts) |"),
     ]
     if "fidelity" in c:
         lines.append(f"| top-1 agreement / KL | 1 / 0 | {c['fidelity']['top1_agreement']:.3f} / {c['fidelity']['kl']:.4f} |")
