@@ -41,7 +41,7 @@ CASES = [
 ]
 
 
-def run_case(uri: str, target: str, round_to: int | None, rounds: int, prune_heads: bool = False) -> dict:
+def run_case(uri: str, target: str, round_to: int | None, rounds: int, prune_heads: bool = False, threads: int | None = None) -> dict:
     warnings.simplefilter("ignore")
     loaded = load_model(uri)
     model, x = loaded.module, loaded.example_input
@@ -55,7 +55,7 @@ def run_case(uri: str, target: str, round_to: int | None, rounds: int, prune_hea
     pruned = apply_allocation(copy.deepcopy(model), x, structure, proj.allocation)
     real = count_real(pruned, x)
     err = rb.error("macs", real["macs"])
-    lat = compare_latency({"dense": model, "pruned": pruned}, x, rounds=rounds, warmup=2)
+    lat = compare_latency({"dense": model, "pruned": pruned}, x, rounds=rounds, warmup=2, threads=threads)
     speedup = lat["dense"].median_ms / lat["pruned"].median_ms
     ideal = cost.dense_macs / real["macs"]
     return {
@@ -79,6 +79,7 @@ def run_case(uri: str, target: str, round_to: int | None, rounds: int, prune_hea
         "speedup": speedup,
         "ideal_speedup": ideal,
         "speedup_over_ideal": speedup / ideal,
+        "threads": lat["dense"].threads,
     }
 
 
@@ -86,25 +87,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="ResNet-50 and DeiT-Tiny only")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads for latency (default: torch's)")
+    ap.add_argument("--rounding-only", action="store_true", help="only the ResNet-50 channel-rounding latency study")
     ap.add_argument("--out", default="bench/results/mac_targets.json")
     args = ap.parse_args()
     rows = []
-    cases = CASES[:1] + CASES[3:4] if args.quick else CASES
+    cases = [] if args.rounding_only else (CASES[:1] + CASES[3:4] if args.quick else CASES)
     for uri, target, source in cases:
-        row = run_case(uri, target, 8, args.rounds)
+        row = run_case(uri, target, 8, args.rounds, threads=args.threads)
         row["target_source"] = source
         rows.append(row)
         print(f"{uri:32s} {target:>6s} err {row['error']:+.3%} band {row['within_band']} "
               f"proj {row['projection_seconds']:.2f}s speed-up {row['speedup']:.2f}x / ideal {row['ideal_speedup']:.2f}x", flush=True)
     rounding = []
     for rt in (None, 8, 16):
-        row = run_case("torchvision:resnet50", "1.77G", rt, args.rounds)
+        row = run_case("torchvision:resnet50", "1.77G", rt, args.rounds, threads=args.threads)
         rounding.append(row)
         print(f"resnet50 round_to={rt}: err {row['error']:+.3%} speed-up {row['speedup']:.2f}x / ideal {row['ideal_speedup']:.2f}x", flush=True)
     out = {"environment": environment(), "rounds": args.rounds, "targets": rows, "resnet50_rounding": rounding,
            "command": "python " + " ".join(sys.argv)}
     write_json_atomic(Path(args.out), out)
     print(json.dumps({"all_within_half_percent": all(r["within_half_percent"] for r in rows)}))
+
 
 
 if __name__ == "__main__":
