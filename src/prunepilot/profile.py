@@ -84,9 +84,10 @@ class Profile:
 
 
 def model_size_mb(model: nn.Module) -> float:
-    """Bytes of parameters and buffers (what a state_dict holds)."""
-    n = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
-    return n / 2**20
+    """Serialized state_dict bytes (packed int8 weights of quantized layers included)."""
+    from .evaluate.memory import state_dict_bytes
+
+    return state_dict_bytes(model) / 2**20
 
 
 @torch.inference_mode()
