@@ -110,7 +110,6 @@ def run_search(
         within_band_rate=len(within) / max(1, len(history)),
         speedup=dense_block["latency_ms"] / comp_block["latency_ms"], ideal_speedup=dense_block["macs"] / comp_block["macs"],
         widths=_widths(model, pruner),
-        projection={"iterations": sum(1 for _ in history), "seconds": None},
         skipped=pruner.profile.ignored, export=export, recovery={"final_epochs": finetune_epochs, "kd": kd, "in_loop_steps": cfg.finetune_steps},
         run_id=run_id, seconds=time.perf_counter() - t0,
     )
