@@ -16,12 +16,6 @@ from prunepilot.models import build, resnet20, resnet56
 from prunepilot.models.baseline import baseline_paths, cache_slot, get_or_train_baseline, load_baseline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_shapes_and_cost() -> None:

@@ -21,13 +21,6 @@ from prunepilot.evaluate.classification import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded; on a busy 2-core box 2 threads were ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Fixed(nn.Module):

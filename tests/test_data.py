@@ -14,13 +14,6 @@ from prunepilot.errors import MissingDependency, SourceError
 from prunepilot.sources.data import FASHION_MNIST_DIR, Normalization, load_data, read_idx, subsample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded; on a busy 2-core box 2 threads were ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:

@@ -14,13 +14,6 @@ from prunepilot.errors import PrunepilotError
 from prunepilot.evaluate.classification import top1_accuracy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded; on a busy 2-core box 2 threads were ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _problem(n: int = 256, seed: int = 0) -> TensorDataset:

@@ -110,8 +110,8 @@ def build_cost_model(model: nn.Module, example_input: torch.Tensor, structure: S
                       attn=(group, tokens.get(n, 1), m.qkv.in_features, q0, int(m.num_heads), m.qkv.bias is not None))
             )
             # sanity: if our formula disagrees with the counter (other attention variant), scale instead
-            calc = CostModel._eval(mac_terms[-1], {}, {}) * 1.0
-            if flops and abs(calc - flops / 1) / flops > 0.02:
+            calc = CostModel._eval(mac_terms[-1], {}, {})
+            if flops and abs(calc - flops) / flops > 0.02:
                 mac_terms[-1] = _Term(flops, "bilinear", qd.in_groups, qd.out_groups, qd.in_dim, qd.out_dim)
             last_out = (d.out_groups, d.out_dim)
             continue

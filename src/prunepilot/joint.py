@@ -22,7 +22,7 @@ from .engines.quantize import layer_rows, quantize_, select_layers_auto
 from .evaluate.measured_budget import bracket_measured_target
 from .evaluate.memory import peak_activation_bytes, state_dict_bytes
 from .evaluate.speed import compare_latency, measure_latency
-from .pipeline import Pruner, count_real, save_model, summary_markdown
+from .pipeline import Pruner, count_real, summary_markdown
 from .plan import Plan
 from .profile import model_size_mb
 from .results import build_result, write_json_atomic, write_text_atomic

@@ -13,15 +13,13 @@ import torch
 from torch import nn
 
 from .budget import Budget, ResolvedBudget, format_metric
-from .costmodel import CostModel
-from .engines.structured import Allocation, apply_allocation, verify_runs
+from .engines.structured import apply_allocation, verify_runs
 from .evaluate.speed import compare_latency
 from .plan import Plan
-from .profile import Profile, build_profile, model_size_mb
+from .profile import build_profile, model_size_mb
 from .projector import STATIC_METRICS, Projection, Projector
 from .results import build_result, write_json_atomic, write_text_atomic
 from .sources.models import LoadedModel
-from .structure import Structure
 
 
 def count_real(model: nn.Module, example_input: torch.Tensor) -> dict[str, float]:
