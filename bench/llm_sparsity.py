@@ -28,7 +28,7 @@ from prunepilot.results import environment, write_json_atomic
 from prunepilot.sources.llm import load_causal_lm
 from prunepilot.sources.text import load_split, token_blocks
 from prunepilot.sparsify.calibrate import activation_norms, gradient_importance, linear_layers, sequential_sparsify
-from prunepilot.sparsify.loop import LoopConfig, probe_groups, run_loop
+from prunepilot.sparsify.loop import LoopConfig, Probe, probe_costs, run_loop
 from prunepilot.sparsify.plan import project, resolve
 from prunepilot.sparsify.profile import WandaBank, build_profile
 from prunepilot.sparsify.strategies import OWLStrategist, SensitivityStrategist, StepContext, UniformStrategist
@@ -64,7 +64,8 @@ def main() -> None:
     ap.add_argument("--probe-seqlen", type=int, default=256)
     ap.add_argument("--threshold", type=float, default=0.15)
     ap.add_argument("--step", type=float, default=0.1)
-    ap.add_argument("--llm-iters", type=int, default=6)
+    ap.add_argument("--refine-iters", type=int, default=8)
+    ap.add_argument("--llm-iters", type=int, default=6, help="ramp iterations at most for the LLM arm")
     ap.add_argument("--out", default="bench/results/llm_sparsity.json")
     ap.add_argument("--no-dense-eval", action="store_true", help="skip the dense perplexity (another process measures it)")
     ap.add_argument("--merge", nargs="+", help="fold these result files (same protocol) into --out and exit")
@@ -106,12 +107,14 @@ def main() -> None:
     write_json_atomic(out, report)
     bank: Any = None
     profile: Any = None
+    probe_set: Any = None
 
     def need_profile() -> None:
-        nonlocal bank, profile
+        nonlocal bank, profile, probe_set
         if profile is not None:
             return
         t0 = time.perf_counter()
+        probe_set = Probe(model, probe)
         norms = activation_norms(model, calib)
         grads = gradient_importance(model, calib[:2, :256], 1)
         bank = WandaBank(model, infos, norms)
@@ -157,18 +160,20 @@ def main() -> None:
                     max_iters = args.llm_iters
                 tp = time.perf_counter()
                 if not profile.group_probe:
-                    probe_groups(model, bank, infos, profile, probe, target)
+                    probe_costs(model, bank, infos, profile, probe_set, target)
                 probe_s = time.perf_counter() - tp
                 rows: list[dict[str, Any]] = []
-                res = run_loop(model, bank, infos, profile, strategist, probe,
-                               LoopConfig(target=target, step=args.step, threshold=args.threshold, max_iters=max_iters),
+                res = run_loop(model, bank, infos, profile, strategist, probe_set,
+                               LoopConfig(target=target, step=args.step, threshold=args.threshold, max_iters=max_iters,
+                                          refine_iters=args.refine_iters),
                                fallback=SensitivityStrategist(), record=lambda a: (rows.append(a), log(
-                                   f"  it {a['iteration']} {a['from_level']:.3f}->{a['level']:.3f} probe {a['probe_ppl']:.2f} {a['verdict']}")))
+                                   f"  it {a['iteration']} {a['phase']} {a['from_level']:.3f}->{a['level']:.3f} "
+                                   f"probe ppl {a['probe_ppl']:.2f} KL {a['probe_kl']:.4f} {a['verdict']} {a.get('params')}")))
                 counts = res.counts
                 restore()
-                loop_info = {"group_probe_s": probe_s, "iterations": len(rows), "rollbacks": res.rollbacks,
-                             "probe_ppl_dense": math.exp(res.probe_nll_dense), "probe_ppl_final": math.exp(res.probe_nll_final),
-                             "trajectory": [{k: a[k] for k in ("iteration", "from_level", "level", "probe_ppl", "rise", "verdict", "strategist")}
+                loop_info = {"group_probe_s": probe_s, **res.summary(), "loop_s": sum(a["seconds"] for a in rows),
+                             "trajectory": [{k: a.get(k) for k in ("iteration", "phase", "from_level", "level", "probe_ppl",
+                                                                   "probe_kl", "rise", "verdict", "strategist", "params")}
                                             for a in rows]}
                 if calls:
                     loop_info["llm_calls"] = len(calls)

@@ -18,7 +18,7 @@ from prunepilot.sparsify.analyst import LLMSparsityAnalyst
 from prunepilot.sparsify.calibrate import (activation_norms, gradient_importance, linear_layers,
                                            sequential_sparsify)
 from prunepilot.sparsify.export import save_and_verify
-from prunepilot.sparsify.loop import LoopConfig, probe_groups, run_loop
+from prunepilot.sparsify.loop import LoopConfig, Probe, probe_costs, run_loop
 from prunepilot.sparsify.plan import global_sparsity, project
 from prunepilot.sparsify.profile import WandaBank, build_profile
 from prunepilot.sparsify.strategies import (OWLStrategist, SensitivityStrategist, StepContext,
@@ -130,11 +130,14 @@ def test_loop_accepts_with_generous_threshold(setup: dict[str, Any]) -> None:
     setup["bank"].restore()
 
 
-def test_group_probe_fills_profile(setup: dict[str, Any]) -> None:
-    probe_groups(setup["model"], setup["bank"], setup["infos"], setup["profile"], setup["probe"], 0.5, 0.1)
+def test_probe_costs_fill_profile(setup: dict[str, Any]) -> None:
+    probe = Probe(setup["model"], setup["probe"])
+    assert probe.dense.kl < 1e-4  # the dense model against itself (float16 reference)
+    probe_costs(setup["model"], setup["bank"], setup["infos"], setup["profile"], probe, 0.5, 0.1)
     assert set(setup["profile"].group_probe) == set(setup["profile"].groups)
+    assert set(setup["profile"].block_probe) == {0, 1, 2}
     rows = setup["profile"].group_table()
-    assert all("nll_rise_per_1pct" in r for r in rows)
+    assert all("kl_rise_per_1pct" in r for r in rows) and len(setup["profile"].block_table()) == 3
 
 
 class FakeClient:
@@ -219,16 +222,18 @@ def test_end_to_end_run_writes_results(tmp_path: Path) -> None:
     client = type("C", (), {"name": "fake", "complete": staticmethod(reply)})()
     cfg = SparsifyConfig(model=f"hf:{model_dir}", sparsity="50%", agent="scripted", client=client,
                          calib=f"text:{corpus}", calib_seqs=8, calib_seqlen=32, eval_seqs=4, eval_seqlen=32,
-                         probe_seqs=2, probe_seqlen=32, fidelity_seqs=1, step=0.25, rollback_threshold=10.0)
+                         probe_seqs=2, probe_seqlen=32, fidelity_seqs=1, step=0.25, rollback_threshold=10.0, refine_iters=2)
     out = tmp_path / "run"
     res = run_sparsify(cfg, out, say=lambda s: None)
     assert res["kind"] == "sparsify" and res["within_band"] and abs(res["compressed"]["sparsity"] - 0.5) < 1e-3
-    assert res["loop"]["iterations"] == 2 and math.isfinite(res["compressed"]["perplexity"])
+    assert res["loop"]["iterations"] == 5 and math.isfinite(res["compressed"]["perplexity"])
+    rows = [json.loads(l) for l in (out / "attempts.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["ramp", "ramp", "reference", "refine", "refine"]
     assert 0 <= res["compressed"]["fidelity"]["top1_agreement"] <= 1
     for f in ("result.json", "plan.json", "profile.json", "summary.md", "attempts.jsonl", "llm_calls.jsonl"):
         assert (out / f).is_file(), f
     calls = [json.loads(l) for l in (out / "llm_calls.jsonl").read_text().splitlines()]
-    assert len(calls) == 2 and calls[0]["model"] == "fake-1"
+    assert len(calls) == 4 and calls[0]["model"] == "fake-1"
     assert res["export"]["identical"]
 
 

@@ -39,13 +39,21 @@ def register(app: typer.Typer) -> None:
         r = j.run(run_id)
         console.print(f"[bold]{r['id']}[/] {r['status']} — {r['config'].get('model')} — agent {r['config'].get('agent')}")
         t = Table()
-        for c in ("round", "strategist", "verdict", "errors", "accuracy", "rationale / reflection"):
-            t.add_column(c)
-        for a in j.attempts(run_id):
-            acc = a.get("metrics", {}).get("accuracy")
-            t.add_row(str(a["round"]), a.get("strategist", ""), a.get("verdict", ""),
-                      ", ".join(f"{m} {e:+.2%}" for m, e in a.get("errors", {}).items()),
-                      f"{acc:.4f}" if acc is not None else "-", f"{a.get('rationale', '')}\n[dim]{a.get('reflection', '')}[/]")
+        if r["kind"] == "sparsify":
+            for c in ("it", "phase", "level", "verdict", "probe ppl", "probe KL", "rationale / reflection"):
+                t.add_column(c)
+            for a in j.attempts(run_id):
+                t.add_row(str(a.get("iteration")), a.get("phase", ""), f"{a.get('level', 0):.3f}", a.get("verdict", ""),
+                          f"{a.get('probe_ppl', float('nan')):.2f}", f"{a.get('probe_kl', float('nan')):.4f}",
+                          f"{a.get('rationale', '')}\n[dim]{a.get('reflection', '')}[/]")
+        else:
+            for c in ("round", "strategist", "verdict", "errors", "accuracy", "rationale / reflection"):
+                t.add_column(c)
+            for a in j.attempts(run_id):
+                acc = a.get("metrics", {}).get("accuracy")
+                t.add_row(str(a["round"]), a.get("strategist", ""), a.get("verdict", ""),
+                          ", ".join(f"{m} {e:+.2%}" for m, e in a.get("errors", {}).items()),
+                          f"{acc:.4f}" if acc is not None else "-", f"{a.get('rationale', '')}\n[dim]{a.get('reflection', '')}[/]")
         console.print(t)
         calls = j.llm_calls(run_id)
         if calls:
@@ -61,11 +69,28 @@ def register(app: typer.Typer) -> None:
         j = Journal(journal)
         r = j.run(run_id)
         c = r["config"]
+        if r["kind"] == "sparsify":
+            _rerun_sparsify(c, transcripts)
+            return
         loaded = load_model(c["model"], trust=True, input_shape=None)
         cfg = SearchConfig(**c["search"])
         run_search(loaded, Budget.model_validate(c["budget"]), c["data"], Path(c["out"]), agent=agent or c["agent"], cfg=cfg,
                    finetune_epochs=c["finetune_epochs"], kd=c["kd"], journal_path=journal, run_id=run_id,
                    transcripts=transcripts, log=console.print)
+
+    def _rerun_sparsify(c: dict, transcripts: list | None) -> None:
+        # A sparsify loop holds no state worth restoring mid-way (a few minutes of probes): it restarts from the
+        # journaled config as a new run in the same journal; with transcripts, the recorded LLM answers decide.
+        from ..sparsify.run import SparsifyConfig, run_sparsify
+
+        fields = {k: v for k, v in c.items() if k in SparsifyConfig.__dataclass_fields__ and k != "client"}
+        cfg = SparsifyConfig(**fields)
+        if transcripts is not None:
+            from ..agents.llm.replay import ReplayClient
+
+            cfg.client = ReplayClient(transcripts, strict=False, name="replay")
+        console.print("sparsify runs restart from their journaled config (a new run id in the same journal)")
+        run_sparsify(cfg, Path(c["out"]), say=console.print)
 
     @runs.command()
     def resume(run_id: str, journal: Path = JournalOpt) -> None:
@@ -88,6 +113,11 @@ def register(app: typer.Typer) -> None:
         new_journal = new_out / "journal.sqlite"
         nj = Journal(new_journal)
         c["out"] = str(new_out)
+        if r["kind"] == "sparsify":
+            c["out"] = str(new_out)
+            console.print(f"replaying {len(calls)} LLM calls")
+            _rerun_sparsify(c, calls)
+            return
         new_id = nj.start_run("prune", c, new_out)
         console.print(f"replaying {len(calls)} LLM calls into {new_id}")
         # lenient: measured numbers in the history (latency, accuracy) never repeat bit for bit, so replay

@@ -3,7 +3,8 @@ reflections included) and proposes per-group sparsity for the next level, throug
 
 The reply is data: validated against the group ids (unknown names rejected), values clamped to
 [current sparsity, MAX_RATIO]; one repair round; then the built-in fallback strategist decides and the
-plan says why. Every call (prompt, reply, model, tokens, latency) goes to `record`.
+plan says why. In the refine phase (at the target) the loop keeps whichever measured allocation has the
+lowest probe KL, so a weak proposal costs one probe and cannot make the result worse. Every call (prompt, reply, model, tokens, latency) goes to `record`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from .strategies import SensitivityStrategist, StepContext, Strategist
 
 SYSTEM = """You are a model-compression analyst. You choose how much unstructured sparsity each group of
 linear layers of a decoder language model gets, so that the model reaches a global parameter-weighted
-sparsity target with the least perplexity damage. Groups are "layer kind @ block range".
+sparsity target with the least damage. Groups are "layer kind @ block range".
 Signals per group: params_share (fraction of prunable weights), wanda_z and grad_z (z-scores across
 layers; higher = more important), outlier_ratio (OWL: share of outlier Wanda scores; more outliers =
-keep more), nll_rise_per_1pct (measured: NLL increase per 1% of global sparsity moved into this group at
-the uniform target; lower = cheaper to prune), sparsity (current). Prune cheap groups more, important or
-outlier-heavy groups less. A group may not go below its current sparsity. The deterministic machinery
-rescales your numbers so the parameter-weighted mean equals the requested level exactly, so relative
-differences matter most. Learn from rollbacks: groups named in a rollback were pushed too hard.
+keep more), kl_rise_per_1pct (measured: rise of the KL divergence from the dense model per 1% of global
+sparsity moved into this group at the uniform target; lower = cheaper to prune), sparsity (current).
+block_costs gives the same measured cost per decoder block. Prune cheap groups more, costly ones less.
+Phase "ramp": reach this_step_level; a group may not go below its current sparsity. Phase "refine": the
+level is the target; propose a better allocation than the best so far (history shows each candidate's
+probe_kl; lower is better; rejected candidates are rolled back). The deterministic machinery rescales
+your numbers so the parameter-weighted mean equals the level exactly, so relative differences matter.
 Answer with one JSON object only: {"ratios": {GROUP: SPARSITY, ...}, "rationale": "...", "reflection": "..."}."""
 
 MAX_HISTORY = 8
@@ -35,14 +38,16 @@ MAX_HISTORY = 8
 def build_messages(ctx: StepContext) -> list[Message]:
     table = ctx.profile.group_table(ctx.current)
     hist = [
-        {k: a.get(k) for k in ("iteration", "from_level", "level", "verdict", "rise", "groups_pushed", "reflection")}
+        {k: (round(a[k], 5) if isinstance(a.get(k), float) else a.get(k))
+         for k in ("iteration", "phase", "level", "verdict", "rise", "probe_kl", "groups_pushed", "reflection") if k in a}
         for a in ctx.history[-MAX_HISTORY:]
     ]
     body = {
+        "phase": ctx.phase,
         "target_sparsity": round(ctx.target, 4),
         "this_step_level": round(ctx.level, 4),
-        "rollback_penalties": {g: round(p, 2) for g, p in ctx.penalties.items()},
         "groups": table,
+        "block_costs": ctx.profile.block_table(),
         "history": json.loads(json.dumps(hist, default=str)),
     }
     user = ("Propose the sparsity of every group for this step (weighted mean = this_step_level).\n"
@@ -63,7 +68,7 @@ def parse_reply(data: dict[str, Any] | None, ctx: StepContext) -> tuple[Sparsity
     problems += [f"'{k}' must be a number" for k in bad]
     if problems:
         return None, problems[:8]
-    floor = {r["group"]: r["sparsity"] for r in ctx.profile.group_table(ctx.current)}
+    floor = {r["group"]: r["sparsity"] for r in ctx.profile.group_table(ctx.current)} if ctx.phase == "ramp" else {}
     clamped = {k: min(max(float(v), floor.get(k, 0.0)), MAX_RATIO) for k, v in ratios.items()}
     plan = SparsityPlan(ratios=clamped, default=ctx.level, rationale=str(data.get("rationale", ""))[:2000],
                         reflection=str(data.get("reflection", ""))[:2000])
@@ -97,7 +102,7 @@ class LLMSparsityAnalyst:
             })
         return reply
 
-    def propose(self, ctx: StepContext) -> SparsityPlan:
+    def propose(self, ctx: StepContext) -> SparsityPlan | None:
         schema = plan_json_schema(list(ctx.profile.groups))
         # every group required: a small constrained model must then write a number for each (no empty '{}');
         # short strings keep a local model's decode inside its token budget
@@ -121,6 +126,8 @@ class LLMSparsityAnalyst:
             return plan
         self.fallbacks += 1
         plan = self.fallback.propose(ctx)
+        if plan is None:  # the fallback has nothing more to try in this phase
+            return None
         plan.rationale = f"LLM answer unusable ({'; '.join(problems)}); {self.fallback.name} decided: {plan.rationale}"
         plan.source = f"{self.fallback.name} (fallback from {self.name})"
         return plan

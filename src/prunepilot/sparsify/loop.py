@@ -1,11 +1,18 @@
-"""The iterative loop: propose the next level's allocation, project it exactly, apply, probe, keep or roll back.
+"""The iterative loop: ramp up to the target with rollback, then refine the allocation at the target.
 
 Trial allocations are applied from the Wanda mask bank (dense activation statistics), so an attempt
-costs one perplexity probe on a small held-out slice of the calibration text (never the evaluation
-text). A step whose probe perplexity rises more than `threshold` over the last checkpoint is rolled
-back; the reflection names the groups it pushed hardest, those groups get a cost penalty, and after
-`patience` rollbacks in a row the step halves. Below `min_step` the best rolled-back candidate is kept
-(forced), so the loop always ends exactly at the target.
+costs one forward pass over a small probe slice of held-out calibration text (never the evaluation
+text). Each attempt is scored by probe perplexity and by KL divergence from the dense model's
+next-token distributions on the same tokens (KL ranks allocations far more reliably than perplexity on
+a thousand tokens: every vocabulary entry counts, not only the observed token).
+
+Ramp: the strategist proposes the next level's allocation; a step whose probe perplexity rises more
+than `threshold` over the last checkpoint is rolled back with a reflection, and after `patience`
+rollbacks in a row the step halves; below `min_step` the least-bad candidate is kept (forced), so the
+ramp always ends exactly at the target. Refine: the strategist re-allocates at the target level, the
+loop keeps the candidate with the lowest probe KL and rolls back every other one. Uniform allocation at
+the target is always measured as a reference candidate, so the loop never ends worse than uniform on
+the probe.
 """
 
 from __future__ import annotations
@@ -17,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..evaluate.language import mean_nll
 from .calibrate import LinearInfo
-from .plan import MAX_RATIO, counts_to_ratios, global_sparsity, project, resolve
+from .plan import MAX_RATIO, SparsityPlan, counts_to_ratios, global_sparsity, project, resolve
 from .profile import SensitivityProfile, WandaBank
 from .strategies import StepContext, Strategist
 
@@ -31,11 +38,50 @@ class LoopConfig:
     target: float
     step: float = 0.1
     min_step: float = 0.02
-    threshold: float = 0.15  # allowed probe-perplexity rise per checkpoint (ratio - 1)
+    threshold: float = 0.15  # allowed probe-perplexity rise per ramp checkpoint (ratio - 1)
     patience: int = 2  # rollbacks in a row before the step halves
-    max_iters: int = 24
-    penalty: float = 1.5
+    max_iters: int = 24  # ramp iterations at most
+    refine_iters: int = 8  # re-allocations tried at the target
     batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class ProbeScore:
+    nll: float
+    kl: float
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+
+class Probe:
+    """Probe tokens plus the dense model's next-token log-probabilities (float16: half the memory, KL error ~1e-5)."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> None:
+        self.ids, self.batch_size = ids, batch_size
+        with torch.no_grad():
+            self.dense_logp = [F.log_softmax(self._logits(model, b), -1).half() for b in self._batches()]
+        self.dense = self.measure(model)
+
+    def _batches(self) -> list[torch.Tensor]:
+        return [self.ids[i : i + self.batch_size] for i in range(0, self.ids.shape[0], self.batch_size)]
+
+    @staticmethod
+    def _logits(model: nn.Module, b: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=b, use_cache=False).logits[:, :-1].float()  # [b, T-1, V]
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module) -> ProbeScore:
+        nll = kl = 0.0
+        count = 0
+        for b, p in zip(self._batches(), self.dense_logp):
+            q = F.log_softmax(self._logits(model, b), -1)
+            nll += float(F.nll_loss(q.reshape(-1, q.shape[-1]), b[:, 1:].reshape(-1), reduction="sum"))
+            pf = p.float()
+            kl += float((pf.exp() * (pf - q)).sum())
+            count += b[:, 1:].numel()
+        return ProbeScore(nll / max(count, 1), max(kl, 0.0) / max(count, 1))
 
 
 @dataclass
@@ -43,8 +89,16 @@ class LoopResult:
     counts: dict[str, int]
     history: list[dict[str, Any]] = field(default_factory=list)
     rollbacks: int = 0
-    probe_nll_dense: float = 0.0
-    probe_nll_final: float = 0.0
+    probe_dense: ProbeScore | None = None
+    probe_final: ProbeScore | None = None
+    probe_uniform: ProbeScore | None = None  # the reference candidate (uniform at the target)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"iterations": len(self.history), "rollbacks": self.rollbacks}
+        for key, s in (("dense", self.probe_dense), ("final", self.probe_final), ("uniform", self.probe_uniform)):
+            if s is not None:
+                out[f"probe_ppl_{key}"], out[f"probe_kl_{key}"] = s.ppl, s.kl
+        return out
 
 
 def _groups_pushed(profile: SensitivityProfile, before: dict[str, float], after: dict[str, float], k: int = 3) -> list[str]:
@@ -55,119 +109,197 @@ def _groups_pushed(profile: SensitivityProfile, before: dict[str, float], after:
     return [g for g, v in sorted(moved.items(), key=lambda kv: -kv[1])[:k] if v > 0]
 
 
+class _Attempts:
+    """Builds, records and reports attempt rows (one per measured or skipped proposal)."""
+
+    def __init__(self, profile: SensitivityProfile, infos: list[LinearInfo], cfg: LoopConfig,
+                 record: Callable[[dict[str, Any]], None] | None) -> None:
+        self.profile, self.infos, self.cfg, self.record = profile, infos, cfg, record
+        self.total = sum(i.params for i in infos)
+        self.rows: list[dict[str, Any]] = []
+
+    def row(self, phase: str, used: str, plan: SparsityPlan | None, now: float, level: float,
+            counts: dict[str, int], score: ProbeScore, ref: ProbeScore, t0: float) -> dict[str, Any]:
+        ratios = counts_to_ratios(counts, self.infos)
+        return {
+            "iteration": len(self.rows) + 1, "phase": phase, "strategist": used,
+            "from_level": round(now, 6), "level": round(level, 6), "achieved": sum(counts.values()) / self.total,
+            "probe_ppl": score.ppl, "probe_kl": score.kl, "checkpoint_ppl": ref.ppl, "checkpoint_kl": ref.kl,
+            "rise": math.exp(score.nll - ref.nll) - 1, "threshold": self.cfg.threshold,
+            "rationale": plan.rationale if plan else "", "llm_reflection": plan.reflection if plan else "",
+            "params": dict(plan.params) if plan else {},
+            "group_sparsity": {r["group"]: r["sparsity"] for r in self.profile.group_table(ratios)},
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.record:
+            self.record(row)
+
+
+def _propose(strategist: Strategist, fallback: Strategist | None, ctx: StepContext, infos: list[LinearInfo],
+             profile: SensitivityProfile, current: dict[str, float]) -> tuple[SparsityPlan | None, str, dict[str, float]]:
+    plan, used = strategist.propose(ctx), strategist.name
+    if plan is None:
+        return None, used, {}
+    try:
+        return plan, used, resolve(plan, infos, profile.groups, fallback=current)
+    except Exception as exc:  # a plan that slipped past validation: the fallback decides, and we say so
+        if fallback is None:
+            raise
+        plan, used = fallback.propose(ctx), f"{fallback.name} (fallback: {exc})"
+        if plan is None:
+            return None, used, {}
+        return plan, used, resolve(plan, infos, profile.groups, fallback=current)
+
+
 def run_loop(
     model: nn.Module,
     bank: WandaBank,
     infos: list[LinearInfo],
     profile: SensitivityProfile,
     strategist: Strategist,
-    probe: torch.Tensor,
+    probe: Probe | torch.Tensor,
     cfg: LoopConfig,
     fallback: Strategist | None = None,
     record: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoopResult:
     bank.restore()
-    dense_nll = mean_nll(model, probe, cfg.batch_size)
+    if not isinstance(probe, Probe):
+        probe = Probe(model, probe, cfg.batch_size)
+    log = _Attempts(profile, infos, cfg, record)
     current: dict[str, float] = {i.name: 0.0 for i in infos}
     current_counts: dict[str, int] = {i.name: 0 for i in infos}
-    ckpt_nll = dense_nll
-    penalties: dict[str, float] = {}
-    history: list[dict[str, Any]] = []
+    ckpt = probe.dense
     step, in_a_row, rollbacks = cfg.step, 0, 0
-    best_rejected: tuple[float, dict[str, int], dict[str, Any]] | None = None
-    total = sum(i.params for i in infos)
-    target_count = int(round(cfg.target * total))
-    it = 0
+    best_rejected: tuple[ProbeScore, dict[str, int]] | None = None
+    target_count = int(round(cfg.target * log.total))
+
+    # ramp: climb to the target in accepted steps
+    ramp_iters = 0
     while sum(current_counts.values()) < target_count:
-        it += 1
+        ramp_iters += 1
         now = global_sparsity(current, infos)
-        last_call = it >= cfg.max_iters
+        last_call = ramp_iters >= cfg.max_iters
         level = cfg.target if last_call else min(now + step, cfg.target)
-        ctx = StepContext(profile, infos, bank.curve, cfg.target, level, dict(current), list(history), dict(penalties))
+        ctx = StepContext(profile, infos, bank.curve, cfg.target, level, dict(current), list(log.rows), phase="ramp")
         t0 = time.perf_counter()
-        plan, used = strategist.propose(ctx), strategist.name
-        try:
-            desired = resolve(plan, infos, profile.groups, fallback=current)
-        except Exception as exc:  # a plan that slipped past validation: the fallback decides, and we say so
-            if fallback is None:
-                raise
-            plan, used = fallback.propose(ctx), f"{fallback.name} (fallback: {exc})"
-            desired = resolve(plan, infos, profile.groups, fallback=current)
+        plan, used, desired = _propose(strategist, fallback, ctx, infos, profile, current)
+        if plan is None:  # a strategist with no opinion on the ramp: climb uniformly
+            desired = {i.name: level for i in infos}
         counts = project(desired, infos, level, floor=current, ceiling=MAX_RATIO)
         bank.apply(counts)
-        nll = mean_nll(model, probe, cfg.batch_size)
-        rise = math.exp(nll - ckpt_nll) - 1
-        ratios = counts_to_ratios(counts, infos)
-        pushed = _groups_pushed(profile, current, ratios)
-        attempt: dict[str, Any] = {
-            "iteration": it, "strategist": used, "from_level": round(now, 6), "level": round(level, 6),
-            "achieved": sum(counts.values()) / total, "probe_ppl": math.exp(nll),
-            "checkpoint_ppl": math.exp(ckpt_nll), "rise": rise, "threshold": cfg.threshold,
-            "groups_pushed": pushed, "rationale": plan.rationale, "llm_reflection": plan.reflection,
-            "group_sparsity": {r["group"]: r["sparsity"] for r in profile.group_table(ratios)},
-        }
-        if rise <= cfg.threshold or last_call:
-            verdict = "accept" if rise <= cfg.threshold else "forced"
-            current, current_counts, ckpt_nll, in_a_row, best_rejected = ratios, counts, nll, 0, None
+        score = probe.measure(model)
+        row = log.row("ramp", used, plan, now, level, counts, score, ckpt, t0)
+        row["groups_pushed"] = pushed = _groups_pushed(profile, current, counts_to_ratios(counts, infos))
+        if row["rise"] <= cfg.threshold or last_call:
+            verdict = "accept" if row["rise"] <= cfg.threshold else "forced"
+            current, current_counts, ckpt, in_a_row, best_rejected = counts_to_ratios(counts, infos), counts, score, 0, None
         else:
             rollbacks += 1
             in_a_row += 1
-            for g in pushed:
-                penalties[g] = penalties.get(g, 1.0) * cfg.penalty
-            attempt["reflection"] = (
-                f"rolled back: probe perplexity rose {rise:.1%} (> {cfg.threshold:.0%}) going "
-                f"{now:.1%} -> {level:.1%}; groups pushed hardest: {', '.join(pushed) or 'none'}; "
-                f"their cost x{cfg.penalty} from now on"
+            row["reflection"] = (
+                f"rolled back: probe perplexity rose {row['rise']:.1%} (> {cfg.threshold:.0%}) going "
+                f"{now:.1%} -> {level:.1%}; groups pushed hardest: {', '.join(pushed) or 'none'}"
             )
-            if best_rejected is None or nll < best_rejected[0]:
-                best_rejected = (nll, counts, attempt)
+            if best_rejected is None or score.nll < best_rejected[0].nll:
+                best_rejected = (score, counts)
             verdict = "rollback"
             if in_a_row >= cfg.patience:
                 step /= 2
                 in_a_row = 0
-                attempt["reflection"] += f"; step halved to {step:.3f}"
+                row["reflection"] += f"; step halved to {step:.3f}"
                 if step < cfg.min_step and best_rejected is not None:
                     # cannot make smaller progress usefully: keep the least-bad candidate
-                    nll_b, counts_b, _ = best_rejected
-                    current_counts, ckpt_nll = counts_b, nll_b
-                    current = counts_to_ratios(counts_b, infos)
+                    ckpt, current_counts = best_rejected
+                    current = counts_to_ratios(current_counts, infos)
                     verdict, best_rejected = "rollback; best candidate forced", None
                     step = cfg.min_step
             bank.apply(current_counts)
-        attempt["verdict"] = verdict
-        attempt["seconds"] = time.perf_counter() - t0
-        history.append(attempt)
-        if record:
-            record(attempt)
-    bank.apply(current_counts)
-    return LoopResult(current_counts, history, rollbacks, dense_nll, ckpt_nll)
+        row["verdict"] = verdict
+        log.add(row)
+
+    best_counts, best = current_counts, ckpt
+    uniform_score: ProbeScore | None = None
+    if cfg.refine_iters > 0:
+        # reference: uniform at the target, so the result is never worse than uniform on the probe
+        t0 = time.perf_counter()
+        uniform = project({}, infos, cfg.target)
+        if uniform != best_counts:
+            bank.apply(uniform)
+            uniform_score = probe.measure(model)
+            row = log.row("reference", "uniform", None, cfg.target, cfg.target, uniform, uniform_score, best, t0)
+            row["rationale"] = "reference candidate: every layer at the target"
+            row["verdict"] = "accept" if uniform_score.kl < best.kl else "rollback"
+            if uniform_score.kl < best.kl:
+                best_counts, best = uniform, uniform_score
+            log.add(row)
+        else:
+            uniform_score = best
+
+    # refine: re-allocate at the target, keep the best by probe KL
+    for _ in range(cfg.refine_iters):
+        best_ratios = counts_to_ratios(best_counts, infos)
+        ctx = StepContext(profile, infos, bank.curve, cfg.target, cfg.target, best_ratios, list(log.rows), phase="refine")
+        t0 = time.perf_counter()
+        plan, used, desired = _propose(strategist, fallback, ctx, infos, profile, best_ratios)
+        if plan is None:
+            break  # the strategist has nothing more to try
+        counts = project(desired, infos, cfg.target, ceiling=MAX_RATIO)
+        if counts == best_counts:
+            row = log.row("refine", used, plan, cfg.target, cfg.target, counts, best, best, t0)
+            row["verdict"], row["reflection"] = "repeat", "same allocation as the best so far; not measured again"
+            log.add(row)
+            continue
+        bank.apply(counts)
+        score = probe.measure(model)
+        row = log.row("refine", used, plan, cfg.target, cfg.target, counts, score, best, t0)
+        if score.kl < best.kl:
+            row["verdict"] = "accept"
+            best_counts, best = counts, score
+        else:
+            rollbacks += 1
+            row["verdict"] = "rollback"
+            row["reflection"] = (f"rolled back: probe KL {score.kl:.4f} is not below the best so far ({best.kl:.4f}); "
+                                 f"perplexity {score.ppl:.2f} vs {best.ppl:.2f}")
+        log.add(row)
+
+    bank.apply(best_counts)
+    return LoopResult(best_counts, log.rows, rollbacks, probe.dense, best, uniform_score)
 
 
-def probe_groups(
+def probe_costs(
     model: nn.Module,
     bank: WandaBank,
     infos: list[LinearInfo],
     profile: SensitivityProfile,
-    probe: torch.Tensor,
+    probe: Probe,
     target: float,
     delta: float = 0.1,
-    batch_size: int = 4,
+    blocks: bool = True,
 ) -> None:
-    """Measure each group's marginal cost at the uniform target: NLL rise per 1% of global sparsity moved
-    into that group (raised from target to target+delta, every other layer at the target).
-    Fills profile.group_probe / probe_base_nll / probe_delta."""
+    """Measure marginal costs at the uniform target: probe-KL rise per 1% of global sparsity moved into one
+    group (and, with `blocks`, one decoder block), raised from target to target+delta with every other
+    layer at the target. Fills profile.group_probe / block_probe / probe_base_kl / probe_delta."""
     total = sum(i.params for i in infos)
     uniform = {i.name: int(round(target * i.params)) for i in infos}
     bank.apply(uniform)
-    base = mean_nll(model, probe, batch_size)
+    base = probe.measure(model).kl
     hi = min(target + delta, MAX_RATIO)
-    out: dict[str, float] = {}
-    for g, names in profile.groups.items():
-        members = set(names)
+
+    def cost(members: set[str]) -> float:
         trial = {i.name: (int(round(hi * i.params)) if i.name in members else uniform[i.name]) for i in infos}
         bank.apply(trial)
-        rise = mean_nll(model, probe, batch_size) - base
+        rise = probe.measure(model).kl - base
         moved = sum(i.params for i in infos if i.name in members) * (hi - target) / total * 100
-        out[g] = rise / moved if moved else 0.0
+        return rise / moved if moved else 0.0
+
+    profile.group_probe = {g: cost(set(names)) for g, names in profile.groups.items()}
+    if blocks:
+        by_block: dict[int, set[str]] = {}
+        for i in infos:
+            by_block.setdefault(i.block, set()).add(i.name)
+        profile.block_probe = {b: cost(names) for b, names in sorted(by_block.items())}
     bank.restore()
-    profile.group_probe, profile.probe_base_nll, profile.probe_delta = out, base, hi - target
+    profile.probe_base_kl, profile.probe_delta = base, hi - target

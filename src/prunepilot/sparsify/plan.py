@@ -28,6 +28,7 @@ class SparsityPlan(BaseModel):
     rationale: str = ""
     reflection: str = ""
     source: str = ""  # which strategist wrote it
+    params: dict[str, float] = Field(default_factory=dict)  # the strategist's own knobs, echoed in history
 
 
 def plan_json_schema(groups: list[str]) -> dict[str, Any]:

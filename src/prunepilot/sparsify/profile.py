@@ -111,8 +111,9 @@ class SensitivityProfile:
     groups: dict[str, list[str]]
     owl_block_outliers: list[float]
     probe_delta: float = 0.0
-    probe_base_nll: float | None = None
-    group_probe: dict[str, float] = field(default_factory=dict)  # group -> NLL rise per 1% global sparsity
+    probe_base_kl: float | None = None  # KL(dense || uniform target) on the probe
+    group_probe: dict[str, float] = field(default_factory=dict)  # group -> KL rise per 1% global sparsity
+    block_probe: dict[int, float] = field(default_factory=dict)  # decoder block -> KL rise per 1%
 
     def group_table(self, current: dict[str, float] | None = None) -> list[dict[str, Any]]:
         """One row per group: what an analyst reads (compact)."""
@@ -131,14 +132,19 @@ class SensitivityProfile:
                 "sparsity": round(sum((current or {}).get(l.name, l.sparsity) * l.params for l in ls) / p, 4),
             }
             if g in self.group_probe:
-                row["nll_rise_per_1pct"] = round(self.group_probe[g], 5)
+                row["kl_rise_per_1pct"] = round(self.group_probe[g], 5)
             rows.append(row)
         return rows
 
+    def block_table(self) -> list[dict[str, Any]]:
+        """Measured cost per decoder block (empty without probes): where depth matters most."""
+        return [{"block": b, "kl_rise_per_1pct": round(c, 5)} for b, c in sorted(self.block_probe.items())]
+
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "target": self.target, "owl_block_outliers": self.owl_block_outliers,
-                "probe_delta": self.probe_delta, "probe_base_nll": self.probe_base_nll,
-                "group_probe": self.group_probe, "groups": self.group_table(),
+                "probe_delta": self.probe_delta, "probe_base_kl": self.probe_base_kl,
+                "group_probe": self.group_probe, "block_probe": {str(b): c for b, c in self.block_probe.items()},
+                "groups": self.group_table(),
                 "layers": [asdict(l) for l in self.layers]}
 
 

@@ -27,7 +27,7 @@ from ..sources.llm import load_causal_lm
 from ..sources.text import load_split, token_blocks
 from .calibrate import activation_norms, gradient_importance, linear_layers, sequential_sparsify
 from .export import save_and_verify, sparse_size_mb
-from .loop import LoopConfig, probe_groups, run_loop
+from .loop import LoopConfig, Probe, probe_costs, run_loop
 from .plan import counts_to_ratios, global_sparsity, project, resolve
 from .profile import WandaBank, build_profile
 from .strategies import BUILTINS, SensitivityStrategist, StepContext, Strategist
@@ -54,8 +54,9 @@ class SparsifyConfig:
     rollback_threshold: float = 0.15
     step: float = 0.1
     max_iters: int = 24
+    refine_iters: int = 8  # re-allocations tried at the target (the best by probe KL is kept)
     bands: int = 3
-    group_probe: bool = True  # measure each group's marginal cost (sensitivity / LLM agents)
+    group_probe: bool = True  # measure each group's and block's marginal cost (sensitivity / LLM agents)
     batch_size: int = 4
     seed: int = 0
     export: bool = True
@@ -77,8 +78,10 @@ def _peak_rss_mb() -> float:
 
 
 class _Jsonl:
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
+    """Rows kept in memory, appended to a JSONL file, and passed to `also` (the SQLite journal)."""
+
+    def __init__(self, path: Path | None, also: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path, self.also = path, also
         self.rows: list[dict[str, Any]] = []
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +93,8 @@ class _Jsonl:
         if self.path:
             with self.path.open("a") as fh:
                 fh.write(json.dumps(row, default=str) + "\n")
+        if self.also:
+            self.also(row)
 
 
 def make_strategist(cfg: SparsifyConfig, record_llm: Callable[[dict], None], say: Callable[[str], None]) -> tuple[Strategist, str]:
@@ -118,6 +123,29 @@ def make_strategist(cfg: SparsifyConfig, record_llm: Callable[[dict], None], say
 
 
 def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run one sparsify job. With `out`, every attempt and LLM call also goes to OUT/journal.sqlite as it
+    happens (kind 'sparsify'), the run is marked done or failed there, and report.html is rendered."""
+    if out is None:
+        return _run(cfg, None, say, None)
+    from ..journal import Journal
+
+    journal = Journal(out / "journal.sqlite")
+    config = {k: v for k, v in asdict(cfg).items() if k != "client"} | {"out": str(out)}
+    run_id = journal.start_run("sparsify", config, out)
+    say(f"run {run_id} (journal {out / 'journal.sqlite'})")
+    try:
+        result = _run(cfg, out, say, (journal, run_id))
+    except BaseException as exc:
+        journal.finish_run(run_id, "failed", {"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    journal.finish_run(run_id, "done", result)
+    from ..search import render
+
+    render(out, say)
+    return result
+
+
+def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], journal: tuple[Any, str] | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     target, nm = parse_sparsity(cfg.sparsity)
@@ -153,8 +181,10 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
     lap("dense_eval", t0)
     say(f"dense perplexity {dense_metrics['perplexity']:.2f} on {evalb.numel()} tokens")
 
-    attempts = _Jsonl(out / "attempts.jsonl" if out else None)
-    llm_calls = _Jsonl(out / "llm_calls.jsonl" if out else None)
+    attempts = _Jsonl(out / "attempts.jsonl" if out else None,
+                      (lambda a: journal[0].record_attempt(journal[1], a["iteration"], a)) if journal else None)
+    llm_calls = _Jsonl(out / "llm_calls.jsonl" if out else None,
+                       (lambda c: journal[0].record_llm_call(journal[1], len(attempts.rows) + 1, c)) if journal else None)
     strategist, agent_used = make_strategist(cfg, llm_calls, say)
     total = sum(i.params for i in infos)
     profile_json: dict[str, Any] | None = None
@@ -175,28 +205,28 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
         if cfg.agent in ONE_SHOT:
             ctx = StepContext(profile, infos, bank.curve, target, target, {i.name: 0.0 for i in infos})
             plan = strategist.propose(ctx)
+            assert plan is not None  # one-shot strategists always answer on the ramp
             counts = project(resolve(plan, infos, profile.groups, {}), infos, target)
         else:
+            t0 = time.perf_counter()
+            probe_set = Probe(model, probe, cfg.batch_size)
             if cfg.group_probe:
-                t0 = time.perf_counter()
-                probe_groups(model, bank, infos, profile, probe, target, batch_size=cfg.batch_size)
+                probe_costs(model, bank, infos, profile, probe_set, target)
                 lap("group_probe", t0)
-                say(f"probed {len(profile.groups)} groups at the uniform target")
+                say(f"probed {len(profile.groups)} groups and {len(profile.block_probe)} blocks at the uniform target")
             t0 = time.perf_counter()
             lcfg = LoopConfig(target=target, step=cfg.step, threshold=cfg.rollback_threshold,
-                              max_iters=cfg.max_iters, batch_size=cfg.batch_size)
+                              max_iters=cfg.max_iters, refine_iters=cfg.refine_iters, batch_size=cfg.batch_size)
 
             def show(a: dict[str, Any]) -> None:
                 attempts(a)
-                say(f"  it {a['iteration']:2d} {a['from_level']:.3f}->{a['level']:.3f} probe ppl {a['probe_ppl']:.2f} "
-                    f"(+{a['rise']:.1%}) {a['verdict']}")
+                say(f"  it {a['iteration']:2d} {a['phase']:9s} {a['from_level']:.3f}->{a['level']:.3f} probe ppl "
+                    f"{a['probe_ppl']:.2f} KL {a['probe_kl']:.4f} {a['verdict']}")
 
-            res = run_loop(model, bank, infos, profile, strategist, probe, lcfg,
+            res = run_loop(model, bank, infos, profile, strategist, probe_set, lcfg,
                            fallback=SensitivityStrategist(), record=show)
             counts = res.counts
-            loop_info = {"iterations": len(res.history), "rollbacks": res.rollbacks,
-                         "probe_ppl_dense": math.exp(res.probe_nll_dense), "probe_ppl_final": math.exp(res.probe_nll_final),
-                         "llm_fallbacks": getattr(strategist, "fallbacks", 0)}
+            loop_info = {**res.summary(), "llm_fallbacks": getattr(strategist, "fallbacks", 0)}
             lap("loop", t0)
         profile_json = profile.to_json()
         bank.restore()
@@ -271,11 +301,13 @@ def summary_markdown(result: dict[str, Any], per_layer: dict[str, float], attemp
         lines.append(f"| top-1 agreement / KL | 1 / 0 | {c['fidelity']['top1_agreement']:.3f} / {c['fidelity']['kl']:.4f} |")
     lines += ["", f"Protocol: {json.dumps(result['protocol'])}", "", f"Timings (s): {json.dumps(result['timings_s'])}"]
     if attempts:
-        lines += ["", "## Iterations", "", "| it | level | probe ppl | rise | verdict | note |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Iterations", "", "| it | phase | level | probe ppl | probe KL | rise | verdict | note |",
+                  "|---|---|---|---|---|---|---|---|"]
         for a in attempts:
             note = a.get("reflection") or a.get("rationale", "")
-            lines.append(f"| {a['iteration']} | {a['from_level']:.3f} -> {a['level']:.3f} | {a['probe_ppl']:.2f} | "
-                         f"{a['rise']:+.1%} | {a['verdict']} | {note[:160]} |")
+            lines.append(f"| {a['iteration']} | {a.get('phase', '')} | {a['from_level']:.3f} -> {a['level']:.3f} | "
+                         f"{a['probe_ppl']:.2f} | {a.get('probe_kl', float('nan')):.4f} | {a['rise']:+.1%} | "
+                         f"{a['verdict']} | {note[:160]} |")
     by_block: dict[str, list[float]] = {}
     for n, v in per_layer.items():
         parts = n.split(".")

@@ -1,7 +1,7 @@
-"""Built-in sparsity strategists: uniform, OWL, sensitivity (measured marginal cost + Lagrangian allocation).
+"""Built-in sparsity strategists: uniform, OWL, sensitivity (measured costs + a line search at the target).
 
 Every strategist answers `propose(ctx) -> SparsityPlan` for the level the loop wants next and keeps no
-hidden state: everything it knows (profile, current allocation, history, rollback penalties) is in ctx.
+hidden state: everything it knows (profile, current allocation, phase, history with every rollback) is in ctx.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from .calibrate import LinearInfo
 from .plan import MAX_RATIO, SparsityPlan
-from .profile import GRID, GRID_STEP, SensitivityProfile
+from .profile import SensitivityProfile
 
 OWL_LAMBDA = 0.08  # OWL's sparsity spread (+/- lambda around the target) for LLaMA-class models
 
@@ -26,13 +26,15 @@ class StepContext:
     level: float  # global sparsity this step must reach
     current: dict[str, float]  # per-layer sparsity at the last checkpoint
     history: list[dict[str, Any]] = field(default_factory=list)
-    penalties: dict[str, float] = field(default_factory=dict)  # group -> cost multiplier from rollbacks
+    phase: str = "ramp"  # ramp: reach `level` from `current` (only adds); refine: re-allocate at the target
 
 
 class Strategist(Protocol):
     name: str
 
-    def propose(self, ctx: StepContext) -> SparsityPlan: ...
+    def propose(self, ctx: StepContext) -> SparsityPlan | None:
+        """A plan for ctx.level; None = nothing (more) to propose in this phase."""
+        ...
 
 
 class UniformStrategist:
@@ -40,7 +42,9 @@ class UniformStrategist:
 
     name = "uniform"
 
-    def propose(self, ctx: StepContext) -> SparsityPlan:
+    def propose(self, ctx: StepContext) -> SparsityPlan | None:
+        if ctx.phase == "refine":
+            return None  # uniform has one allocation per level
         return SparsityPlan(default=ctx.level, rationale="uniform: every layer at the level", source=self.name)
 
 
@@ -52,7 +56,9 @@ class OWLStrategist:
     def __init__(self, lam: float = OWL_LAMBDA) -> None:
         self.lam = lam
 
-    def propose(self, ctx: StepContext) -> SparsityPlan:
+    def propose(self, ctx: StepContext) -> SparsityPlan | None:
+        if ctx.phase == "refine":
+            return None  # OWL's shape is fixed by its outlier ratios
         lod = ctx.profile.owl_block_outliers
         lo, hi = min(lod), max(lod)
         norm = [(v - lo) / (hi - lo) * 2 * self.lam if hi > lo else 0.0 for v in lod]
@@ -62,79 +68,88 @@ class OWLStrategist:
         return SparsityPlan(ratios=ratios, rationale=f"OWL M=5 lambda={self.lam}", source=self.name)
 
 
-def _marginals(ctx: StepContext, name: str, params: int, alpha: float) -> list[float]:
-    """Cost per pruned weight of each GRID step for one layer: alpha * dE/ds / params, made non-decreasing."""
-    curve = ctx.curves[name]
-    out, best = [], 0.0
-    for j in range(len(GRID) - 1):
-        m = alpha * (curve[j + 1] - curve[j]) / (params * GRID_STEP)
-        best = max(best, m)
-        out.append(best)
-    return out
+def _log_cost_tilt(table: dict[Any, float], key: Any, layers: list[Any]) -> dict[str, float]:
+    """Per layer: minus (log measured cost of its unit - parameter-weighted mean log cost). Costs at or below
+    zero (noise) are floored at a tenth of the median positive cost."""
+    pos = sorted(v for v in table.values() if v > 0)
+    if not pos:
+        return {}
+    floor = 0.1 * pos[len(pos) // 2]
+    logc = {k: math.log(max(v, floor)) for k, v in table.items()}
+    total = sum(l.params for l in layers)
+    mean = sum(logc[key(l)] * l.params for l in layers if key(l) in logc) / total
+    return {l.name: -(logc[key(l)] - mean) for l in layers if key(l) in logc}
+
+
+def sensitivity_tilt(profile: SensitivityProfile, beta: float = 0.3) -> tuple[dict[str, float], str]:
+    """Direction to move sparsity in: positive = prune more. From measured costs when the profile has
+    them (group + block, in log space), else from gradient z-scores (a weaker, static signal)."""
+    tilt = {l.name: 0.0 for l in profile.layers}
+    sources = []
+    for table, key, what in ((profile.group_probe, lambda l: l.group, "group"),
+                             (profile.block_probe, lambda l: l.block, "block")):
+        if table:
+            for n, v in _log_cost_tilt(table, key, profile.layers).items():
+                tilt[n] += v
+            sources.append(what)
+    if sources:
+        return tilt, "measured KL cost per " + " + ".join(sources)
+    return {l.name: -beta * l.grad_z for l in profile.layers}, f"gradient z-scores (beta={beta})"
+
+
+ETAS = (0.05, 0.1, 0.15, 0.2)  # tilt strengths the refine phase tries at the target (a line search)
 
 
 class SensitivityStrategist:
-    """Allocate by equalising marginal cost per pruned weight (a Lagrangian over convex per-layer curves).
+    """Tilt the allocation away from layers whose measured cost is high, then line-search the tilt's strength.
 
-    Layer i's cost of sparsity s is alpha_i * E_i(s), E_i the share of its Wanda score energy removed.
-    alpha_i is calibrated so the marginal cost at the target matches the group's measured NLL rise
-    (profile.group_probe), or, without probes, so all layers tie at the target and the gradient z-score
-    tilts them (beta). Rollbacks multiply the implicated groups' alpha (ctx.penalties)."""
+    Layer i gets level + eta * t_i, t_i = -(log cost of its group - mean) - (log cost of its block - mean),
+    clipped to level +/- spread; the projector recentres it on the level exactly. On the ramp the tilt is
+    scaled down with the level (eta = ramp_eta). At the target, eta runs through ETAS and then halves its
+    spacing around the best one measured so far (read from ctx.history: no hidden state); when every
+    candidate has been measured the strategist answers None and the loop stops refining."""
 
     name = "sensitivity"
 
-    def __init__(self, beta: float = 0.3, spread: float = 0.2) -> None:
-        self.beta = beta
-        self.spread = spread  # no layer further than this from the level: the cost model is local
+    def __init__(self, beta: float = 0.3, spread: float = 0.25, ramp_eta: float = 0.05,
+                 etas: tuple[float, ...] = ETAS) -> None:
+        self.beta, self.spread, self.ramp_eta, self.etas = beta, spread, ramp_eta, etas
 
-    def _alpha(self, ctx: StepContext) -> dict[str, float]:
-        t = min(max(ctx.target, GRID_STEP), GRID[-2])
-        j = int(round(t / GRID_STEP))
-        total = sum(i.params for i in ctx.infos)
-        by = {l.name: l for l in ctx.profile.layers}
-        alpha = {}
-        for info in ctx.infos:
-            curve = ctx.curves[info.name]
-            slope = max((curve[min(j + 2, len(GRID) - 1)] - curve[max(j - 2, 0)]) / (4 * GRID_STEP), 1e-9)
-            lp = by[info.name]
-            probe = ctx.profile.group_probe.get(lp.group)
-            if probe is not None:
-                per_weight = max(probe, 1e-6) * 100 / total  # NLL rise per pruned weight at the target
-            else:
-                per_weight = math.exp(self.beta * lp.grad_z) / total
-            alpha[info.name] = per_weight * info.params / slope * ctx.penalties.get(lp.group, 1.0)
-        return alpha
+    def ratios(self, ctx: StepContext, eta: float) -> dict[str, float]:
+        tilt, _ = sensitivity_tilt(ctx.profile, self.beta)
+        scale = ctx.level / ctx.target if ctx.target else 1.0
+        lo, hi = max(ctx.level - self.spread, 0.0), min(ctx.level + self.spread, MAX_RATIO)
+        return {i.name: min(max(ctx.level + eta * scale * tilt.get(i.name, 0.0), lo), hi) for i in ctx.infos}
 
-    def allocate(self, ctx: StepContext) -> dict[str, float]:
-        alpha = self._alpha(ctx)
-        marg = {i.name: _marginals(ctx, i.name, i.params, alpha[i.name]) for i in ctx.infos}
-        total = sum(i.params for i in ctx.infos)
-        cap = int(round(MAX_RATIO / GRID_STEP))
+    def next_eta(self, history: list[dict[str, Any]], target: float) -> float | None:
+        measured: dict[float, float] = {}  # eta -> probe KL of every candidate already measured at the target
+        for a in history:
+            if abs(a.get("level", -1) - target) > 1e-9 or a.get("verdict") == "repeat":
+                continue
+            if a.get("phase") == "reference":
+                measured[0.0] = a["probe_kl"]
+            elif "eta" in (a.get("params") or {}):
+                measured[round(a["params"]["eta"], 4)] = a["probe_kl"]
+        for eta in self.etas:
+            if round(eta, 4) not in measured:
+                return eta
+        best = min(measured, key=measured.get)  # type: ignore[arg-type]
+        step = min((abs(e - best) for e in measured if e != best), default=self.etas[0])
+        for cand in (best + step / 2, best - step / 2):
+            if cand > 0 and round(cand, 4) not in measured and step / 2 >= 0.01:
+                return round(cand, 4)
+        return None
 
-        lo_all = max(ctx.level - self.spread, 0.0)
-        hi_all = min(ctx.level + self.spread, MAX_RATIO)
-
-        def alloc(lam: float) -> dict[str, float]:
-            out = {}
-            for i in ctx.infos:
-                steps = sum(1 for m in marg[i.name][:cap] if m <= lam)
-                s = min(max(steps * GRID_STEP, lo_all), hi_all)
-                out[i.name] = max(s, ctx.current.get(i.name, 0.0))
-            return out
-
-        lo, hi = -30.0, 5.0  # log10 of lambda
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            got = sum(r * i.params for i, r in zip(ctx.infos, alloc(10**mid).values())) / total
-            lo, hi = (mid, hi) if got < ctx.level else (lo, mid)
-        return alloc(10**hi)
-
-    def propose(self, ctx: StepContext) -> SparsityPlan:
-        ratios = self.allocate(ctx)
-        src = "measured group probes" if ctx.profile.group_probe else f"gradient z-scores (beta={self.beta})"
-        pen = {g: round(p, 2) for g, p in ctx.penalties.items() if p != 1.0}
-        why = f"equalised marginal cost per pruned weight; costs from {src}" + (f"; rollback penalties {pen}" if pen else "")
-        return SparsityPlan(ratios=ratios, rationale=why, source=self.name)
+    def propose(self, ctx: StepContext) -> SparsityPlan | None:
+        _, src = sensitivity_tilt(ctx.profile, self.beta)
+        if ctx.phase == "refine":
+            eta = self.next_eta(ctx.history, ctx.target)
+            if eta is None:
+                return None
+        else:
+            eta = self.ramp_eta
+        why = f"tilt from {src}, strength eta={eta:g}" + (" (line search at the target)" if ctx.phase == "refine" else "")
+        return SparsityPlan(ratios=self.ratios(ctx, eta), rationale=why, source=self.name, params={"eta": eta})
 
 
 BUILTINS: dict[str, type] = {"uniform": UniformStrategist, "owl": OWLStrategist, "sensitivity": SensitivityStrategist}
