@@ -116,7 +116,8 @@ def test_loop_rolls_back_and_still_ends_exactly_at_target(setup: dict[str, Any])
     assert sum(res.counts.values()) == round(0.5 * total)
     assert res.rollbacks >= 1 and any(r["verdict"] == "rollback" for r in rows)
     assert any("rolled back" in (r.get("reflection") or "") for r in rows)
-    assert rows[-1]["verdict"] in ("forced", "rollback; best candidate forced", "accept")
+    ramp = [r for r in rows if r["phase"] == "ramp"]
+    assert ramp[-1]["verdict"] in ("forced", "rollback; best candidate forced", "accept")
     setup["bank"].restore()
 
 
@@ -128,6 +129,53 @@ def test_loop_accepts_with_generous_threshold(setup: dict[str, Any]) -> None:
     assert abs(global_sparsity({k: v / i.params for i in setup["infos"] for k, v in res.counts.items()
                                 if k == i.name}, setup["infos"]) - 0.3) < 1e-3
     setup["bank"].restore()
+
+
+class _WorseThenNothing:
+    """Refine proposals: one allocation that piles sparsity on block 0, then nothing more."""
+
+    name = "worse"
+
+    def propose(self, ctx: StepContext) -> Any:
+        from prunepilot.sparsify.plan import SparsityPlan
+
+        if ctx.phase == "ramp":
+            return SparsityPlan(default=ctx.level)
+        if any(a["phase"] == "refine" for a in ctx.history):
+            return None
+        return SparsityPlan(ratios={"re:layers\\.0\\.": 0.9}, default=0.3, params={"eta": 1.0})
+
+
+def test_refine_keeps_the_best_candidate_and_rolls_back_worse_ones(setup: dict[str, Any]) -> None:
+    rows: list[dict[str, Any]] = []
+    cfg = LoopConfig(target=0.5, step=0.25, threshold=10.0, refine_iters=3)
+    res = run_loop(setup["model"], setup["bank"], setup["infos"], setup["profile"], _WorseThenNothing(),
+                   setup["probe"], cfg, record=rows.append)
+    assert [r["phase"] for r in rows] == ["ramp", "ramp", "refine"]  # uniform ramp == reference: not re-measured
+    assert rows[-1]["verdict"] == "rollback" and "not below the best" in rows[-1]["reflection"]
+    uniform = project({}, setup["infos"], 0.5)
+    assert res.counts == uniform and res.probe_final.kl <= rows[-1]["probe_kl"]
+    setup["bank"].restore()
+
+
+def test_sensitivity_line_search_is_read_from_history() -> None:
+    s = SensitivityStrategist(etas=(0.1, 0.2))
+    assert s.next_eta([], 0.5) == 0.1
+    hist = [{"phase": "reference", "level": 0.5, "probe_kl": 1.0, "verdict": "accept"},
+            {"phase": "refine", "level": 0.5, "probe_kl": 0.8, "verdict": "accept", "params": {"eta": 0.1}},
+            {"phase": "refine", "level": 0.5, "probe_kl": 0.9, "verdict": "rollback", "params": {"eta": 0.2}}]
+    assert s.next_eta(hist, 0.5) == 0.15  # bisect towards the better neighbour of the best (0.2 beats 0.0)
+    hist += [{"phase": "refine", "level": 0.5, "probe_kl": 0.85, "verdict": "rollback", "params": {"eta": 0.15}}]
+    assert s.next_eta(hist, 0.5) == 0.125
+    hist += [{"phase": "refine", "level": 0.5, "probe_kl": 0.81, "verdict": "rollback", "params": {"eta": 0.125}},
+             {"phase": "refine", "level": 0.5, "probe_kl": 0.82, "verdict": "rollback", "params": {"eta": 0.05}}]
+    for _ in range(10):  # bisection ends once both gaps around the best are under 0.01
+        eta = s.next_eta(hist, 0.5)
+        if eta is None:
+            break
+        hist.append({"phase": "refine", "level": 0.5, "probe_kl": 0.8 + abs(eta - 0.1), "verdict": "rollback",
+                     "params": {"eta": eta}})
+    assert eta is None
 
 
 def test_probe_costs_fill_profile(setup: dict[str, Any]) -> None:
@@ -234,6 +282,19 @@ def test_end_to_end_run_writes_results(tmp_path: Path) -> None:
         assert (out / f).is_file(), f
     calls = [json.loads(l) for l in (out / "llm_calls.jsonl").read_text().splitlines()]
     assert len(calls) == 4 and calls[0]["model"] == "fake-1"
+    from prunepilot.journal import Journal
+
+    j = Journal(out / "journal.sqlite")
+    (run,) = j.runs()
+    assert run["kind"] == "sparsify" and run["status"] == "done"
+    assert len(j.attempts(run["id"])) == 5 and len(j.llm_calls(run["id"])) == 4
+    assert (out / "report.html").is_file()
+    from typer.testing import CliRunner
+
+    from prunepilot.cli import app
+
+    shown = CliRunner().invoke(app, ["runs", "show", run["id"], "--journal", str(out / "journal.sqlite")])
+    assert shown.exit_code == 0 and "reference" in shown.output and "probe KL" in shown.output
     assert res["export"]["identical"]
 
 

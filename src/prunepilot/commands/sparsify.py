@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         eval_text: Optional[str] = typer.Option(None, "--eval", help="Evaluation text (default: the held-out part of --calib's source)."),
         rollback_threshold: str = typer.Option("15%", "--rollback-threshold", help="Roll back a step whose probe perplexity rises more than this."),
         step: float = typer.Option(0.1, "--step", help="Initial global sparsity increment per iteration."),
+        refine_iters: int = typer.Option(8, "--refine-iters", help="Re-allocations tried at the target; the one with the lowest probe KL to the dense model is kept (0: stop when the ramp reaches the target)."),
         calib_seqs: int = typer.Option(32, "--calib-seqs", help="Calibration sequences."),
         seqlen: int = typer.Option(512, "--seqlen", help="Calibration sequence length."),
         eval_seqs: int = typer.Option(16, "--eval-seqs", help="Evaluation sequences."),
@@ -43,16 +44,18 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/sparsify"), "--out", help="Output folder."),
         no_export: bool = typer.Option(False, "--no-export", help="Skip save_pretrained of the sparse model."),
     ) -> None:
-        """Sparsify a causal LM to an exact global sparsity; an analyst allocates it per layer group, rolling
-        back steps that hurt held-out perplexity too much. Writes result.json, plan.json, profile.json,
-        attempts.jsonl, llm_calls.jsonl, summary.md and model/ (save_pretrained)."""
+        """Sparsify a causal LM to an exact global sparsity. An analyst allocates it per layer group: a ramp to the
+        target rolls back steps that raise held-out probe perplexity too much, then re-allocations at the target
+        keep the one closest to the dense model (probe KL; uniform is always measured as a reference). Writes
+        result.json, plan.json, profile.json, attempts.jsonl, llm_calls.jsonl, journal.sqlite, summary.md,
+        report.html and model/ (save_pretrained)."""
         from rich.console import Console
 
         from ..sparsify.run import SparsifyConfig, run_sparsify
 
         console = Console(stderr=True)
         cfg = SparsifyConfig(model=model, sparsity=sparsity, method=method, agent=agent, calib=calib,
-                             eval=eval_text, rollback_threshold=_fraction(rollback_threshold), step=step,
+                             eval=eval_text, rollback_threshold=_fraction(rollback_threshold), step=step, refine_iters=refine_iters,
                              calib_seqs=calib_seqs, calib_seqlen=seqlen, eval_seqs=eval_seqs,
                              eval_seqlen=eval_seqlen, probe_seqs=probe_seqs, probe_seqlen=probe_seqlen, bands=bands, llm_base_url=llm_base_url, export=not no_export)
         result = run_sparsify(cfg, out, say=lambda s: console.print(s))

@@ -138,6 +138,8 @@ def normalise_attempt(a: dict[str, Any], kind: str) -> dict[str, Any]:
             metrics[k] = a[k]
     if "probe_perplexity" not in metrics and num(a.get("probe_ppl")) is not None:
         metrics["probe_perplexity"] = a["probe_ppl"]  # the sparsify loop scores candidates on a probe slice
+    if "probe_kl" not in metrics and num(a.get("probe_kl")) is not None:
+        metrics["probe_kl"] = a["probe_kl"]  # ... and keeps the one closest to the dense model there
     if kind == "sparsify" and "sparsity" not in metrics and num(a.get("achieved")) is not None:
         metrics["sparsity"] = a["achieved"]
     out["metrics"] = metrics

@@ -105,8 +105,8 @@ class SensitivityStrategist:
 
     Layer i gets level + eta * t_i, t_i = -(log cost of its group - mean) - (log cost of its block - mean),
     clipped to level +/- spread; the projector recentres it on the level exactly. On the ramp the tilt is
-    scaled down with the level (eta = ramp_eta). At the target, eta runs through ETAS and then halves its
-    spacing around the best one measured so far (read from ctx.history: no hidden state); when every
+    scaled down with the level (eta = ramp_eta). At the target, eta runs through ETAS and then bisects towards
+    the measured neighbours of the best one so far (read from ctx.history: no hidden state); when every
     candidate has been measured the strategist answers None and the loop stops refining."""
 
     name = "sensitivity"
@@ -134,10 +134,14 @@ class SensitivityStrategist:
             if round(eta, 4) not in measured:
                 return eta
         best = min(measured, key=measured.get)  # type: ignore[arg-type]
-        step = min((abs(e - best) for e in measured if e != best), default=self.etas[0])
-        for cand in (best + step / 2, best - step / 2):
-            if cand > 0 and round(cand, 4) not in measured and step / 2 >= 0.01:
-                return round(cand, 4)
+        # bisect towards each measured neighbour of the best, the more promising (lower KL) side first
+        below = [e for e in measured if e < best]
+        above = [e for e in measured if e > best]
+        sides = [e for e in (max(below, default=None), min(above, default=None)) if e is not None]
+        for nb in sorted(sides, key=lambda e: measured[e]):
+            cand = round((best + nb) / 2, 4)
+            if abs(cand - best) >= 0.01 and cand not in measured:
+                return cand
         return None
 
     def propose(self, ctx: StepContext) -> SparsityPlan | None:
