@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
     def sparsify(
         model: str = typer.Argument(..., help="smollm2 | gemma3-270m | gguf:PATH.gguf | hf:DIR_OR_HUB_ID | DIR"),
         sparsity: str = typer.Option("50%", "--sparsity", help="Global parameter-weighted sparsity (50%) or an N:M pattern (2:4)."),
-        method: str = typer.Option("wanda", "--method", help="Final masks/weights: wanda, sparsegpt or magnitude."),
+        method: str = typer.Option("sparsegpt", "--method", help="Final masks/weights: sparsegpt (default; reconstructs the kept weights), wanda (masks only, about half the time) or magnitude."),
         agent: str = typer.Option("auto", "--agent", help="auto | uniform | owl | sensitivity | local | anthropic[:MODEL] | openai[:MODEL] | openai-compatible:MODEL."),
         calib: str = typer.Option("pydocs", "--calib", help="Calibration text: pydocs | text:PATH | wikitext2 | hf:DATASET[:CONFIG]."),
         eval_text: Optional[str] = typer.Option(None, "--eval", help="Evaluation text (default: the held-out part of --calib's source)."),

@@ -39,7 +39,7 @@ ONE_SHOT = ("uniform", "owl")  # allocate once at the target; no loop
 class SparsifyConfig:
     model: str
     sparsity: str = "50%"  # "50%" / "0.5" (unstructured, global parameter-weighted) or "2:4" / "4:8"
-    method: str = "wanda"  # how the final masks/weights are computed: magnitude | wanda | sparsegpt
+    method: str = "sparsegpt"  # how the final masks/weights are computed: magnitude | wanda | sparsegpt
     agent: str = "auto"  # auto | uniform | owl | sensitivity | local | anthropic:.. | openai:.. | scripted
     calib: str = "pydocs"
     eval: str | None = None
