@@ -31,7 +31,7 @@ from prunepilot.sparsify.calibrate import activation_norms, gradient_importance,
 from prunepilot.sparsify.loop import LoopConfig, Probe, probe_costs, run_loop
 from prunepilot.sparsify.plan import project, resolve
 from prunepilot.sparsify.profile import WandaBank, build_profile
-from prunepilot.sparsify.strategies import OWLStrategist, SensitivityStrategist, StepContext, UniformStrategist
+from prunepilot.sparsify.strategies import OWLStrategist, SensitivityStrategist, StepContext
 
 # name -> (sparsity, method, allocation)
 VARIANTS: dict[str, tuple[str, str, str]] = {

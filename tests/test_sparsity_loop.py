@@ -13,7 +13,6 @@ import torch
 
 from prunepilot.agents.llm.base import LLMReply, Message
 from prunepilot.engines import sparsity as sp
-from prunepilot.evaluate.language import mean_nll
 from prunepilot.sparsify.analyst import LLMSparsityAnalyst
 from prunepilot.sparsify.calibrate import (activation_norms, gradient_importance, linear_layers,
                                            sequential_sparsify)
