@@ -169,6 +169,15 @@ def run_loop(
     if not isinstance(probe, Probe):
         probe = Probe(model, probe, cfg.batch_size)
     log = _Attempts(profile, infos, cfg, record)
+    seen: dict[tuple[int, ...], ProbeScore] = {}  # a repeated allocation (deterministic strategists) is not re-probed
+
+    def measure(counts: dict[str, int]) -> ProbeScore:
+        key = tuple(counts[i.name] for i in infos)
+        if key not in seen:
+            bank.apply(counts)
+            seen[key] = probe.measure(model)
+        return seen[key]
+
     current: dict[str, float] = {i.name: 0.0 for i in infos}
     current_counts: dict[str, int] = {i.name: 0 for i in infos}
     ckpt = probe.dense
@@ -189,8 +198,7 @@ def run_loop(
         if plan is None:  # a strategist with no opinion on the ramp: climb uniformly
             desired = {i.name: level for i in infos}
         counts = project(desired, infos, level, floor=current, ceiling=MAX_RATIO)
-        bank.apply(counts)
-        score = probe.measure(model)
+        score = measure(counts)
         row = log.row("ramp", used, plan, now, level, counts, score, ckpt, t0)
         row["groups_pushed"] = pushed = _groups_pushed(profile, current, counts_to_ratios(counts, infos))
         if row["rise"] <= cfg.threshold or last_call:
@@ -227,8 +235,7 @@ def run_loop(
         t0 = time.perf_counter()
         uniform = project({}, infos, cfg.target)
         if uniform != best_counts:
-            bank.apply(uniform)
-            uniform_score = probe.measure(model)
+            uniform_score = measure(uniform)
             row = log.row("reference", "uniform", None, cfg.target, cfg.target, uniform, uniform_score, best, t0)
             row["rationale"] = "reference candidate: every layer at the target"
             row["verdict"] = "accept" if uniform_score.kl < best.kl else "rollback"
@@ -252,8 +259,7 @@ def run_loop(
             row["verdict"], row["reflection"] = "repeat", "same allocation as the best so far; not measured again"
             log.add(row)
             continue
-        bank.apply(counts)
-        score = probe.measure(model)
+        score = measure(counts)
         row = log.row("refine", used, plan, cfg.target, cfg.target, counts, score, best, t0)
         if score.kl < best.kl:
             row["verdict"] = "accept"
