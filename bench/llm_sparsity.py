@@ -142,7 +142,7 @@ def main() -> None:
                 counts = project({}, infos, target)
             elif alloc == "owl":
                 need_profile()
-                ctx = StepContext(profile, infos, bank.curve, target, target, {i.name: 0.0 for i in infos})
+                ctx = StepContext(profile, infos, target, target, {i.name: 0.0 for i in infos})
                 counts = project(resolve(OWLStrategist().propose(ctx), infos, profile.groups, {}), infos, target)
             elif alloc == "agent" and agent_counts is not None:
                 counts = agent_counts

@@ -92,7 +92,7 @@ def test_bank_applies_and_restores(setup: dict[str, Any]) -> None:
 
 
 def _ctx(setup: dict[str, Any], level: float = 0.5) -> StepContext:
-    return StepContext(setup["profile"], setup["infos"], setup["bank"].curve, 0.5, level,
+    return StepContext(setup["profile"], setup["infos"], 0.5, level,
                        {i.name: 0.0 for i in setup["infos"]})
 
 

@@ -141,17 +141,13 @@ class _Attempts:
 def _propose(strategist: Strategist, fallback: Strategist | None, ctx: StepContext, infos: list[LinearInfo],
              profile: SensitivityProfile, current: dict[str, float]) -> tuple[SparsityPlan | None, str, dict[str, float]]:
     plan, used = strategist.propose(ctx), strategist.name
-    if plan is None:
-        return None, used, {}
     try:
-        return plan, used, resolve(plan, infos, profile.groups, fallback=current)
+        return plan, used, resolve(plan, infos, profile.groups, fallback=current) if plan else {}
     except Exception as exc:  # a plan that slipped past validation: the fallback decides, and we say so
         if fallback is None:
             raise
         plan, used = fallback.propose(ctx), f"{fallback.name} (fallback: {exc})"
-        if plan is None:
-            return None, used, {}
-        return plan, used, resolve(plan, infos, profile.groups, fallback=current)
+        return plan, used, resolve(plan, infos, profile.groups, fallback=current) if plan else {}
 
 
 def run_loop(
@@ -192,7 +188,7 @@ def run_loop(
         now = global_sparsity(current, infos)
         last_call = ramp_iters >= cfg.max_iters
         level = cfg.target if last_call else min(now + step, cfg.target)
-        ctx = StepContext(profile, infos, bank.curve, cfg.target, level, dict(current), list(log.rows), phase="ramp")
+        ctx = StepContext(profile, infos, cfg.target, level, dict(current), list(log.rows), phase="ramp")
         t0 = time.perf_counter()
         plan, used, desired = _propose(strategist, fallback, ctx, infos, profile, current)
         if plan is None:  # a strategist with no opinion on the ramp: climb uniformly
@@ -248,7 +244,7 @@ def run_loop(
     # refine: re-allocate at the target, keep the best by probe KL
     for _ in range(cfg.refine_iters):
         best_ratios = counts_to_ratios(best_counts, infos)
-        ctx = StepContext(profile, infos, bank.curve, cfg.target, cfg.target, best_ratios, list(log.rows), phase="refine")
+        ctx = StepContext(profile, infos, cfg.target, cfg.target, best_ratios, list(log.rows), phase="refine")
         t0 = time.perf_counter()
         plan, used, desired = _propose(strategist, fallback, ctx, infos, profile, best_ratios)
         if plan is None:

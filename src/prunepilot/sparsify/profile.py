@@ -2,9 +2,9 @@
 
 Per prunable linear: Wanda score statistics from dense calibration activations (10th percentile of the
 non-zero |W|*||X||), gradient importance (mean |dL/dW|), both as z-scores across layers; the OWL outlier
-ratio; the share of Wanda score energy a given sparsity removes (a convex cost curve); the current
-sparsity. Per group (layer kind x depth band), optionally a measured probe: how much the held-out NLL
-rises when that group alone goes `delta` above the uniform target.
+ratio; the current sparsity. Measured probes (optional, filled by loop.probe_costs): how much the probe's
+KL divergence from the dense model rises per 1% of global sparsity moved into one group (layer kind x
+depth band) or one decoder block, every other layer at the uniform target.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from torch import nn
 from ..engines import sparsity as sp
 from .calibrate import LinearInfo, modules_by_name
 
-GRID_STEP = 0.01
-GRID = [round(i * GRID_STEP, 4) for i in range(0, 100)]  # sparsity 0.00 .. 0.99
 OWL_M = 5.0  # outlier threshold (x mean score), as in the OWL paper for LLaMA
 
 
@@ -34,14 +32,13 @@ def group_of(info: LinearInfo, n_blocks: int, n_bands: int) -> str:
 
 
 class WandaBank:
-    """Dense weights, per-row Wanda orders and energy curves: apply any per-layer sparsity in one pass."""
+    """Dense weights and per-row Wanda orders: apply any per-layer sparsity in one pass."""
 
     def __init__(self, model: nn.Module, infos: list[LinearInfo], norms: dict[str, torch.Tensor]) -> None:
         self.infos = infos
         self.mods = modules_by_name(model, infos)
         self.dense: dict[str, torch.Tensor] = {}
         self.order: dict[str, torch.Tensor] = {}
-        self.curve: dict[str, list[float]] = {}  # share of score energy removed at each GRID sparsity
         self.p10: dict[str, float] = {}
         self.outliers: dict[str, int] = {}
         self.applied: dict[str, int] = {}
@@ -60,11 +57,6 @@ class WandaBank:
             self.outliers[info.name] = int((score > OWL_M * block_sum[info.block] / block_n[info.block]).sum())
             sorted_s, order = torch.sort(score, dim=1)  # ascending per row
             self.order[info.name] = order.to(torch.int16 if info.in_features < 32768 else torch.int32)
-            cum = torch.cumsum(sorted_s.pow(2).sum(0).double(), dim=0)  # [in]: energy when c weights per row go
-            total = float(cum[-1]) or 1.0
-            cols = info.in_features
-            self.curve[info.name] = [0.0 if s == 0 else float(cum[min(cols, round(s * cols)) - 1]) / total
-                                     for s in GRID]
             flat = sorted_s.flatten()
             nz = flat[flat > 0]
             sample = nz[:: max(1, nz.numel() // 200_000)]

@@ -28,7 +28,7 @@ from ..sources.text import load_split, token_blocks
 from .calibrate import activation_norms, gradient_importance, linear_layers, sequential_sparsify
 from .export import save_and_verify, sparse_size_mb
 from .loop import LoopConfig, Probe, probe_costs, run_loop
-from .plan import counts_to_ratios, global_sparsity, project, resolve
+from .plan import project, resolve
 from .profile import WandaBank, build_profile
 from .strategies import BUILTINS, SensitivityStrategist, StepContext, Strategist
 
@@ -203,7 +203,7 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
         profile = build_profile(lm.name, target, infos, bank, grads, cfg.bands)
         lap("profile", t0)
         if cfg.agent in ONE_SHOT:
-            ctx = StepContext(profile, infos, bank.curve, target, target, {i.name: 0.0 for i in infos})
+            ctx = StepContext(profile, infos, target, target, {i.name: 0.0 for i in infos})
             plan = strategist.propose(ctx)
             assert plan is not None  # one-shot strategists always answer on the ramp
             counts = project(resolve(plan, infos, profile.groups, {}), infos, target)

@@ -21,7 +21,6 @@ OWL_LAMBDA = 0.08  # OWL's sparsity spread (+/- lambda around the target) for LL
 class StepContext:
     profile: SensitivityProfile
     infos: list[LinearInfo]
-    curves: dict[str, list[float]]  # name -> share of Wanda energy removed at each GRID sparsity
     target: float
     level: float  # global sparsity this step must reach
     current: dict[str, float]  # per-layer sparsity at the last checkpoint
@@ -115,8 +114,7 @@ class SensitivityStrategist:
                  etas: tuple[float, ...] = ETAS) -> None:
         self.beta, self.spread, self.ramp_eta, self.etas = beta, spread, ramp_eta, etas
 
-    def ratios(self, ctx: StepContext, eta: float) -> dict[str, float]:
-        tilt, _ = sensitivity_tilt(ctx.profile, self.beta)
+    def ratios(self, ctx: StepContext, eta: float, tilt: dict[str, float]) -> dict[str, float]:
         scale = ctx.level / ctx.target if ctx.target else 1.0
         lo, hi = max(ctx.level - self.spread, 0.0), min(ctx.level + self.spread, MAX_RATIO)
         return {i.name: min(max(ctx.level + eta * scale * tilt.get(i.name, 0.0), lo), hi) for i in ctx.infos}
@@ -145,7 +143,7 @@ class SensitivityStrategist:
         return None
 
     def propose(self, ctx: StepContext) -> SparsityPlan | None:
-        _, src = sensitivity_tilt(ctx.profile, self.beta)
+        tilt, src = sensitivity_tilt(ctx.profile, self.beta)
         if ctx.phase == "refine":
             eta = self.next_eta(ctx.history, ctx.target)
             if eta is None:
@@ -153,7 +151,7 @@ class SensitivityStrategist:
         else:
             eta = self.ramp_eta
         why = f"tilt from {src}, strength eta={eta:g}" + (" (line search at the target)" if ctx.phase == "refine" else "")
-        return SparsityPlan(ratios=self.ratios(ctx, eta), rationale=why, source=self.name, params={"eta": eta})
+        return SparsityPlan(ratios=self.ratios(ctx, eta, tilt), rationale=why, source=self.name, params={"eta": eta})
 
 
 BUILTINS: dict[str, type] = {"uniform": UniformStrategist, "owl": OWLStrategist, "sensitivity": SensitivityStrategist}
