@@ -3,16 +3,72 @@
 from __future__ import annotations
 
 import importlib
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ..errors import SourceError
 
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ModelSpec(BaseModel):
+    """Everything needed to load the same model again (a journal keeps it, so a run can be rebuilt):
+    the URI, the weights option, the state_dict path and content hash, the model file's hash, the input
+    shape and whether the user trusted a pickle (recorded, never forced on resume)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str
+    weights: Literal["random", "default"] = "random"
+    trust: bool = False
+    input_shape: tuple[int, ...] | None = None
+    state_dict: str | None = None
+    state_dict_sha256: str | None = None
+    file_sha256: str | None = None  # for file: URIs
+
+    @classmethod
+    def build(cls, uri: str, *, weights: str = "random", trust: bool = False,
+              input_shape: tuple[int, ...] | None = None, state_dict: str | Path | None = None) -> "ModelSpec":
+        sd = str(Path(state_dict).expanduser().resolve()) if state_dict is not None else None
+        sd_hash = file_sha256(sd) if sd is not None and Path(sd).is_file() else None
+        fhash = None
+        if uri.startswith("file:"):
+            fp = Path(uri[5:]).expanduser()
+            if fp.is_file():
+                fhash = file_sha256(fp)
+                uri = "file:" + str(fp.resolve())
+        return cls(uri=uri, weights=weights, trust=trust, input_shape=tuple(input_shape) if input_shape else None,  # type: ignore[arg-type]
+                   state_dict=sd, state_dict_sha256=sd_hash, file_sha256=fhash)
+
+    def check_unchanged(self) -> None:
+        """Refuse to rebuild a run on files that changed since it was journaled."""
+        for what, path, want in (("state_dict", self.state_dict, self.state_dict_sha256),
+                                 ("model file", self.uri[5:] if self.uri.startswith("file:") else None, self.file_sha256)):
+            if path is None or want is None:
+                continue
+            if not Path(path).is_file():
+                raise SourceError(f"the run's {what} is gone", path, "restore the file, or start a new run")
+            if file_sha256(path) != want:
+                raise SourceError(f"the run's {what} changed since the run was journaled (content hash differs)", path,
+                                  "restore the original file, or start a new run on the new one")
+
+    def load(self) -> "LoadedModel":
+        return load_model(self.uri, weights=self.weights, trust=self.trust, input_shape=self.input_shape,
+                          state_dict=self.state_dict)
 
 
 @dataclass
@@ -22,6 +78,7 @@ class LoadedModel:
     uri: str
     description: str
     export_kind: str = "module"  # "module" | "torchscript" | "exported_program"
+    spec: ModelSpec | None = None  # how to load it again; None for a module handed in from Python
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -141,11 +198,13 @@ def load_model(
         model, kind = _load_file(Path(rest).expanduser(), trust)
     elif scheme == "py":
         model = _load_factory(rest)
+    elif scheme == "prunepilot":
+        model, input_shape = _embedded(rest, input_shape)
     else:
         raise SourceError(
             "unknown model source",
             uri,
-            "use torchvision:NAME, timm:NAME, file:PATH, py:module:function",
+            "use torchvision:NAME, timm:NAME, file:PATH, py:module:function, prunepilot:fmnist_resnet20",
         )
     if state_dict is not None:
         sd = torch.load(str(state_dict), map_location="cpu", weights_only=True)
@@ -161,4 +220,19 @@ def load_model(
     except NotImplementedError:  # torch.export modules are already in inference form
         pass
     example = torch.randn(*shape)
-    return LoadedModel(model, example, uri, f"{uri} ({weights} weights)" if scheme in ("torchvision", "timm") else uri, kind)
+    spec = ModelSpec.build(uri, weights=weights, trust=trust, input_shape=input_shape, state_dict=state_dict)
+    desc = f"{uri} ({weights} weights)" if scheme in ("torchvision", "timm") else uri
+    return LoadedModel(model, example, uri, desc, kind, spec)
+
+
+EMBEDDED = ("fmnist_resnet20", "fmnist_resnet32", "fmnist_resnet56")
+
+
+def _embedded(name: str, input_shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
+    """prunepilot:fmnist_<arch>: the cached, trained Fashion-MNIST baselines (trained once when absent)."""
+    if name not in EMBEDDED:
+        raise SourceError("unknown embedded model", name, f"use one of {', '.join('prunepilot:' + e for e in EMBEDDED)}")
+    from ..models.baseline import get_or_train_baseline
+
+    model, info = get_or_train_baseline(name.removeprefix("fmnist_"))
+    return model, input_shape or (1, *info["input_shape"])
