@@ -263,7 +263,7 @@ def _loaded(model: nn.Module, shape: tuple[int, ...]):
 def test_run_quantize_writes_result_report_and_artefact(tmp_path, layers: str) -> None:
     import json
 
-    from prunepilot.commands.quantize import run_quantize
+    from prunepilot.jobs.quantize import run_quantize
 
     res = run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path, layers=layers, rounds=2)
     assert res["kind"] == "quantize" and res["backend"] == "eager"
@@ -281,7 +281,7 @@ def test_run_quantize_writes_result_report_and_artefact(tmp_path, layers: str) -
 
 
 def test_run_quantize_rejects_bad_options(tmp_path) -> None:
-    from prunepilot.commands.quantize import run_quantize
+    from prunepilot.jobs.quantize import run_quantize
 
     with pytest.raises(PlanError, match="backend is eager, torchao or onnx"):
         run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path, backend="tflite")
@@ -312,7 +312,7 @@ def test_why_not_explains_unselected_layers(tiny: nn.Module) -> None:
 def test_run_quantize_takes_the_plan_quantize_map(tmp_path) -> None:
     import json
 
-    from prunepilot.commands.quantize import run_quantize
+    from prunepilot.jobs.quantize import run_quantize
     from prunepilot.plan import Plan
 
     plan_path = tmp_path / "plan.json"
@@ -323,3 +323,34 @@ def test_run_quantize_takes_the_plan_quantize_map(tmp_path) -> None:
     plan_path.write_text(Plan().model_dump_json())
     with pytest.raises(PlanError, match="empty 'quantize' map"):
         run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path / "run2", plan_file=plan_path, rounds=1)
+
+
+def test_quantize_python_entry_point_on_a_tiny_model(tmp_path, monkeypatch) -> None:
+    import json
+
+    from tiny_models import make
+
+    from prunepilot.errors import PrunepilotError
+    from prunepilot.jobs.quantize import fresh_run_dir, quantize, run_quantize
+
+    pytest.importorskip("timm")
+    model, x = make("vit")  # timm ViT: qkv / proj / mlp Linears to quantize
+    res = quantize(model, x, out=tmp_path / "q", layers="all", rounds=2)
+    assert res["kind"] == "quantize" and res["model"] == "python:VisionTransformer"
+    assert res["out"] == str(tmp_path / "q")
+    assert res["compressed"]["size_mb"] < res["dense"]["size_mb"] and res["size_reduction"] > 0
+    assert res["quantization"]["n_quantized"] >= 1
+    written = json.loads((tmp_path / "q" / "result.json").read_text())
+    assert written["compressed"]["size_mb"] == pytest.approx(res["compressed"]["size_mb"])
+    assert written["input_shape"] == list(x.shape) and (tmp_path / "q" / "model.pt").exists()
+    # options the job cannot honour are refused, not ignored
+    with pytest.raises(PrunepilotError, match="cannot select layers"):
+        quantize(model, x, out=tmp_path / "o", backend="onnx", layers="auto")
+    with pytest.raises(PrunepilotError, match="unknown quantize option"):
+        quantize(model, x, out=tmp_path / "u", warmup=3)
+    with pytest.raises(PrunepilotError, match="LoadedModel"):
+        run_quantize(model, out=tmp_path / "m")
+    # out=None: a fresh runs/quantize-<timestamp> folder under the current directory, never reused
+    monkeypatch.chdir(tmp_path)
+    a, b = fresh_run_dir(), fresh_run_dir()
+    assert a != b and a.parent == b.parent == tmp_path / "runs" and a.name.startswith("quantize-")
