@@ -102,7 +102,7 @@ def _loaded(model: nn.Module, shape: tuple[int, ...]):
 
 
 def test_quantize_onnx_backend_then_export_of_an_eager_int8_run(tmp_path) -> None:
-    from prunepilot.commands.export import run_export
+    from prunepilot.jobs.export import run_export
     from prunepilot.commands.quantize import run_quantize
 
     res = run_quantize(_loaded(_mlp(), (2, 32)), out=tmp_path / "onnx", backend="onnx", layers="all", rounds=2)
@@ -121,7 +121,7 @@ def test_quantize_onnx_backend_then_export_of_an_eager_int8_run(tmp_path) -> Non
 
 
 def test_export_refuses_foreign_pickles_without_trust(tmp_path) -> None:
-    from prunepilot.commands.export import load_run_model
+    from prunepilot.jobs.export import load_run_model
     from prunepilot.errors import SourceError
 
     torch.save(_mlp(), tmp_path / "model.pt")
@@ -135,7 +135,7 @@ def test_export_refuses_foreign_pickles_without_trust(tmp_path) -> None:
 
 
 def test_export_prefers_the_torch_export_program(tmp_path) -> None:
-    from prunepilot.commands.export import run_export
+    from prunepilot.jobs.export import run_export
 
     model, x = _mlp(), torch.randn(2, 32)
     torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "model.pt2"))

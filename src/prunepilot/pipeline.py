@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from .budget import Budget, ResolvedBudget, format_metric
+from .engines.artifact import export_program, save_pruned, write_atomic
 from .engines.structured import apply_allocation, verify_runs
 from .evaluate.speed import compare_latency
 from .plan import Plan
@@ -81,20 +81,15 @@ class Pruner:
             corrections += 1
 
 
-def save_model(model: nn.Module, example_input: torch.Tensor, out: Path) -> dict[str, Any]:
-    """Full module (torch.save; reload with prunepilot or weights_only=False) and torch.export where it works."""
-    info: dict[str, Any] = {"module": "model.pt"}
-    torch.save(model, out / "model.pt")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(model, (example_input,))
-            torch.export.save(ep, str(out / "model.pt2"))
-        info["exported_program"] = "model.pt2"
-    except Exception as exc:  # some architectures do not export; say so instead of failing the run
-        info["exported_program"] = None
-        info["export_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    return info
+def save_model(model: nn.Module, example_input: torch.Tensor, out: Path, *, record: dict[str, Any] | None = None,
+               pickle_module: bool = False) -> dict[str, Any]:
+    """With a `record` (see engines.artifact.save_pruned): model.safetensors + structure.json + model.pt2, no
+    pickle unless `pickle_module`. Without one (a caller that cannot describe the structure yet): the pickled
+    full module model.pt (reload with prunepilot or weights_only=False) and model.pt2 where torch.export works."""
+    if record is not None:
+        return save_pruned(model, example_input, out, record=record, pickle_module=pickle_module)
+    write_atomic(out / "model.pt", lambda p: torch.save(model, p))
+    return {"module": "model.pt", **export_program(model, example_input, out)}
 
 
 def measure_block(model: nn.Module, x: torch.Tensor, counts: dict[str, float], latency_ms: float | None) -> dict[str, Any]:
@@ -127,7 +122,11 @@ def run_prune(
     comp_block = measure_block(cand.model, pruner.x, cand.metrics, lat["compressed"].median_ms)
     errors = {m: rb.error(m, comp_block[m]) for m in rb.goals if comp_block.get(m) is not None}
     within = all(rb.within(m, comp_block[m]) for m in errors)
-    export = save_model(cand.model, pruner.x, out)
+    alloc = cand.projection.allocation
+    # a module handed in from Python has no spec: weights + pt2 are still written, pickle-free
+    record = {"model": loaded.spec.model_dump() if loaded.spec else None,
+              "allocation": {"kept": alloc.kept, "heads": alloc.heads}, "protected": plan.protected}
+    export = save_model(cand.model, pruner.x, out, record=record)
     projected = plan.model_copy(update={"ratios": cand.projection.ratios(pruner.structure), "default_ratio": 0.0})
     write_json_atomic(out / "plan.json", {"requested": plan.model_dump(), "projected": projected.model_dump()})
     result = build_result(
