@@ -74,11 +74,11 @@ def run_compress(
     auto = select_layers_auto(rows)
     evaluator = None
     if data_spec:
-        from .agents.master import Evaluator, SearchConfig
+        from .evaluate.scoring import Evaluator, ScoringConfig
         from .sources.data import load_data
 
         data = load_data(data_spec, input_shape=tuple(x.shape[1:]))
-        evaluator = Evaluator(data, dense, SearchConfig(finetune_steps=finetune_steps, eval_limit=1000))
+        evaluator = Evaluator(data, dense, ScoringConfig(finetune_steps=finetune_steps, eval_limit=1000))
 
     # the least pruning that satisfies the static targets bounds the knob from below
     k_min = 0.0
@@ -164,7 +164,7 @@ def run_compress(
     )
     write_json_atomic(out / "result.json", result)
     write_text_atomic(out / "summary.md", summary_markdown(result))
-    from .search import render
+    from .report.render import render_safely as render
 
     render(out, log)
     return result

@@ -1,4 +1,7 @@
-"""Journal: append-only SQLite record of runs, attempts and LLM transcripts. Runs resume and replay from it."""
+"""Journal: append-only SQLite record of runs, attempts and LLM transcripts. Runs resume and replay from it.
+
+A run's config holds everything needed to rebuild it (model spec with hashes, data, budget, plan, seeds,
+agent); its attempts are `Attempt` records; its LLM calls are keyed by the attempt index they served."""
 
 from __future__ import annotations
 
@@ -8,7 +11,10 @@ import time
 import uuid
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .attempt import Attempt
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, kind TEXT, created REAL, status TEXT, out_dir TEXT,
@@ -43,10 +49,11 @@ class Journal:
                       (run_id, kind, time.time(), "running", str(out_dir), json.dumps(config, default=str), None))
         return run_id
 
-    def record_attempt(self, run_id: str, round_: int, data: dict[str, Any]) -> None:
+    def record_attempt(self, run_id: str, attempt: "Attempt") -> None:
+        # INSERT OR REPLACE: an attempt redone after a kill (before its record landed) is not duplicated
         with closing(self._conn()) as c, c:
             c.execute("INSERT OR REPLACE INTO attempts VALUES (?,?,?,?)",
-                      (run_id, round_, time.time(), json.dumps(data, default=str)))
+                      (run_id, attempt.index, time.time(), attempt.model_dump_json()))
 
     def record_llm_call(self, run_id: str, round_: int, data: dict[str, Any]) -> None:
         with closing(self._conn()) as c, c:
@@ -73,12 +80,53 @@ class Journal:
             rows = c.execute("SELECT id FROM runs ORDER BY created").fetchall()
         return [self.run(r[0]) for r in rows]
 
-    def attempts(self, run_id: str) -> list[dict[str, Any]]:
+    def attempts(self, run_id: str) -> list["Attempt"]:
+        from pydantic import ValidationError
+
+        from .attempt import Attempt
+        from .errors import PrunepilotError
+
         with closing(self._conn()) as c:
             rows = c.execute("SELECT data FROM attempts WHERE run_id=? ORDER BY round", (run_id,)).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        try:
+            return [Attempt.model_validate_json(r[0]) for r in rows]
+        except ValidationError as exc:
+            raise PrunepilotError("this journal's attempts are not in the current Attempt format (written by an older "
+                                  "prunepilot?)", f"{self.path}: {str(exc)[:200]}", "start a new run") from None
+
+    def set_status(self, run_id: str, status: str) -> None:
+        with closing(self._conn()) as c, c:
+            c.execute("UPDATE runs SET status=? WHERE id=?", (status, run_id))
+
+    def latest_run(self) -> str | None:
+        with closing(self._conn()) as c:
+            row = c.execute("SELECT id FROM runs ORDER BY created DESC LIMIT 1").fetchone()
+        return row[0] if row else None
 
     def llm_calls(self, run_id: str) -> list[dict[str, Any]]:
         with closing(self._conn()) as c:
             rows = c.execute("SELECT round, data FROM llm_calls WHERE run_id=? ORDER BY id", (run_id,)).fetchall()
         return [{"round": r[0], **json.loads(r[1])} for r in rows]
+
+
+def prepare_out(out: Path, *, overwrite: bool = False, resume: bool = False) -> None:
+    """One run per output folder: a folder that already holds a run is refused (or cleared with `overwrite`),
+    so attempts, transcripts and reports never mix runs."""
+    import shutil
+
+    from .errors import PrunepilotError
+
+    out = Path(out)
+    if resume:
+        return
+    if out.exists() and any(out.iterdir()):
+        if not (out / "journal.sqlite").exists() and not (out / "result.json").exists():
+            raise PrunepilotError("the output folder is not empty and does not hold a prunepilot run", str(out),
+                                  "choose another --out (or empty the folder)")
+        if not overwrite:
+            prev = Journal(out / "journal.sqlite").latest_run() if (out / "journal.sqlite").exists() else None
+            hint = f"`prunepilot runs resume {prev} --journal {out / 'journal.sqlite'}` continues it, " if prev else ""
+            raise PrunepilotError("the output folder already holds a run", str(out),
+                                  f"{hint}--overwrite replaces it, or choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ class Candidate:
     projection: Projection
     metrics: dict[str, float]  # real counts
     corrections: int
+    plan: Plan | None = None  # the plan as applied (user constraints merged)
 
 
 class Pruner:
@@ -56,7 +57,7 @@ class Pruner:
         plan: Plan,
         budget: ResolvedBudget,
         *,
-        calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+        calibration: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         max_corrections: int = 3,
     ) -> Candidate:
         """Project `plan` onto the budget, prune a fresh copy, and verify the real counts (correcting the
@@ -75,7 +76,7 @@ class Pruner:
             static = [m for m in STATIC_METRICS if m in budget.goals]
             off = [m for m in static if abs(budget.error(m, real[m])) > 0.004 and abs(real[m] - proj.predicted[m]) / real[m] > 1e-4]
             if not off or corrections >= max_corrections or not proj.feasible:
-                return Candidate(model, proj, real, corrections)
+                return Candidate(model, proj, real, corrections, plan)
             for m in off:  # analytic and real counts differ slightly (uncounted ops): retarget by the ratio
                 goals[m] = goals[m] * proj.predicted[m] / real[m]
             corrections += 1

@@ -17,25 +17,30 @@ QuantScheme = Literal["none", "int8_dynamic", "int8_weight_only"]
 
 
 class Plan(BaseModel):
-    """Per-layer pruning (and optional quantization) strategy.
+    """Per-layer strategy, the same noun for every job (structured ratios, sparsity levels, quantization).
 
     `ratios` maps a target to the fraction of channels to remove. A target is an isomorphic family name
     (see `prunepilot profile`), a group/layer name, or a `re:` regular expression over group names.
     Precedence: exact group name > regex (first match in order) > family > `default_ratio`.
-    The projector treats the ratios as a *shape* and rescales them so the budget holds.
+    The projector treats the ratios as a *shape* and rescales them so the budget holds. `default_ratio=None`
+    means "no opinion": the job keeps the current allocation for unnamed targets (sparsity ramp).
+    Each job's engine caps a ratio at its own safe maximum (channels 0.9, weights 0.95).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     version: Literal[1] = PLAN_VERSION
     ratios: dict[str, float] = Field(default_factory=dict)
-    default_ratio: float = 0.3
+    default_ratio: float | None = 0.3
     importance: Importance = "l2"
     round_to: int | None = None
     protected: list[str] = Field(default_factory=list)
     prune_heads: bool = False
     quantize: dict[str, QuantScheme] = Field(default_factory=dict)
     rationale: str = ""
+    reflection: str = ""  # the analyst's comment on the history it read
+    source: str = ""  # which strategist wrote it (fallbacks say so)
+    params: dict[str, float] = Field(default_factory=dict)  # the strategist's own knobs, echoed in history
 
     @field_validator("ratios")
     @classmethod
@@ -52,8 +57,8 @@ class Plan(BaseModel):
 
     @field_validator("default_ratio")
     @classmethod
-    def _default_in_range(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
+    def _default_in_range(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
             raise ValueError(f"default_ratio must lie in [0, 1], got {v}")
         return v
 
@@ -73,7 +78,7 @@ class Plan(BaseModel):
                 return r
         if family in self.ratios:
             return self.ratios[family]
-        return self.default_ratio
+        return self.default_ratio or 0.0
 
     def is_protected(self, group: str, family: str) -> bool:
         for p in self.protected:

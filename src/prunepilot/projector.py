@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .budget import ResolvedBudget
 from .costmodel import CostModel
-from .engines.structured import Allocation
+from .allocation import Allocation
 from .plan import MAX_RATIO, Plan
 from .structure import Structure
 

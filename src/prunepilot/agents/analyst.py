@@ -1,7 +1,8 @@
-"""LLMAnalyst: the strategist that asks an LLM for a Plan, validates it, repairs once, else falls back.
+"""LLMAnalyst: the one strategist that asks an LLM for a Plan (any job), validates it, repairs once, else
+falls back. This module also holds the prune job's prompt kit; sparsify_prompts.py holds the sparsify one.
 
-The reply is data, never code: JSON -> clamp ratios -> Plan.model_validate -> plan.check_names. Everything the
-analyst knows comes from `propose()`'s arguments (profile, budget, history); it keeps no state between rounds,
+The reply is data, never code: JSON -> clamp ratios -> Plan.model_validate -> names checked. Everything the
+analyst knows comes from the Context (profile, budget, history, step); it keeps no state between rounds,
 so a resumed or replayed run asks exactly the same questions.
 """
 
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from string import Template
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
@@ -22,27 +23,13 @@ from .llm.base import LLMClient, LLMError, LLMReply, Message
 from .llm.parsing import extract_json, messages_hash, messages_to_dicts
 from .llm.retry import redact
 
+if TYPE_CHECKING:
+    from .context import Context
+
 SchemaMode = Literal["auto", "plan", "narrow"]
 RATIO_GRID = [round(i * 0.05, 2) for i in range(round(MAX_RATIO / 0.05) + 1)]  # 0.0, 0.05, ..., 0.9
 _MAX_NAMES_SHOWN = 60
 _CELL = 140  # characters per history-table cell: long histories must still fit a small model's context
-
-
-@dataclass
-class ProposeResult:
-    """What a strategist proposes, with the LLM calls behind it (for the journal) and why it fell back."""
-
-    plan: Plan
-    llm_calls: list[dict[str, Any]] = field(default_factory=list)
-    fallback_reason: str | None = None
-
-    @property
-    def used_fallback(self) -> bool:
-        return self.fallback_reason is not None
-
-
-class Strategist(Protocol):
-    def propose(self, profile: dict, budget: dict, history: list[dict], *, seed: int = 0) -> Plan | ProposeResult: ...
 
 
 # ----------------------------------------------------------------------------------------------- profile names
@@ -387,68 +374,105 @@ def parse_plan(reply: LLMReply, names: Names) -> tuple[Plan | None, str | None, 
 
 
 # ---------------------------------------------------------------------------------------------------- analyst
-class LLMAnalyst:
-    """Strategist backed by an LLMClient. `fallback` is any strategist with the same `propose` signature
-    (returning a Plan or a ProposeResult); it answers when the LLM fails or twice gives an invalid plan."""
+def attempt_rows(ctx: "Context") -> list[dict[str, Any]]:
+    """Attempts as the prune prompt's history table reads them; the monitor's guidance rides on the last."""
+    rows = []
+    for a in ctx.history:
+        rows.append({"round": a.index, "plan": a.plan, "projected_ratios": a.projected,
+                     "metrics": {k: v for k, v in a.metrics.items() if k in ("accuracy", "macs", "params", "latency_ms")},
+                     "errors": a.errors, "within_band": a.within_band, "verdict": a.verdict, "rationale": a.rationale,
+                     "reflection": a.reflection or (f"failed: {a.error}" if a.error else ""),
+                     "fallback_reason": a.fallback_reason})
+    if rows:
+        rows[-1]["guidance"] = ctx.step.get("guidance") or []
+    return rows
 
-    def __init__(
-        self,
-        client: LLMClient,
-        fallback: Strategist,
-        *,
-        repairs: int = 1,
-        schema_mode: SchemaMode = "auto",
-        max_history_rows: int = 8,
-    ) -> None:
-        self.client = client
-        self.fallback = fallback
-        self.repairs = repairs
-        self.schema_mode = schema_mode
-        self.max_history_rows = max_history_rows
-        self.name = f"llm:{getattr(client, 'name', type(client).__name__)}"
 
-    def response_schema(self, profile: dict) -> dict[str, Any]:
+class PrunePrompts:
+    """The prune job's prompt: profile table, budget, names, history table, monitor guidance, prior runs."""
+
+    def __init__(self, schema_mode: SchemaMode = "auto", max_history_rows: int = 8) -> None:
+        self.schema_mode, self.max_history_rows = schema_mode, max_history_rows
+
+    def schema(self, ctx: "Context", constrained: bool) -> dict[str, Any]:
         mode = self.schema_mode
         if mode == "auto":
-            mode = "narrow" if getattr(self.client, "constrained", False) else "plan"
-        return narrow_schema(profile_names(profile)) if mode == "narrow" else plan_schema()
+            mode = "narrow" if constrained else "plan"
+        return narrow_schema(profile_names(ctx.profile)) if mode == "narrow" else plan_schema()
 
-    def propose(self, profile: dict, budget: dict, history: list[dict], *, seed: int = 0) -> ProposeResult:
-        names = profile_names(profile)
-        schema = self.response_schema(profile)
-        messages = build_messages(profile, budget, history, schema, max_rows=self.max_history_rows)
-        calls: list[dict[str, Any]] = []
-        error = ""
+    def messages(self, ctx: "Context", schema: dict[str, Any]) -> list[Message]:
+        msgs = build_messages(ctx.profile, ctx.budget, attempt_rows(ctx), schema, max_rows=self.max_history_rows)
+        if ctx.priors:
+            msgs[1] = Message("user", msgs[1].content + "\n\n## Earlier runs on a matching model\n"
+                              + json.dumps(ctx.priors, separators=(",", ":"), default=str))
+        return msgs
+
+    def parse(self, reply: LLMReply, ctx: "Context") -> tuple[Plan | None, str | None, list[str]]:
+        return parse_plan(reply, profile_names(ctx.profile))
+
+    def repair(self, messages: list[Message], reply_text: str, error: str, ctx: "Context") -> list[Message]:
+        return repair_messages(messages, reply_text, error)
+
+
+def prompt_kit(kind: str, **kw: Any) -> Any:
+    if kind == "prune":
+        return PrunePrompts(**kw)
+    if kind == "sparsify":
+        from .sparsify_prompts import SparsifyPrompts
+
+        return SparsifyPrompts()
+    raise PlanError("no LLM prompt template for this job kind", kind, "use a built-in strategist for it")
+
+
+class LLMAnalyst:
+    """The one LLM strategist for every job: the job kind picks the prompt template, schema and parser.
+
+    Every call is recorded (redacted) into ctx.llm_calls for the journal; an invalid answer gets `repairs`
+    repair requests; then `fallback` (any strategist) decides and ctx.fallback_reason says why."""
+
+    kinds = ("prune", "sparsify")
+
+    def __init__(self, client: LLMClient, fallback: Any, *, repairs: int = 1, schema_mode: SchemaMode = "auto",
+                 max_history_rows: int = 8) -> None:
+        self.client, self.fallback, self.repairs = client, fallback, repairs
+        self.schema_mode, self.max_history_rows = schema_mode, max_history_rows
+        self.name = f"llm:{getattr(client, 'name', type(client).__name__)}"
+
+    def propose(self, ctx: "Context") -> Plan | None:
+        kit = prompt_kit(ctx.kind, **({"schema_mode": self.schema_mode, "max_history_rows": self.max_history_rows}
+                                      if ctx.kind == "prune" else {}))
+        schema = kit.schema(ctx, bool(getattr(self.client, "constrained", False)))
+        messages = kit.messages(ctx, schema)
+        error: str | None = ""
         for attempt in range(1 + max(0, self.repairs)):
             kind = "propose" if attempt == 0 else "repair"
             try:
                 reply = self.client.complete(messages, schema)
             except LLMError as exc:
-                calls.append(_call_record(kind, messages, None, "error", str(exc), [], self.name))
-                return self._fallback(profile, budget, history, seed, calls, f"the LLM call failed: {redact(exc)}")
-            plan, error, notes = parse_plan(reply, names)
-            status = "ok" if plan is not None else "invalid"
-            calls.append(_call_record(kind, messages, reply, status, error, notes, self.name))
+                ctx.llm_calls.append(_call_record(kind, messages, None, "error", str(exc), [], self.name))
+                return self._fallback(ctx, f"the LLM call failed: {exc}")
+            try:
+                plan, error, notes = kit.parse(reply, ctx)
+            except Exception as exc:  # a parser must never let odd data crash the run
+                plan, error, notes = None, f"the reply could not be read: {type(exc).__name__}: {exc}", []
+            ctx.llm_calls.append(_call_record(kind, messages, reply, "ok" if plan is not None else "invalid",
+                                              error, notes, self.name))
             if plan is not None:
-                return ProposeResult(plan=plan, llm_calls=calls)
-            messages = repair_messages(messages, reply.text, error or "invalid")
-        tries = 1 + max(0, self.repairs)
-        reason = f"the LLM gave no valid plan in {tries} tries; last error: {error}"
-        return self._fallback(profile, budget, history, seed, calls, reason)
+                return plan.model_copy(update={"source": self.name})
+            messages = kit.repair(messages, reply.text, error or "invalid", ctx)
+        return self._fallback(ctx, f"the LLM gave no valid plan in {1 + max(0, self.repairs)} tries; last error: {error}")
 
-    def _fallback(
-        self, profile: dict, budget: dict, history: list[dict], seed: int, calls: list[dict[str, Any]], reason: str
-    ) -> ProposeResult:
-        out = self.fallback.propose(profile, budget, history, seed=seed)
-        if isinstance(out, ProposeResult):
-            return ProposeResult(plan=out.plan, llm_calls=calls + out.llm_calls, fallback_reason=redact(reason))
-        if not isinstance(out, Plan):
-            raise PlanError(
-                "a fallback strategist must return a Plan or a ProposeResult",
-                type(out).__name__,
-                "make the fallback's propose() return prunepilot.plan.Plan",
-            )
-        return ProposeResult(plan=out, llm_calls=calls, fallback_reason=redact(reason))
+    def _fallback(self, ctx: "Context", reason: str) -> Plan | None:
+        ctx.fallback_reason = redact(reason)[:600]
+        plan = self.fallback.propose(ctx)
+        if plan is None:  # the fallback has nothing more to try in this phase
+            return None
+        if not isinstance(plan, Plan):
+            raise PlanError("a fallback strategist must return a Plan or None", type(plan).__name__,
+                            "make the fallback's propose() return prunepilot.plan.Plan")
+        fb = getattr(self.fallback, "name", type(self.fallback).__name__)
+        return plan.model_copy(update={"source": f"{fb} (fallback from {self.name})",
+                                       "rationale": f"LLM answer unusable; {fb} decided: {plan.rationale}"})
 
 
 def _call_record(

@@ -1,24 +1,31 @@
-"""Built-in strategists. Each is stateless: `propose(profile, budget, history, seed=)` -> Plan, reading
-everything it needs from its arguments (history comes from the journal), like an optuna sampler over storage."""
+"""Built-in strategists of the prune job. Each is stateless: `propose(ctx) -> Plan`, reading everything it needs
+from the Context (history comes from the journal), like an optuna sampler over storage."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+from ..attempt import Attempt
 from ..plan import MAX_RATIO, Plan
+from .context import Context
 
 
 def _families(profile: dict) -> list[dict[str, Any]]:
     return list(profile.get("families", []))
 
 
+def _accuracy(a: Attempt) -> float | None:
+    return a.metrics.get("accuracy") if a.within_band else None
+
+
 class UniformStrategist:
     """Every group loses the same fraction; the projector finds the fraction. Importance varies by round."""
 
     name = "uniform"
+    kinds = ("prune",)
 
-    def propose(self, profile: dict, budget: dict, history: list[dict], *, seed: int = 0) -> Plan:
+    def propose(self, ctx: Context) -> Plan:
         return Plan(default_ratio=0.5, round_to=8, importance="l2",
                     rationale="uniform shape: every group loses the same fraction of channels")
 
@@ -27,11 +34,13 @@ class GridStrategist:
     """AgenticPruner's grid-search baseline: walk a fixed grid of (importance, rounding) for a uniform shape."""
 
     name = "grid"
+    kinds = ("prune",)
     GRID = [("l2", 8), ("l1", 8), ("taylor", 8), ("l2", 16), ("l1", 16), ("taylor", 16), ("l2", 4), ("random", 8)]
 
-    def propose(self, profile: dict, budget: dict, history: list[dict], *, seed: int = 0) -> Plan:
-        imp, rt = self.GRID[len(history) % len(self.GRID)]
-        return Plan(default_ratio=0.5, importance=imp, round_to=rt, rationale=f"grid point {len(history)}: {imp}, round_to={rt}")
+    def propose(self, ctx: Context) -> Plan:
+        k = len(ctx.history)
+        imp, rt = self.GRID[k % len(self.GRID)]
+        return Plan(default_ratio=0.5, importance=imp, round_to=rt, rationale=f"grid point {k}: {imp}, round_to={rt}")
 
 
 class SensitivityStrategist:
@@ -43,11 +52,12 @@ class SensitivityStrategist:
     """
 
     name = "sensitivity"
+    kinds = ("prune",)
     ALPHAS = [0.6, 1.2, 0.3, 1.8, 0.9, 2.4, 0.0, 1.5]
 
-    def propose(self, profile: dict, budget: dict, history: list[dict], *, seed: int = 0) -> Plan:
-        fams = _families(profile)
-        alpha, beta, importance = self._setting(history)
+    def propose(self, ctx: Context) -> Plan:
+        fams = _families(ctx.profile)
+        alpha, beta, importance = self._setting(ctx.history)
         if not fams:
             return Plan(default_ratio=0.5, round_to=8, importance=importance, rationale="no family profile: uniform")
         shares = [max(1e-6, f.get("macs_share", 0.0)) for f in fams]
@@ -64,67 +74,49 @@ class SensitivityStrategist:
             round_to=8,
             importance=importance,
             rationale=f"sensitivity-weighted shape (alpha={alpha}, beta={beta}): insensitive, MAC-heavy families lose more",
+            params={"alpha": alpha, "beta": beta},
         )
 
-    def _setting(self, history: list[dict]) -> tuple[float, float, str]:
+    def _setting(self, history: list[Attempt]) -> tuple[float, float, str]:
         k = len(history)
-        scored = [h for h in history if h.get("within_band") and h.get("metrics", {}).get("accuracy") is not None]
+        scored = [a for a in history if _accuracy(a) is not None]
         beta = 0.5
         if k < 2 or not scored:
             return self.ALPHAS[k % len(self.ALPHAS)], beta, "l2"
-        best = max(scored, key=lambda h: h["metrics"]["accuracy"])
+        best = max(scored, key=lambda a: _accuracy(a) or 0.0)
         a_best = _alpha_of(best)
         step = 0.3 * (1 + (k % 3))
         alpha = max(0.0, a_best + (step if k % 2 else -step))
-        tried = {round(_alpha_of(h), 3) for h in history}
+        tried = {round(_alpha_of(a), 3) for a in history}
         if round(alpha, 3) in tried:
             alpha = self.ALPHAS[k % len(self.ALPHAS)]
         return round(alpha, 3), beta, "l2" if k % 4 != 3 else "l1"
 
 
-def _alpha_of(attempt: dict) -> float:
-    import re
-
-    m = re.search(r"alpha=([0-9.]+)", attempt.get("plan", {}).get("rationale", ""))
-    return float(m.group(1)) if m else -1.0
+def _alpha_of(attempt: Attempt) -> float:
+    """The alpha an attempt used (-1 when it was not this strategist's: a user plan, a warm start)."""
+    return float(attempt.plan_params.get("alpha", -1.0))
 
 
 class OptunaStrategist:
     """TPE over per-family ratios through optuna's ask/tell; the study is rebuilt from history each call."""
 
     name = "optuna"
+    kinds = ("prune",)
 
-    def propose(self, profile: dict, budget: dict, history: list[dict], *, seed: int = 0) -> Plan:
+    def propose(self, ctx: Context) -> Plan:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        fams = [f["family"] for f in _families(profile)]
+        history = ctx.history
+        fams = [f["family"] for f in _families(ctx.profile)]
         dist = {f: optuna.distributions.FloatDistribution(0.05, MAX_RATIO) for f in fams}
-        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed + len(history), n_startup_trials=3))
-        for h in history:
-            ratios = h.get("plan", {}).get("ratios", {})
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=ctx.seed + len(history), n_startup_trials=3))
+        for a in history:
+            ratios = (a.plan or {}).get("ratios", {})
             params = {f: min(MAX_RATIO, max(0.05, float(ratios.get(f, 0.5)))) for f in fams}
-            acc = h.get("metrics", {}).get("accuracy")
-            if acc is None or not h.get("within_band"):
-                acc = 0.0
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=float(acc)))
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=float(_accuracy(a) or 0.0)))
         trial = study.ask(dist)
         ratios = {f: round(trial.params[f], 4) for f in fams}
         return Plan(ratios=ratios, default_ratio=0.0, round_to=8, importance="l2",
                     rationale=f"TPE sample #{len(history)} over per-family ratios")
-
-
-BUILTINS = {
-    "uniform": UniformStrategist,
-    "grid": GridStrategist,
-    "sensitivity": SensitivityStrategist,
-    "optuna": OptunaStrategist,
-}
-
-
-def make_builtin(name: str):
-    from ..errors import PrunepilotError
-
-    if name not in BUILTINS:
-        raise PrunepilotError("unknown built-in strategist", name, f"use one of {', '.join(BUILTINS)} or an LLM spec")
-    return BUILTINS[name]()

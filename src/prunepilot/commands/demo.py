@@ -14,24 +14,23 @@ def register(app: typer.Typer) -> None:
     def demo(
         out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
         target_macs: str = typer.Option("50%", "--target-macs", help="MACs budget for the demo."),
-        agent: str = typer.Option("auto", "--agent", help="Strategist (auto: API key > local SmolLM2 > sensitivity)."),
+        agent: str = typer.Option("auto", "--agent", help="Strategist (auto: an API model when a key is set, else the built-in sensitivity strategist; `local` runs the embedded SmolLM2 analyst)."),
         rounds: int = typer.Option(4, "--rounds", help="Agent rounds."),
+        overwrite: bool = typer.Option(True, "--overwrite/--keep", help="Replace an earlier demo run in --out (default) or refuse."),
+        no_history: bool = typer.Option(False, "--no-history", help="Neither read nor record cross-run history."),
     ) -> None:
         """Prune a Fashion-MNIST ResNet-20 (trained once and cached) to 50% MACs with the agent loop, then
-        fine-tune, test, export and write report.html. Minutes on a laptop CPU; no network, no API key."""
-        import torch
-
-        from ..agents.master import SearchConfig
+        fine-tune, test, export and write report.html. Minutes on a laptop CPU; no network, no API key.
+        Killed half-way, `prunepilot runs resume RUN_ID --journal OUT/journal.sqlite` finishes it."""
         from ..budget import Budget
-        from ..models.baseline import get_or_train_baseline
-        from ..search import run_search
-        from ..sources.models import LoadedModel
+        from ..jobs.prune import PruneRun, PruneSettings, run_prune_search
+        from ..sources.models import load_model
 
-        model, info = get_or_train_baseline("resnet20", log=console.print)
-        loaded = LoadedModel(model.eval(), torch.randn(1, *info["input_shape"]), "prunepilot:fmnist_resnet20", "trained ResNet-20 (Fashion-MNIST)")
-        cfg = SearchConfig(rounds=rounds, finetune_steps=40, eval_limit=1000)
-        result = run_search(loaded, Budget.parse(macs=target_macs), "fashion-mnist", out, agent=agent, cfg=cfg,
-                            finetune_epochs=0.3, kd=True, log=console.print)
+        loaded = load_model("prunepilot:fmnist_resnet20")
+        settings = PruneSettings(rounds=rounds, finetune_steps=40, eval_limit=1000, finetune_epochs=0.3, kd=True)
+        run = PruneRun(Budget.parse(macs=target_macs), "fashion-mnist", out, agent=agent, settings=settings,
+                       use_history=not no_history)
+        result = run_prune_search(loaded, run, overwrite=overwrite, log=console.print)
         from .common import result_table
 
         console.print(result_table(result))

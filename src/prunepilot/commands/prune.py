@@ -37,18 +37,22 @@ def register(app: typer.Typer) -> None:
         tolerance: str = typer.Option("+1%/-5%", "--tolerance", help="Band around each target: +OVER%/-UNDER%."),
         out: Path = typer.Option(Path("runs/prune"), "--out", help="Output folder (model, plan.json, result.json, summary.md)."),
         plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON (its ratios are a shape; the projector rescales them)."),
-        importance: Optional[str] = typer.Option(None, "--importance", help="Channel importance: l1, l2, taylor, random (default l2)."),
-        round_to: Optional[int] = typer.Option(8, "--round-to", help="Keep widths multiples of this (CPU/GPU kernels prefer 8/16). 1 = no rounding."),
+        importance: Optional[str] = typer.Option(None, "--importance", help="Channel importance: l1, l2, taylor (gradients on calibration batches; needs --data), random. Default: l2, or the strategist's choice in the agent loop."),
+        round_to: Optional[int] = typer.Option(None, "--round-to", help="Keep widths multiples of this (CPU/GPU kernels prefer 8/16); 1 = no rounding. Default: 8, or the strategist's choice in the agent loop."),
         prune_heads: bool = typer.Option(False, "--prune-heads", help="For ViTs: remove whole attention heads instead of head dims."),
         protect: list[str] = typer.Option([], "--protect", help="Module name or re:regex never to prune (repeatable)."),
         data: Optional[str] = typer.Option(None, "--data", help="Labelled data for the agent loop: fashion-mnist[:DIR], imagefolder:DIR, hf:NAME. Without it: one projected plan, no accuracy."),
-        agent: str = typer.Option("auto", "--agent", help="Strategist: auto, sensitivity, uniform, grid, optuna, local, anthropic:MODEL, openai:MODEL (auto = API key if set, else local LLM if installed, else sensitivity)."),
+        agent: str = typer.Option("auto", "--agent", help="Strategist: auto, sensitivity, uniform, grid, optuna, local, anthropic[:MODEL], openai[:MODEL], openai-compatible:MODEL (auto = an API model when ANTHROPIC_API_KEY/OPENAI_API_KEY is set, else sensitivity)."),
         rounds: int = typer.Option(8, "--rounds", help="Agent rounds (each re-prunes the dense model with a new plan)."),
         finetune_steps: int = typer.Option(60, "--finetune-steps", help="In-loop recovery steps per candidate (equal for all)."),
         finetune_epochs: float = typer.Option(1.0, "--finetune-epochs", help="Final fine-tune of the winner, in epochs."),
         kd: bool = typer.Option(True, "--kd/--no-kd", help="Distil from the dense model in the final fine-tune."),
         eval_limit: int = typer.Option(2000, "--eval-limit", help="Validation images scored per candidate."),
         llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="OpenAI-compatible server (vLLM, Ollama, llama.cpp server)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out (otherwise a second run there is refused)."),
+        history: Optional[Path] = typer.Option(None, "--history", help="Cross-run history store (default: the prunepilot cache, history.sqlite)."),
+        no_history: bool = typer.Option(False, "--no-history", help="Neither read nor record cross-run history."),
+        seed: int = typer.Option(0, "--seed", help="Seed for data order, recovery and strategists."),
         weights: str = WeightsOpt,
         trust: bool = TrustOpt,
         input_shape: Optional[str] = ShapeOpt,
@@ -59,36 +63,50 @@ def register(app: typer.Typer) -> None:
         Without --data: one plan (uniform shape, or --plan), projected exactly onto the budget. With --data: the
         agent loop (analyst proposes, projector guarantees, short recovery ranks candidates, best kept on disk),
         then a final fine-tune, test accuracy, export and report. Every run is journaled in OUT/journal.sqlite."""
+        from ..journal import prepare_out
         from ..pipeline import run_prune
 
+        if importance is not None and importance not in ("l1", "l2", "taylor", "random"):
+            raise PlanError("--importance is one of l1, l2, taylor, random", importance, "e.g. --importance l2")
+        if importance == "taylor" and data is None:
+            raise PlanError("Taylor importance needs gradients from labelled data", "--importance taylor without --data",
+                            "pass --data, or use --importance l2")
+        if rounds < 1:
+            raise PlanError("--rounds must be at least 1", rounds, "e.g. --rounds 8")
         budget = Budget.parse(tolerance=tolerance, macs=target_macs, params=target_params, latency_ms=target_latency)
-        plan = load_plan(plan_file, importance=importance, round_to=None if round_to == 1 else round_to,
-                         prune_heads=prune_heads or None, protected=list(protect) or None)
         loaded = load(model, weights, trust, input_shape, state_dict)
-        if target_latency is not None:
-            from ..joint import run_compress
+        if data is not None and target_latency is None:
+            from ..jobs.prune import PruneRun, PruneSettings, UserConstraints, run_prune_search
 
-            # a measured target: bracket the pruning amount with real timings (no quantization)
-            result = run_compress(loaded, budget, out, data_spec=data, plan=plan, quant_options=("none",), log=console.print)
-        elif data is not None:
-            from ..agents.master import SearchConfig
-            from ..search import run_search
-
-            cfg = SearchConfig(rounds=rounds, finetune_steps=finetune_steps, eval_limit=eval_limit)
-            result = run_search(loaded, budget, data, out, agent=agent, cfg=cfg, finetune_epochs=finetune_epochs, kd=kd,
-                                base_url=llm_base_url, log=console.print)
+            user = UserConstraints(protected=tuple(protect), importance=importance, round_to=round_to,
+                                   prune_heads=True if prune_heads else None,
+                                   plan=load_plan(plan_file) if plan_file else None)
+            settings = PruneSettings(rounds=rounds, finetune_steps=finetune_steps, eval_limit=eval_limit,
+                                     finetune_epochs=finetune_epochs, kd=kd, seed=seed)
+            run = PruneRun(budget, data, out, agent=agent, settings=settings, user=user, history_path=history,
+                           use_history=not no_history, base_url=llm_base_url)
+            result = run_prune_search(loaded, run, overwrite=overwrite, log=console.print)
         else:
-            if agent != "auto":
-                console.print("[yellow]note:[/] without --data there is nothing to score candidates with, so one "
-                              "projected plan is applied and --agent is not used")
-            with console.status("profiling, projecting, pruning, measuring"):
-                result = run_prune(loaded, budget, plan, out)
-            from ..search import render
+            plan = load_plan(plan_file, importance=importance, round_to=None if round_to == 1 else (round_to or 8),
+                             prune_heads=prune_heads or None, protected=list(protect) or None)
+            prepare_out(out, overwrite=overwrite)
+            if target_latency is not None:
+                from ..joint import run_compress
 
-            render(out, console.print)
+                # a measured target: bracket the pruning amount with real timings (no quantization)
+                result = run_compress(loaded, budget, out, data_spec=data, plan=plan, quant_options=("none",), log=console.print)
+            else:
+                if agent != "auto":
+                    raise PlanError("--agent needs --data: without data there is nothing to score candidates with",
+                                    f"--agent {agent}", "pass --data, or drop --agent for one projected plan")
+                with console.status("profiling, projecting, pruning, measuring"):
+                    result = run_prune(loaded, budget, plan, out)
+            from ..report.render import render_safely
+
+            render_safely(out, console.print)
         console.print(result_table(result))
         console.print(f"within band: {'[green]yes' if result['within_band'] else '[red]no'}[/]; "
                       f"errors {', '.join(f'{m} {e:+.3%}' for m, e in result['errors'].items())}")
         if result.get("speedup"):
             console.print(f"CPU speed-up {result['speedup']:.2f}x (MAC ratio {result['ideal_speedup']:.2f}x)")
-        console.print(f"written to {out}/ (result.json, plan.json, summary.md, model.pt)")
+        console.print(f"written to {out}/ (result.json, plan.json, summary.md, model.safetensors + structure.json)")

@@ -31,55 +31,77 @@ def register(app: typer.Typer) -> None:
 
     @runs.command()
     def show(run_id: str, journal: Path = JournalOpt) -> None:
-        """Show a run's attempts: plan rationale, errors, accuracy, verdict."""
+        """Show a run's attempts: phase, strategist, verdict, scores, rationale and reflection, errors."""
         from ..journal import Journal
 
         j = Journal(journal)
         r = j.run(run_id)
-        console.print(f"[bold]{r['id']}[/] {r['status']} — {r['config'].get('model')} — agent {r['config'].get('agent')}")
+        console.print(f"[bold]{r['id']}[/] {r['kind']} {r['status']} — {r['config'].get('model')} — agent {r['config'].get('agent')}")
         t = Table()
-        if r["kind"] == "sparsify":
-            for c in ("it", "phase", "level", "verdict", "probe ppl", "probe KL", "rationale / reflection"):
-                t.add_column(c)
-            for a in j.attempts(run_id):
-                t.add_row(str(a.get("iteration")), a.get("phase", ""), f"{a.get('level', 0):.3f}", a.get("verdict", ""),
-                          f"{a.get('probe_ppl', float('nan')):.2f}", f"{a.get('probe_kl', float('nan')):.4f}",
-                          f"{a.get('rationale', '')}\n[dim]{a.get('reflection', '')}[/]")
-        else:
-            for c in ("round", "strategist", "verdict", "errors", "accuracy", "rationale / reflection"):
-                t.add_column(c)
-            for a in j.attempts(run_id):
-                acc = a.get("metrics", {}).get("accuracy")
-                t.add_row(str(a["round"]), a.get("strategist", ""), a.get("verdict", ""),
-                          ", ".join(f"{m} {e:+.2%}" for m, e in a.get("errors", {}).items()),
-                          f"{acc:.4f}" if acc is not None else "-", f"{a.get('rationale', '')}\n[dim]{a.get('reflection', '')}[/]")
+        for c in ("#", "phase", "strategist", "verdict", "budget error", "score", "rationale / reflection"):
+            t.add_column(c)
+        for a in j.attempts(run_id):
+            note = a.rationale + (f"\n[dim]{a.reflection}[/]" if a.reflection else "")
+            if a.error:
+                note += f"\n[red]{a.error}[/]"
+            if a.fallback_reason:
+                note += f"\n[yellow]fallback: {a.fallback_reason}[/]"
+            t.add_row(str(a.index), a.phase, a.strategist, a.verdict,
+                      ", ".join(f"{m} {e:+.2%}" for m, e in a.errors.items()),
+                      f"{a.score:.4f}" if a.score is not None else "-", note)
         console.print(t)
         calls = j.llm_calls(run_id)
         if calls:
             console.print(f"{len(calls)} LLM calls journaled")
+        if r["status"] == "failed" and r.get("result"):
+            console.print(f"[red]failed:[/] {r['result'].get('error')}")
 
-    def _continue(run_id: str, journal: Path, transcripts: list | None, agent: str | None) -> None:
-        from ..agents.master import SearchConfig
-        from ..budget import Budget
+    def _continue(run_id: str, journal: Path, transcripts: list | None, agent: str | None, trust: bool) -> None:
         from ..journal import Journal
-        from ..search import run_search
-        from ..sources.models import load_model
 
         j = Journal(journal)
         r = j.run(run_id)
-        c = r["config"]
-        if r["kind"] == "sparsify":
-            _rerun_sparsify(c, transcripts)
+        if r["status"] == "done" and transcripts is None:
+            console.print(f"run {run_id} is already done; `prunepilot runs show {run_id}` lists its attempts")
             return
-        loaded = load_model(c["model"], trust=True, input_shape=None)
-        cfg = SearchConfig(**c["search"])
-        run_search(loaded, Budget.model_validate(c["budget"]), c["data"], Path(c["out"]), agent=agent or c["agent"], cfg=cfg,
-                   finetune_epochs=c["finetune_epochs"], kd=c["kd"], journal_path=journal, run_id=run_id,
-                   transcripts=transcripts, log=console.print)
+        if r["kind"] == "sparsify":
+            _continue_sparsify(j, run_id, r["config"], transcripts)
+        elif r["kind"] == "prune":
+            _continue_prune(run_id, r["config"], transcripts, agent, trust)
+        else:
+            from ..errors import PrunepilotError
 
-    def _rerun_sparsify(c: dict, transcripts: list | None) -> None:
-        # A sparsify loop holds no state worth restoring mid-way (a few minutes of probes): it restarts from the
-        # journaled config as a new run in the same journal; with transcripts, the recorded LLM answers decide.
+            raise PrunepilotError("only prune and sparsify runs can be resumed", r["kind"], "start a new run")
+
+    def _continue_prune(run_id: str, c: dict, transcripts: list | None, agent: str | None, trust: bool) -> None:
+        from ..budget import Budget
+        from ..errors import SourceError
+        from ..jobs.prune import PruneRun, PruneSettings, UserConstraints, run_prune_search
+        from ..plan import Plan
+        from ..sources.data import data_fingerprint
+        from ..sources.models import ModelSpec
+
+        if not c.get("model_spec"):
+            raise SourceError("this run's model was handed in from Python, so the journal cannot reload it",
+                              c.get("model"), "continue it from Python with the same model (run_id=...)")
+        spec = ModelSpec.model_validate(c["model_spec"])
+        if spec.trust and not trust:
+            raise SourceError("this run loaded a pickled model, which can run code; resuming never trusts it on your behalf",
+                              spec.uri, "pass --trust if you still trust that file")
+        spec.check_unchanged()
+        if c.get("data_fingerprint") and data_fingerprint(c["data"]) != c["data_fingerprint"]:
+            raise SourceError("the run's data files changed since it was journaled", c["data"],
+                              "restore the original data, or start a new run")
+        u = c.get("user") or {}
+        user = UserConstraints(protected=tuple(u.get("protected") or ()), importance=u.get("importance"),
+                               round_to=u.get("round_to"), prune_heads=u.get("prune_heads"),
+                               plan=Plan.model_validate(u["plan"]) if u.get("plan") else None)
+        run = PruneRun(Budget.model_validate(c["budget"]), c["data"], Path(c["out"]), agent=agent or c["agent"],
+                       settings=PruneSettings(**c["settings"]), user=user,
+                       history_path=Path(c["history"]) if c.get("history") else None, use_history=c.get("use_history", True))
+        run_prune_search(spec.load(), run, run_id=run_id, transcripts=transcripts, log=console.print)
+
+    def _continue_sparsify(j, run_id: str, c: dict, transcripts: list | None) -> None:
         from ..sparsify.run import SparsifyConfig, run_sparsify
 
         fields = {k: v for k, v in c.items() if k in SparsifyConfig.__dataclass_fields__ and k != "client"}
@@ -88,37 +110,43 @@ def register(app: typer.Typer) -> None:
             from ..agents.llm.replay import ReplayClient
 
             cfg.client = ReplayClient(transcripts, strict=False, name="replay")
-        console.print("sparsify runs restart from their journaled config (a new run id in the same journal)")
-        run_sparsify(cfg, Path(c["out"]), say=console.print)
+        if c.get("out") is None:
+            from ..errors import PrunepilotError
+
+            raise PrunepilotError("this sparsify run wrote no output folder, so it cannot be resumed", run_id, "start a new run")
+        run_sparsify(cfg, Path(c["out"]), say=console.print, run_id=run_id)
 
     @runs.command()
-    def resume(run_id: str, journal: Path = JournalOpt) -> None:
-        """Continue a run killed at any point: finished attempts are kept, the loop goes on from the next round."""
-        _continue(run_id, journal, None, None)
+    def resume(run_id: str, journal: Path = JournalOpt,
+               trust: bool = typer.Option(False, "--trust", help="Allow reloading a pickled model the run was started with --trust on.")) -> None:
+        """Continue a run killed at any point (kill -9 included): recorded attempts are kept, the loop goes on from
+        the next one, then the run finishes (final recovery, export, report). Refuses when a model, state_dict or
+        data file changed since the run started."""
+        _continue(run_id, journal, None, None, trust)
 
     @runs.command()
     def replay(run_id: str, journal: Path = JournalOpt, out: Path = typer.Option(None, "--out", help="Where the replayed run writes (default OUT-replay).")) -> None:
-        """Re-run a run's decisions from its LLM transcripts, with no LLM reachable."""
+        """Re-run a run into a new folder: an LLM run answers from its journaled transcripts (no LLM reachable), a
+        built-in strategist re-decides deterministically."""
         from ..journal import Journal
 
         j = Journal(journal)
         calls = j.llm_calls(run_id)
-        if not calls:
-            console.print("this run made no LLM calls: its built-in strategist replays deterministically with `runs resume` on a copy")
-            raise typer.Exit(1)
         r = j.run(run_id)
         c = dict(r["config"])
-        new_out = Path(out) if out else Path(c["out"] + "-replay")
+        new_out = Path(out) if out else Path(str(c["out"]) + "-replay")
+        from ..journal import prepare_out
+
+        prepare_out(new_out, overwrite=True)
         new_journal = new_out / "journal.sqlite"
         nj = Journal(new_journal)
         c["out"] = str(new_out)
-        if r["kind"] == "sparsify":
-            c["out"] = str(new_out)
-            console.print(f"replaying {len(calls)} LLM calls")
-            _rerun_sparsify(c, calls)
+        new_id = nj.start_run(r["kind"], c, new_out)
+        if not calls:  # a built-in strategist is deterministic: replaying is re-running it on the same inputs
+            console.print(f"this run made no LLM calls; re-running its built-in strategist into run {new_id} ({new_out})")
+            _continue(new_id, new_journal, None, None, False)
             return
-        new_id = nj.start_run("prune", c, new_out)
-        console.print(f"replaying {len(calls)} LLM calls into {new_id}")
+        console.print(f"replaying {len(calls)} LLM calls into run {new_id} ({new_out})")
         # lenient: measured numbers in the history (latency, accuracy) never repeat bit for bit, so replay
         # answers in recorded order instead of refusing on a prompt hash mismatch
-        _continue(new_id, new_journal, calls, "replay:lenient")
+        _continue(new_id, new_journal, calls, "replay:lenient", False)

@@ -43,11 +43,13 @@ def register(app: typer.Typer) -> None:
         llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="Base URL of an OpenAI-compatible server."),
         out: Path = typer.Option(Path("runs/sparsify"), "--out", help="Output folder."),
         no_export: bool = typer.Option(False, "--no-export", help="Skip save_pretrained of the sparse model."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out (otherwise a second run there is refused)."),
+        seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
     ) -> None:
         """Sparsify a causal LM to an exact global sparsity. An analyst allocates it per layer group: a ramp to the
         target rolls back steps that raise held-out probe perplexity too much, then re-allocations at the target
         keep the one closest to the dense model (probe KL; uniform is always measured as a reference). Writes
-        result.json, plan.json, profile.json, attempts.jsonl, llm_calls.jsonl, journal.sqlite, summary.md,
+        result.json, plan.json, profile.json, journal.sqlite (every attempt and LLM call), summary.md,
         report.html and model/ (save_pretrained)."""
         from rich.console import Console
 
@@ -57,8 +59,8 @@ def register(app: typer.Typer) -> None:
         cfg = SparsifyConfig(model=model, sparsity=sparsity, method=method, agent=agent, calib=calib,
                              eval=eval_text, rollback_threshold=_fraction(rollback_threshold), step=step, refine_iters=refine_iters,
                              calib_seqs=calib_seqs, calib_seqlen=seqlen, eval_seqs=eval_seqs,
-                             eval_seqlen=eval_seqlen, probe_seqs=probe_seqs, probe_seqlen=probe_seqlen, bands=bands, llm_base_url=llm_base_url, export=not no_export)
-        result = run_sparsify(cfg, out, say=lambda s: console.print(s))
+                             eval_seqlen=eval_seqlen, probe_seqs=probe_seqs, probe_seqlen=probe_seqlen, bands=bands, llm_base_url=llm_base_url, export=not no_export, seed=seed)
+        result = run_sparsify(cfg, out, say=lambda s: console.print(s), overwrite=overwrite)
         d, c = result["dense"], result["compressed"]
         console.print(f"[bold]perplexity[/] {d['perplexity']:.2f} -> {c['perplexity']:.2f}; sparsity "
                       f"{c['sparsity']:.4f} ({result['pattern']}, {result['method']}, agent {result['agent']}); "

@@ -3,40 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from ..allocation import Allocation
+from ..errors import PlanError
 from ..structure import ROOT_TYPES, Structure, attention_heads
 
-
-@dataclass(frozen=True)
-class Allocation:
-    """Kept decision units per group (channel units; head-dim positions for attention groups) and, when pruning
-    whole heads, kept heads per attention group."""
-
-    kept: dict[str, int]
-    heads: dict[str, int]
-
-    def fractions(self, structure: Structure) -> dict[str, float]:
-        """Kept fraction of each group's channels (removing heads removes their channels too)."""
-        f = {g: k / structure.groups[g].units for g, k in self.kept.items()}
-        for g, h in self.heads.items():
-            f[g] = f.get(g, 1.0) * h / structure.groups[g].num_heads
-        return f
-
-    def head_fractions(self, structure: Structure) -> dict[str, float]:
-        return {g: h / structure.groups[g].num_heads for g, h in self.heads.items()}
-
-    def widths(self, structure: Structure) -> dict[str, tuple[int, int]]:
-        """group -> (dense width, pruned width) in channels of the root dimension."""
-        out = {}
-        for name, g in structure.groups.items():
-            f = self.kept.get(name, g.units) / g.units
-            h = self.heads.get(name, g.num_heads) / g.num_heads if g.num_heads else 1.0
-            out[name] = (g.width, int(round(g.width * f * h)))
-        return out
+__all__ = ["Allocation", "apply_allocation", "verify_runs"]
 
 
 def _importance(name: str):
@@ -80,9 +54,10 @@ def apply_allocation(
     allocation: Allocation,
     *,
     importance: str = "l2",
-    calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+    calibration: list[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Prune `model` in place so every group keeps exactly `allocation.kept[group]` units."""
+    """Prune `model` in place so every group keeps exactly `allocation.kept[group]` units. importance="taylor"
+    ranks channels by first-order Taylor scores from the gradients of `calibration` (labelled batches)."""
     import torch_pruning as tp
 
     modules = dict(model.named_modules())
@@ -102,8 +77,10 @@ def apply_allocation(
             ratio_dict.setdefault(modules[gname], 0.5 / g.units)
     ignored = [modules[n] for n, why in structure.ignored.items() if n in modules and isinstance(modules[n], ROOT_TYPES)]
     imp_name = importance
-    if importance == "taylor" and calibration is None:
-        imp_name = "l2"  # Taylor needs gradients from real data; magnitude is the honest fallback
+    if importance == "taylor" and not calibration:
+        raise PlanError("Taylor importance needs labelled calibration batches (gradients of the loss)", "importance=taylor",
+                        "pass --data (the agent loop computes them), or use --importance l2")
+    batches = [calibration] if isinstance(calibration, tuple) else list(calibration or [])
     heads = attention_heads(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -121,11 +98,13 @@ def apply_allocation(
             head_pruning_ratio_dict=head_ratio or None,
             global_pruning=False,
         )
-        if imp_name == "taylor" and calibration is not None:
-            x, y = calibration
+        if imp_name == "taylor":
+            was_training = model.training
+            model.eval()  # gradients of the deployed function; BN statistics untouched
             model.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
+            for x, y in batches:  # gradients accumulate over the batches
+                (nn.functional.cross_entropy(model(x), y) / len(batches)).backward()
+            model.train(was_training)
         pruner.step()
     if heads:
         for qkv, h in pruner.num_heads.items():

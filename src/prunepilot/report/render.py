@@ -98,9 +98,32 @@ def load_run(run_dir: Path) -> RunFiles:
     rf.plan = _read_json(run_dir / "plan.json", rf.problems)
     rf.quantization = _read_json(run_dir / "quantization.json", rf.problems)
     kind = str(rf.result.get("kind") or "")
-    rf.attempts = [normalise_attempt(a, kind) for a in _read_jsonl(run_dir / "attempts.jsonl", rf.problems)]
-    rf.llm_calls = [normalise_call(c) for c in _read_jsonl(run_dir / "llm_calls.jsonl", rf.problems)]
+    attempts, calls = _from_journal(run_dir, rf)
+    if attempts is None:
+        attempts = _read_jsonl(run_dir / "attempts.jsonl", rf.problems)
+        calls = _read_jsonl(run_dir / "llm_calls.jsonl", rf.problems)
+    rf.attempts = [normalise_attempt(a, kind) for a in attempts]
+    rf.llm_calls = [normalise_call(c) for c in calls or []]
     return rf
+
+
+def _from_journal(run_dir: Path, rf: RunFiles) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+    """The run's attempts and LLM calls from OUT/journal.sqlite, for this run id only (never a mix of runs)."""
+    run_id = rf.result.get("run_id")
+    if not run_id and (run_dir / "run_id").is_file():
+        run_id = (run_dir / "run_id").read_text().strip()
+    if not run_id or not (run_dir / "journal.sqlite").is_file():
+        return None, None
+    try:
+        from ..journal import Journal
+
+        j = Journal(run_dir / "journal.sqlite")
+        attempts = [a.model_dump() for a in j.attempts(run_id)]
+        calls = j.llm_calls(run_id)
+    except Exception as exc:  # a damaged journal: say so, fall back to the files
+        rf.problems.append(f"journal.sqlite: unreadable ({type(exc).__name__}: {str(exc)[:120]})")
+        return None, None
+    return attempts, calls
 
 
 # ---------------------------------------------------------------- normalisation
@@ -136,6 +159,8 @@ def normalise_attempt(a: dict[str, Any], kind: str) -> dict[str, Any]:
     for k in TOP_LEVEL_METRICS:
         if k not in metrics and num(a.get(k)) is not None:
             metrics[k] = a[k]
+    if "probe_perplexity" not in metrics and num(metrics.get("probe_ppl")) is not None:
+        metrics["probe_perplexity"] = metrics["probe_ppl"]
     if "probe_perplexity" not in metrics and num(a.get("probe_ppl")) is not None:
         metrics["probe_perplexity"] = a["probe_ppl"]  # the sparsify loop scores candidates on a probe slice
     if "probe_kl" not in metrics and num(a.get("probe_kl")) is not None:
@@ -725,3 +750,12 @@ def _readable(path: Path) -> None:
 
 
 __all__ = ["render_report", "load_run", "RunFiles", "build_context"]
+
+
+def render_safely(out: Path, log=print) -> None:
+    """Render the run's report; a report failure must never lose the run's results."""
+    try:
+        html, _ = render_report(out)
+        log(f"report: {html}")
+    except Exception as exc:
+        log(f"report rendering failed ({type(exc).__name__}: {exc}); results are in {out}")

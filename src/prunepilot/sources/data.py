@@ -458,3 +458,27 @@ def load_data(
         return _load_hf(name, split or None, input_shape, seed, val_size, normalization)
     raise SourceError("data spec must be fashion-mnist[:DIR], imagefolder:DIR or hf:NAME[:split]", spec,
                       "e.g. --data fashion-mnist")
+
+
+def data_fingerprint(spec: str, max_files: int = 200_000) -> str | None:
+    """A cheap fingerprint of the files behind a local data spec (relative path, size, mtime of each), so a
+    resumed run can refuse data that changed. None for sources that are not local files (hf:...)."""
+    import hashlib
+    import os
+
+    scheme, _, rest = spec.partition(":")
+    if scheme == "fashion-mnist":
+        root = Path(rest) if rest else FASHION_MNIST_DIR
+    elif scheme in ("imagefolder", "text", "file"):
+        root = Path(rest)
+    else:
+        return None
+    root = root.expanduser()
+    if not root.exists():
+        return None
+    h = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())[:max_files]
+    for p in files:
+        st = os.stat(p)
+        h.update(f"{p.relative_to(root) if p != root else p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

@@ -1,53 +1,26 @@
-"""SparsityPlan: per-group / per-layer sparsity proposed by a strategist, and its exact projection.
+"""Resolving a Plan into per-layer sparsity for the sparsify job, and its exact projection.
 
-A plan is data, never code. Keys are group ids from the profile ('mlp.down_proj@0-9'), exact layer
-names, or 're:REGEX' patterns over layer names; unknown keys are rejected; values are clamped to
-[0, MAX_RATIO]. `project` then shifts the plan until the parameter-weighted sparsity equals the level
-exactly (to the weight), never below each layer's floor (its current sparsity: the loop only adds).
+A plan is data, never code. Its ratio keys are group ids from the profile ('mlp.down_proj@0-9'), exact
+layer names, or 're:REGEX' patterns over layer names; unknown keys are rejected; values are clamped to
+[0, MAX_RATIO]; fields that only structured pruning understands are rejected, not ignored. `project` then
+shifts the plan until the parameter-weighted sparsity equals the level exactly (to the weight), never
+below each layer's floor (its current sparsity: the ramp only adds).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from ..engines.sparsity import exact_counts
 from ..errors import BudgetError, PlanError
+from ..plan import Plan
 from .calibrate import LinearInfo
 
-MAX_RATIO = 0.95
+MAX_RATIO = 0.95  # weights removed per layer at most: keeps every layer alive
+STRUCTURED_ONLY = ("importance", "round_to", "protected", "prune_heads", "quantize")
 
 
-class SparsityPlan(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: int = 1
-    ratios: dict[str, float] = Field(default_factory=dict)
-    default: float | None = None
-    rationale: str = ""
-    reflection: str = ""
-    source: str = ""  # which strategist wrote it
-    params: dict[str, float] = Field(default_factory=dict)  # the strategist's own knobs, echoed in history
-
-
-def plan_json_schema(groups: list[str]) -> dict[str, Any]:
-    """The JSON schema an LLM reply must follow (group ids enumerated)."""
-    return {
-        "type": "object",
-        "properties": {
-            "ratios": {"type": "object",
-                       "properties": {g: {"type": "number", "minimum": 0, "maximum": MAX_RATIO} for g in groups},
-                       "additionalProperties": False},
-            "rationale": {"type": "string"},
-            "reflection": {"type": "string"},
-        },
-        "required": ["ratios", "rationale"],
-        "additionalProperties": False,
-    }
-
-
-def validate_keys(plan: SparsityPlan, infos: list[LinearInfo], groups: dict[str, list[str]]) -> list[str]:
+def validate_keys(plan: Plan, infos: list[LinearInfo], groups: dict[str, list[str]]) -> list[str]:
     """Names of keys that match neither a group, a layer, nor (as re:) any layer."""
     layer_names = {i.name for i in infos}
     bad = []
@@ -67,14 +40,20 @@ def validate_keys(plan: SparsityPlan, infos: list[LinearInfo], groups: dict[str,
 
 
 def resolve(
-    plan: SparsityPlan, infos: list[LinearInfo], groups: dict[str, list[str]], fallback: dict[str, float]
+    plan: Plan, infos: list[LinearInfo], groups: dict[str, list[str]], fallback: dict[str, float]
 ) -> dict[str, float]:
     """Per-layer desired sparsity. Precedence: exact name > re: pattern > group > default > fallback."""
+    foreign = sorted(f for f in STRUCTURED_ONLY if f in plan.model_fields_set)
+    if foreign:
+        raise PlanError("a sparsity plan sets fields only structured pruning understands", foreign,
+                        "give per-group sparsity in 'ratios' (and 'default_ratio'); nothing else")
     bad = validate_keys(plan, infos, groups)
     if bad:
         raise PlanError("a sparsity plan may only name the profile's groups, layers or re: patterns",
                         bad[:5], f"use group ids such as {next(iter(groups), '?')}")
     clamp = lambda v: min(max(float(v), 0.0), MAX_RATIO)  # noqa: E731
+    # the structured default (0.3) is no opinion here: only an explicit default_ratio counts
+    default = plan.default_ratio if "default_ratio" in plan.model_fields_set else None
     layer_of_group = {n: g for g, names in groups.items() for n in names}
     patterns = [(re.compile(k[3:]), v) for k, v in plan.ratios.items() if k.startswith("re:")]
     out: dict[str, float] = {}
@@ -88,8 +67,8 @@ def resolve(
             out[n] = clamp(hit)
         elif layer_of_group.get(n) in plan.ratios:
             out[n] = clamp(plan.ratios[layer_of_group[n]])
-        elif plan.default is not None:
-            out[n] = clamp(plan.default)
+        elif default is not None:
+            out[n] = clamp(default)
         else:
             out[n] = clamp(fallback.get(n, 0.0))
     return out

@@ -1,7 +1,7 @@
 """One sparsify run end to end: load, split text, measure dense, profile, loop, apply, evaluate, export, write.
 
 Output folder: result.json (results.build_result, kind="sparsify"), plan.json, profile.json,
-attempts.jsonl (every loop iteration), llm_calls.jsonl (every LLM call), summary.md, model/ (save_pretrained).
+journal.sqlite (every attempt and LLM call of this run), summary.md, report.html, model/ (save_pretrained).
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from ..sources.llm import load_causal_lm
 from ..sources.text import load_split, token_blocks
 from .calibrate import activation_norms, gradient_importance, linear_layers, sequential_sparsify
 from .export import save_and_verify, sparse_size_mb
-from .loop import LoopConfig, Probe, probe_costs, run_loop
+from .loop import Probe, probe_costs
 from .plan import project, resolve
 from .profile import WandaBank, build_profile
-from .strategies import BUILTINS, SensitivityStrategist, StepContext, Strategist
 
 ONE_SHOT = ("uniform", "owl")  # allocate once at the target; no loop
 
@@ -77,75 +76,49 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class _Jsonl:
-    """Rows kept in memory, appended to a JSONL file, and passed to `also` (the SQLite journal)."""
+def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[str], None] = print, *,
+                 run_id: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run one sparsify job (or with `run_id`, continue a journaled one from its last attempt). Every attempt and
+    LLM call goes to OUT/journal.sqlite as it happens; the run is marked done or failed there and report.html is
+    rendered. Without `out` the journal lives in a temporary folder and nothing else is written."""
+    import tempfile
 
-    def __init__(self, path: Path | None, also: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.path, self.also = path, also
-        self.rows: list[dict[str, Any]] = []
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+    from ..journal import Journal, prepare_out
 
-    def __call__(self, row: dict[str, Any]) -> None:
-        row = {"ts": time.time(), **row}
-        self.rows.append(row)
-        if self.path:
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(row, default=str) + "\n")
-        if self.also:
-            self.also(row)
-
-
-def make_strategist(cfg: SparsifyConfig, record_llm: Callable[[dict], None], say: Callable[[str], None]) -> tuple[Strategist, str]:
-    """Built-in by name, else an LLM analyst over agents.llm.factory (imported lazily)."""
-    agent = cfg.agent.strip()
-    if agent in BUILTINS:
-        return BUILTINS[agent](), agent
-    from .analyst import LLMSparsityAnalyst
-
-    if cfg.client is not None:
-        return LLMSparsityAnalyst(cfg.client, record=record_llm), getattr(cfg.client, "name", "client")
-    try:
-        from ..agents.llm import factory
-    except ImportError as exc:
-        say(f"LLM backends are not available ({exc}); using the built-in sensitivity strategist")
-        return SensitivityStrategist(), "sensitivity"
-    spec: str | None = agent
-    if agent == "auto":
-        # A 135M local model is a weak, slow analyst; auto uses an API model when a key is set, else built-in.
-        spec = factory.resolve_auto(local_ok=False)
-        if spec is None:
-            say("--agent auto: no ANTHROPIC_API_KEY / OPENAI_API_KEY set; using the built-in sensitivity strategist")
-            return SensitivityStrategist(), "sensitivity"
-    client = factory.make_client(spec, base_url=cfg.llm_base_url)
-    return LLMSparsityAnalyst(client, record=record_llm), spec
-
-
-def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run one sparsify job. With `out`, every attempt and LLM call also goes to OUT/journal.sqlite as it
-    happens (kind 'sparsify'), the run is marked done or failed there, and report.html is rendered."""
+    tmp = None
     if out is None:
-        return _run(cfg, None, say, None)
-    from ..journal import Journal
-
-    journal = Journal(out / "journal.sqlite")
-    config = {k: v for k, v in asdict(cfg).items() if k != "client"} | {"out": str(out)}
-    run_id = journal.start_run("sparsify", config, out)
-    say(f"run {run_id} (journal {out / 'journal.sqlite'})")
+        tmp = tempfile.TemporaryDirectory(prefix="prunepilot-sparsify-")
+        jdir, write = Path(tmp.name), False
+    else:
+        prepare_out(out, overwrite=overwrite, resume=run_id is not None)
+        jdir, write = out, True
+    journal = Journal(jdir / "journal.sqlite")
+    if run_id is None:
+        config = {k: v for k, v in asdict(cfg).items() if k != "client"} | {"out": str(out) if out else None}
+        run_id = journal.start_run("sparsify", config, out or jdir)
+    else:
+        journal.set_status(run_id, "running")
+    if write:
+        (jdir / "run_id").write_text(run_id)
+    say(f"run {run_id} (journal {jdir / 'journal.sqlite'})")
     try:
-        result = _run(cfg, out, say, (journal, run_id))
+        result = _run(cfg, out, say, journal, run_id)
     except BaseException as exc:
-        journal.finish_run(run_id, "failed", {"error": f"{type(exc).__name__}: {exc}"})
+        journal.finish_run(run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                           {"error": f"{type(exc).__name__}: {exc}"[:2000]})
         raise
-    journal.finish_run(run_id, "done", result)
-    from ..search import render
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if write:
+        journal.finish_run(run_id, "done", result)
+        from ..report.render import render_safely
 
-    render(out, say)
+        render_safely(out, say)
     return result
 
 
-def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], journal: tuple[Any, str] | None) -> dict[str, Any]:
+def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], journal: Any, run_id: str) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     target, nm = parse_sparsity(cfg.sparsity)
@@ -181,14 +154,13 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
     lap("dense_eval", t0)
     say(f"dense perplexity {dense_metrics['perplexity']:.2f} on {evalb.numel()} tokens")
 
-    attempts = _Jsonl(out / "attempts.jsonl" if out else None,
-                      (lambda a: journal[0].record_attempt(journal[1], a["iteration"], a)) if journal else None)
-    llm_calls = _Jsonl(out / "llm_calls.jsonl" if out else None,
-                       (lambda c: journal[0].record_llm_call(journal[1], len(attempts.rows) + 1, c)) if journal else None)
-    strategist, agent_used = make_strategist(cfg, llm_calls, say)
+    from ..agents.registry import make_strategist
+
+    strategist, agent_used = make_strategist(cfg.agent, "sparsify", base_url=cfg.llm_base_url, client=cfg.client, say=say)
     total = sum(i.params for i in infos)
     profile_json: dict[str, Any] | None = None
     loop_info: dict[str, Any] = {}
+    history: list[Any] = []
 
     if nm is not None:
         counts = {i.name: int(round(nm.sparsity * i.params)) for i in infos}
@@ -203,31 +175,16 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
         profile = build_profile(lm.name, target, infos, bank, grads, cfg.bands)
         lap("profile", t0)
         if cfg.agent in ONE_SHOT:
-            ctx = StepContext(profile, infos, target, target, {i.name: 0.0 for i in infos})
+            from ..agents.context import Context
+
+            ctx = Context("sparsify", profile, {}, [], phase="ramp",
+                          step={"level": target, "target": target, "current": {i.name: 0.0 for i in infos}})
             plan = strategist.propose(ctx)
             assert plan is not None  # one-shot strategists always answer on the ramp
             counts = project(resolve(plan, infos, profile.groups, {}), infos, target)
         else:
-            t0 = time.perf_counter()
-            probe_set = Probe(model, probe, cfg.batch_size)
-            if cfg.group_probe:
-                probe_costs(model, bank, infos, profile, probe_set, target)
-                lap("group_probe", t0)
-                say(f"probed {len(profile.groups)} groups and {len(profile.block_probe)} blocks at the uniform target")
-            t0 = time.perf_counter()
-            lcfg = LoopConfig(target=target, step=cfg.step, threshold=cfg.rollback_threshold,
-                              max_iters=cfg.max_iters, refine_iters=cfg.refine_iters, batch_size=cfg.batch_size)
-
-            def show(a: dict[str, Any]) -> None:
-                attempts(a)
-                say(f"  it {a['iteration']:2d} {a['phase']:9s} {a['from_level']:.3f}->{a['level']:.3f} probe ppl "
-                    f"{a['probe_ppl']:.2f} KL {a['probe_kl']:.4f} {a['verdict']}")
-
-            res = run_loop(model, bank, infos, profile, strategist, probe_set, lcfg,
-                           fallback=SensitivityStrategist(), record=show)
-            counts = res.counts
-            loop_info = {**res.summary(), "llm_fallbacks": getattr(strategist, "fallbacks", 0)}
-            lap("loop", t0)
+            counts, loop_info, history = _loop(cfg, model, bank, infos, profile, probe, target, strategist, journal,
+                                               run_id, say, lap)
         profile_json = profile.to_json()
         bank.restore()
         del bank
@@ -277,8 +234,34 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
                                               "layers": per_layer, "groups": groups})
         if profile_json:
             write_json_atomic(out / "profile.json", profile_json)
-        write_text_atomic(out / "summary.md", summary_markdown(result, per_layer, attempts.rows))
+        write_text_atomic(out / "summary.md", summary_markdown(result, per_layer, history))
     return result
+
+
+def _loop(cfg: SparsifyConfig, model: Any, bank: WandaBank, infos: list, profile: Any, probe_ids: torch.Tensor,
+          target: float, strategist: Any, journal: Any, run_id: str, say: Callable[[str], None],
+          lap: Callable[[str, float], None]) -> tuple[dict[str, int], dict[str, Any], list[Any]]:
+    """Cost probes, then the one Master over the sparsify job (ramp, reference, refine)."""
+    from ..jobs.sparsify import RampSettings, SparsifyJob
+    from ..loop import Master
+
+    t0 = time.perf_counter()
+    probe_set = Probe(model, probe_ids, cfg.batch_size)
+    if cfg.group_probe:
+        probe_costs(model, bank, infos, profile, probe_set, target)
+        lap("group_probe", t0)
+        say(f"probed {len(profile.groups)} groups and {len(profile.block_probe)} blocks at the uniform target")
+    t0 = time.perf_counter()
+    rs = RampSettings(target=target, step=cfg.step, threshold=cfg.rollback_threshold, max_iters=cfg.max_iters,
+                      refine_iters=cfg.refine_iters)
+    budget = Budget.parse(sparsity=f"{target * 100:.6g}%").resolve({}).to_json()
+    job = SparsifyJob(model, bank, infos, profile, probe_set, rs, budget)
+    Master(job, strategist, journal, run_id, seed=cfg.seed, log=say).run()
+    history = journal.attempts(run_id)
+    counts = job.best_counts(history)
+    loop_info = {**job.summary(history), "llm_fallbacks": sum(1 for a in history if a.fallback_reason)}
+    lap("loop", t0)
+    return counts, loop_info, history
 
 
 def _mods(model: Any, infos: list) -> list[Any]:
@@ -286,7 +269,7 @@ def _mods(model: Any, infos: list) -> list[Any]:
     return [mods[i.name] for i in infos]
 
 
-def summary_markdown(result: dict[str, Any], per_layer: dict[str, float], attempts: list[dict[str, Any]]) -> str:
+def summary_markdown(result: dict[str, Any], per_layer: dict[str, float], attempts: list[Any]) -> str:
     d, c = result["dense"], result["compressed"]
     lines = [
         f"# sparsify {result['model']}: {result['pattern']} {c['sparsity']:.2%} ({result['method']}, agent {result['agent']})",
@@ -304,10 +287,11 @@ def summary_markdown(result: dict[str, Any], per_layer: dict[str, float], attemp
         lines += ["", "## Iterations", "", "| it | phase | level | probe ppl | probe KL | rise | verdict | note |",
                   "|---|---|---|---|---|---|---|---|"]
         for a in attempts:
-            note = a.get("reflection") or a.get("rationale", "")
-            lines.append(f"| {a['iteration']} | {a.get('phase', '')} | {a['from_level']:.3f} -> {a['level']:.3f} | "
-                         f"{a['probe_ppl']:.2f} | {a.get('probe_kl', float('nan')):.4f} | {a['rise']:+.1%} | "
-                         f"{a['verdict']} | {note[:160]} |")
+            note = a.reflection or a.rationale or a.error or ""
+            m, st = a.metrics, a.step
+            lines.append(f"| {a.index} | {a.phase} | {st.get('from_level', 0):.3f} -> {st.get('level', 0):.3f} | "
+                         f"{m.get('probe_ppl', float('nan')):.2f} | {m.get('probe_kl', float('nan')):.4f} | "
+                         f"{m.get('rise', float('nan')):+.1%} | {a.verdict} | {note[:160]} |")
     by_block: dict[str, list[float]] = {}
     for n, v in per_layer.items():
         parts = n.split(".")

@@ -1,70 +1,57 @@
-"""Built-in sparsity strategists: uniform, OWL, sensitivity (measured costs + a line search at the target).
+"""Built-in strategists of the sparsify job: uniform, OWL, sensitivity (measured costs + a line search at the
+target).
 
-Every strategist answers `propose(ctx) -> SparsityPlan` for the level the loop wants next and keeps no
-hidden state: everything it knows (profile, current allocation, phase, history with every rollback) is in ctx.
+Every strategist answers `propose(ctx) -> Plan` for the level the job wants next (ctx.step: level, target,
+current per-layer sparsity) and keeps no hidden state: everything it knows (profile, phase, history with
+every rollback) is in the Context.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from .calibrate import LinearInfo
-from .plan import MAX_RATIO, SparsityPlan
+from ..agents.context import Context
+from ..attempt import Attempt
+from ..plan import Plan
+from .plan import MAX_RATIO
 from .profile import SensitivityProfile
 
 OWL_LAMBDA = 0.08  # OWL's sparsity spread (+/- lambda around the target) for LLaMA-class models
-
-
-@dataclass
-class StepContext:
-    profile: SensitivityProfile
-    infos: list[LinearInfo]
-    target: float
-    level: float  # global sparsity this step must reach
-    current: dict[str, float]  # per-layer sparsity at the last checkpoint
-    history: list[dict[str, Any]] = field(default_factory=list)
-    phase: str = "ramp"  # ramp: reach `level` from `current` (only adds); refine: re-allocate at the target
-
-
-class Strategist(Protocol):
-    name: str
-
-    def propose(self, ctx: StepContext) -> SparsityPlan | None:
-        """A plan for ctx.level; None = nothing (more) to propose in this phase."""
-        ...
 
 
 class UniformStrategist:
     """Every layer at the same sparsity (the Wanda / SparseGPT default)."""
 
     name = "uniform"
+    kinds = ("sparsify",)
 
-    def propose(self, ctx: StepContext) -> SparsityPlan | None:
+    def propose(self, ctx: Context) -> Plan | None:
         if ctx.phase == "refine":
             return None  # uniform has one allocation per level
-        return SparsityPlan(default=ctx.level, rationale="uniform: every layer at the level", source=self.name)
+        return Plan(default_ratio=ctx.step["level"], rationale="uniform: every layer at the level")
 
 
 class OWLStrategist:
     """Outlier-weighted layerwise sparsity (Yin et al. 2024): blocks with more Wanda outliers keep more."""
 
     name = "owl"
+    kinds = ("sparsify",)
 
     def __init__(self, lam: float = OWL_LAMBDA) -> None:
         self.lam = lam
 
-    def propose(self, ctx: StepContext) -> SparsityPlan | None:
+    def propose(self, ctx: Context) -> Plan | None:
         if ctx.phase == "refine":
             return None  # OWL's shape is fixed by its outlier ratios
+        level, target = ctx.step["level"], ctx.step["target"]
         lod = ctx.profile.owl_block_outliers
         lo, hi = min(lod), max(lod)
         norm = [(v - lo) / (hi - lo) * 2 * self.lam if hi > lo else 0.0 for v in lod]
         mean = sum(norm) / len(norm)
-        scale = ctx.level / ctx.target if ctx.target else 1.0  # same shape, scaled to the step's level
-        ratios = {i.name: ctx.level - (norm[i.block] - mean) * scale for i in ctx.infos}
-        return SparsityPlan(ratios=ratios, rationale=f"OWL M=5 lambda={self.lam}", source=self.name)
+        scale = level / target if target else 1.0  # same shape, scaled to the step's level
+        ratios = {l.name: min(max(level - (norm[l.block] - mean) * scale, 0.0), MAX_RATIO) for l in ctx.profile.layers}
+        return Plan(ratios=ratios, default_ratio=level, rationale=f"OWL M=5 lambda={self.lam}")
 
 
 def _log_cost_tilt(table: dict[Any, float], key: Any, layers: list[Any]) -> dict[str, float]:
@@ -109,25 +96,27 @@ class SensitivityStrategist:
     candidate has been measured the strategist answers None and the loop stops refining."""
 
     name = "sensitivity"
+    kinds = ("sparsify",)
 
     def __init__(self, beta: float = 0.3, spread: float = 0.25, ramp_eta: float = 0.05,
                  etas: tuple[float, ...] = ETAS) -> None:
         self.beta, self.spread, self.ramp_eta, self.etas = beta, spread, ramp_eta, etas
 
-    def ratios(self, ctx: StepContext, eta: float, tilt: dict[str, float]) -> dict[str, float]:
-        scale = ctx.level / ctx.target if ctx.target else 1.0
-        lo, hi = max(ctx.level - self.spread, 0.0), min(ctx.level + self.spread, MAX_RATIO)
-        return {i.name: min(max(ctx.level + eta * scale * tilt.get(i.name, 0.0), lo), hi) for i in ctx.infos}
+    def ratios(self, ctx: Context, eta: float, tilt: dict[str, float]) -> dict[str, float]:
+        level, target = ctx.step["level"], ctx.step["target"]
+        scale = level / target if target else 1.0
+        lo, hi = max(level - self.spread, 0.0), min(level + self.spread, MAX_RATIO)
+        return {l.name: min(max(level + eta * scale * tilt.get(l.name, 0.0), lo), hi) for l in ctx.profile.layers}
 
-    def next_eta(self, history: list[dict[str, Any]], target: float) -> float | None:
+    def next_eta(self, history: list[Attempt], target: float) -> float | None:
         measured: dict[float, float] = {}  # eta -> probe KL of every candidate already measured at the target
         for a in history:
-            if abs(a.get("level", -1) - target) > 1e-9 or a.get("verdict") == "repeat":
+            if abs(a.step.get("level", -1) - target) > 1e-9 or "probe_kl" not in a.metrics or a.verdict == "repeat":
                 continue
-            if a.get("phase") == "reference":
-                measured[0.0] = a["probe_kl"]
-            elif "eta" in (a.get("params") or {}):
-                measured[round(a["params"]["eta"], 4)] = a["probe_kl"]
+            if a.phase == "reference":
+                measured[0.0] = a.metrics["probe_kl"]
+            elif "eta" in a.plan_params:
+                measured[round(a.plan_params["eta"], 4)] = a.metrics["probe_kl"]
         for eta in self.etas:
             if round(eta, 4) not in measured:
                 return eta
@@ -142,16 +131,13 @@ class SensitivityStrategist:
                 return cand
         return None
 
-    def propose(self, ctx: StepContext) -> SparsityPlan | None:
+    def propose(self, ctx: Context) -> Plan | None:
         tilt, src = sensitivity_tilt(ctx.profile, self.beta)
         if ctx.phase == "refine":
-            eta = self.next_eta(ctx.history, ctx.target)
+            eta = self.next_eta(ctx.history, ctx.step["target"])
             if eta is None:
                 return None
         else:
             eta = self.ramp_eta
         why = f"tilt from {src}, strength eta={eta:g}" + (" (line search at the target)" if ctx.phase == "refine" else "")
-        return SparsityPlan(ratios=self.ratios(ctx, eta, tilt), rationale=why, source=self.name, params={"eta": eta})
-
-
-BUILTINS: dict[str, type] = {"uniform": UniformStrategist, "owl": OWLStrategist, "sensitivity": SensitivityStrategist}
+        return Plan(ratios=self.ratios(ctx, eta, tilt), default_ratio=ctx.step["level"], rationale=why, params={"eta": eta})

@@ -1,0 +1,381 @@
+"""The prune job: structured pruning of a vision model to a MAC/param budget, ranked by accuracy after an
+equal short recovery. The Master runs it; `run_prune_search` wires profile, strategist, journal, history
+and the final recovery / export / report."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..allocation import Allocation
+from ..attempt import Attempt
+from ..budget import Budget, ResolvedBudget
+from ..evaluate.scoring import Evaluator, ScoringConfig, measure_sensitivity
+from ..journal import Journal, prepare_out
+from ..loop import Judgement, LoopLimits, Master, Outcome, Step
+from ..pipeline import Candidate, Pruner
+from ..plan import Plan
+from ..results import write_json_atomic
+
+KIND = "prune"
+
+
+@dataclass
+class PruneSettings:
+    rounds: int = 8
+    patience: int = 4  # stop after this many rounds without a new best
+    finetune_steps: int = 60
+    eval_limit: int = 2000
+    bn_batches: int = 20
+    lr: float = 0.01
+    batch_size: int = 128
+    seed: int = 0
+    sensitivity_ratio: float = 0.4
+    finetune_epochs: float = 1.0  # final recovery of the winner
+    kd: bool = True
+    wall_time_s: float | None = None
+
+    def scoring(self) -> ScoringConfig:
+        return ScoringConfig(finetune_steps=self.finetune_steps, eval_limit=self.eval_limit, bn_batches=self.bn_batches,
+                             lr=self.lr, batch_size=self.batch_size, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class UserConstraints:
+    """What the user fixed on the command line or in Python: it overrides every strategist's choice."""
+
+    protected: tuple[str, ...] = ()
+    importance: str | None = None
+    round_to: int | None = None
+    prune_heads: bool | None = None
+    plan: Plan | None = None  # the user's plan: the first candidate of the loop
+
+    def apply(self, plan: Plan) -> Plan:
+        upd: dict[str, Any] = {"protected": sorted(set(plan.protected) | set(self.protected))}
+        for key in ("importance", "round_to", "prune_heads"):
+            if getattr(self, key) is not None:
+                upd[key] = getattr(self, key)
+        if self.round_to == 1:
+            upd["round_to"] = None
+        return plan.model_copy(update=upd)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"protected": list(self.protected), "importance": self.importance, "round_to": self.round_to,
+                "prune_heads": self.prune_heads, "plan": self.plan.model_dump() if self.plan else None}
+
+
+def divergence_guidance(history: list[Attempt]) -> list[str]:
+    """Plain-code rules (as in AgenticPruner) whose findings the analyst reads as explicit guidance."""
+    notes: list[str] = []
+    if len(history) < 2:
+        return notes
+    accs = [a.metrics.get("accuracy") for a in history]
+    scored = [x for x in accs if x is not None]
+    last = history[-1]
+    for a in history[:-1]:
+        if a.projected and a.projected == last.projected:
+            notes.append(f"repeated plan: attempt {last.index} produced the same allocation as attempt {a.index}; try a different shape")
+            break
+    if scored and accs[-1] is not None and accs[-1] < 0.5 * max(scored):
+        notes.append(f"accuracy collapse in attempt {last.index} ({accs[-1]:.3f} vs best {max(scored):.3f}): move back towards the best plan")
+    best_i = max(range(len(accs)), key=lambda i: accs[i] if accs[i] is not None else -1)
+    if len(history) - 1 - best_i >= 3:
+        notes.append(f"stagnation: no improvement for {len(history) - 1 - best_i} attempts since attempt {history[best_i].index}")
+    if len(scored) >= 4:
+        d = [b - a for a, b in zip(scored, scored[1:])]
+        flips = sum(1 for a, b in zip(d, d[1:]) if a * b < 0)
+        if flips >= 0.4 * max(1, len(d) - 1) and flips >= 2:
+            notes.append("oscillation: accuracy alternates up and down; make smaller changes around the best plan")
+    return notes
+
+
+def best_feasible(history: list[Attempt]) -> Attempt | None:
+    ok = [a for a in history if a.feasible and a.score is not None]
+    return max(ok, key=lambda a: (a.score, -a.index)) if ok else None
+
+
+class PruneJob:
+    kind = KIND
+
+    def __init__(self, pruner: Pruner, budget: ResolvedBudget, evaluator: Evaluator, settings: PruneSettings,
+                 out: Path, user: UserConstraints, warm_start: Plan | None = None) -> None:
+        self.pruner, self.budget, self.evaluator, self.settings = pruner, budget, evaluator, settings
+        self.out, self.user, self.warm_start = out, user, warm_start
+        self._profile = pruner.profile.compact()
+
+    def context_profile(self) -> dict[str, Any]:
+        return self._profile
+
+    def budget_json(self) -> dict[str, Any]:
+        return self.budget.to_json()
+
+    def next_step(self, history: list[Attempt]) -> Step | None:
+        s = self.settings
+        if len(history) >= s.rounds:
+            return None
+        best = best_feasible(history)
+        if best is not None and len(history) - 1 - best.index >= s.patience:
+            return None
+        info = {"round": len(history), "rounds": s.rounds, "guidance": divergence_guidance(history),
+                "user_constraints": self.user.to_json()}
+        if not history and self.user.plan is not None:
+            return Step("search", info, plan=self.user.plan.model_copy(update={"source": "user plan"}))
+        if not history and self.warm_start is not None:
+            return Step("search", info, plan=self.warm_start)
+        return Step("search", info)
+
+    def project(self, plan: Plan | None, step: Step) -> Candidate:
+        plan = self.user.apply(plan or Plan(default_ratio=0.5, round_to=8))
+        calibration = self.evaluator.taylor_batches() if plan.importance == "taylor" else None
+        return self.pruner.candidate(plan, self.budget, calibration=calibration)
+
+    def evaluate(self, cand: Candidate, step: Step, history: list[Attempt]) -> Outcome:
+        metrics = dict(cand.metrics)
+        metrics.update(self.evaluator.score(cand.model, self.settings.finetune_steps))
+        goals = [m for m in self.budget.goals if m in metrics]
+        return Outcome(
+            allocation={**cand.projection.allocation.to_json(), "importance": cand.plan.importance if cand.plan else None},
+            projected=cand.projection.ratios(self.pruner.structure),
+            metrics=metrics,
+            errors={m: self.budget.error(m, metrics[m]) for m in goals},
+            within_band=all(self.budget.within(m, metrics[m]) for m in goals),
+            candidate=cand,
+            extra={"predicted": cand.projection.predicted, "projection_reason": cand.projection.reason,
+                   "corrections": cand.corrections},
+        )
+
+    def judge(self, step: Step, outcome: Outcome, history: list[Attempt]) -> Judgement:
+        acc = outcome.metrics.get("accuracy")
+        prev = best_feasible(history)
+        if not outcome.within_band:
+            return Judgement("infeasible", acc, "outside the budget band: " + ", ".join(f"{m} {e:+.2%}" for m, e in outcome.errors.items()))
+        better = prev is None or (acc or 0.0) > (prev.score or 0.0)
+        return Judgement("best" if better else "worse", acc, _reflection(outcome, prev))
+
+    def keep(self, index: int, outcome: Outcome) -> None:
+        cand_dir = self.out / "candidates"
+        cand_dir.mkdir(exist_ok=True)
+        tmp = cand_dir / f"attempt-{index}.tmp"
+        torch.save(outcome.candidate.model.state_dict(), tmp)  # tensors only: reloads with weights_only=True
+        tmp.replace(cand_dir / f"attempt-{index}.pt")
+
+    def best(self, history: list[Attempt]) -> Attempt | None:
+        return best_feasible(history)
+
+    def rebuild(self, attempt: Attempt) -> torch.nn.Module:
+        """The kept candidate of `attempt`: the dense model pruned to its allocation, with its trained weights."""
+        from ..engines.structured import apply_allocation
+
+        path = self.out / "candidates" / f"attempt-{attempt.index}.pt"
+        model = apply_allocation(copy.deepcopy(self.pruner.dense), self.pruner.x, self.pruner.structure,
+                                 Allocation.from_json(attempt.allocation))
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+
+    def prune_stale_candidates(self, history: list[Attempt]) -> None:
+        """Only the best candidate's weights are kept (others were written before a later best)."""
+        best = best_feasible(history)
+        for f in (self.out / "candidates").glob("attempt-*.pt") if (self.out / "candidates").exists() else []:
+            if best is None or f.name != f"attempt-{best.index}.pt":
+                f.unlink(missing_ok=True)
+
+
+def _reflection(outcome: Outcome, prev: Attempt | None) -> str:
+    acc = outcome.metrics.get("accuracy")
+    if acc is None:
+        return "no accuracy measured"
+    if prev is None:
+        return f"first feasible point: accuracy {acc:.4f}"
+    pacc = prev.score or 0.0
+    moved = sorted((outcome.projected.get(k, 0) - prev.projected.get(k, 0), k) for k in outcome.projected)
+    more = [k for d, k in moved[-2:] if d > 0.02]
+    less = [k for d, k in moved[:2] if d < -0.02]
+    return (f"accuracy {acc:.4f} vs best {pacc:.4f} (attempt {prev.index}, {acc - pacc:+.4f}); "
+            f"pruned more in {more or 'none'}, less in {less or 'none'}")
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def fingerprint(pruner: Pruner):
+    from ..history import Fingerprint
+
+    st = pruner.structure
+    return Fingerprint.of(KIND, type(pruner.dense).__name__, {n: g.width for n, g in st.groups.items()},
+                          float(pruner.profile.dense["macs"]))
+
+
+def budget_fractions(rb: ResolvedBudget, dense: dict[str, float]) -> dict[str, float]:
+    return {m: g / dense[m] for m, g in rb.goals.items() if dense.get(m)}
+
+
+def family_shape(attempt: Attempt, pruner: Pruner) -> dict[str, float]:
+    """Per-family mean of the projected ratios: a shape that transfers to a neighbouring budget."""
+    out: dict[str, list[float]] = {}
+    for fam, names in pruner.structure.families.items():
+        out[fam] = [attempt.projected[n] for n in names if n in attempt.projected]
+    return {f: round(sum(v) / len(v), 4) for f, v in out.items() if v}
+
+
+def warm_start_plan(prior, families: list[str]) -> Plan | None:
+    ratios = {f: r for f, r in prior.plan_shape.items() if f in families and 0 <= r <= 1}
+    if not ratios or not any(ratios.values()):
+        return None
+    return Plan(ratios=ratios, default_ratio=0.0, round_to=8, source="history",
+                rationale=f"warm start: the best shape of run {prior.run_id} at budget {prior.budget} "
+                          f"(score {prior.score:.4f}), rescaled onto this budget")
+
+
+@dataclass
+class PruneRun:
+    """What a prune run needs, all of it journaled so `runs resume` rebuilds the same run."""
+
+    budget: Budget
+    data: str
+    out: Path
+    agent: str = "auto"
+    settings: PruneSettings = field(default_factory=PruneSettings)
+    user: UserConstraints = field(default_factory=UserConstraints)
+    history_path: Path | None = None  # None: the default store; use_history=False: none
+    use_history: bool = True
+    base_url: str | None = None
+
+    def config(self, loaded) -> dict[str, Any]:
+        return {"model": loaded.uri, "model_spec": loaded.spec.model_dump() if loaded.spec else None,
+                "budget": self.budget.model_dump(), "data": self.data, "data_fingerprint": _data_fingerprint(self.data),
+                "agent": self.agent, "settings": asdict(self.settings), "user": self.user.to_json(), "out": str(self.out),
+                "history": str(self.history_path) if self.history_path else None, "use_history": self.use_history}
+
+
+def _data_fingerprint(spec: str) -> str | None:
+    from ..sources.data import data_fingerprint
+
+    return data_fingerprint(spec)
+
+
+def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwrite: bool = False,
+                     transcripts: list | None = None, api_key: str | None = None, client: Any = None,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Start (or with `run_id`, continue) an agent-loop prune run and finish it: final recovery, test, export,
+    report. Every attempt is in OUT/journal.sqlite as soon as it is measured."""
+    from ..agents.registry import make_strategist
+    from ..history import HistoryStore, NullHistory, prior_summary
+    from ..sources.data import load_data
+
+    out, s = run.out, run.settings
+    prepare_out(out, overwrite=overwrite, resume=run_id is not None)
+    t0 = time.perf_counter()
+    journal = Journal(out / "journal.sqlite")
+    if run_id is None:
+        run_id = journal.start_run(KIND, run.config(loaded), out)
+    else:
+        journal.set_status(run_id, "running")
+    (out / "run_id").write_text(run_id)
+    log(f"run {run_id} (journal {out / 'journal.sqlite'})")
+    try:
+        data = load_data(run.data, input_shape=tuple(loaded.example_input.shape[1:]), seed=s.seed)
+        pruner = Pruner(loaded, protected=list(run.user.protected))
+        rb = run.budget.resolve(pruner.profile.dense)
+        evaluator = Evaluator(data, pruner.dense, s.scoring())
+        log("measuring per-family sensitivity")
+        pruner.profile.sensitivity = measure_sensitivity(pruner, evaluator, s.sensitivity_ratio)
+        write_json_atomic(out / "profile.json", pruner.profile.to_json())
+        store = HistoryStore(run.history_path) if run.use_history else NullHistory()
+        fp = fingerprint(pruner)
+        priors = store.nearest(fp, budget_fractions(rb, pruner.profile.dense))
+        warm = warm_start_plan(priors[0], list(pruner.structure.families)) if priors else None
+        if warm is not None:
+            log(f"history: {len(priors)} earlier run(s) on this architecture; the first proposal starts from run {priors[0].run_id}")
+        strategist, resolved = make_strategist(run.agent, KIND, base_url=run.base_url, api_key=api_key,
+                                               transcripts=transcripts, client=client, say=log)
+        log(f"strategist: {resolved}")
+        job = PruneJob(pruner, rb, evaluator, s, out, run.user, warm_start=warm)
+        master = Master(job, strategist, journal, run_id, seed=s.seed, priors=prior_summary(priors),
+                        limits=LoopLimits(wall_time_s=s.wall_time_s), log=log)
+        best = master.run()
+        history = journal.attempts(run_id)
+        job.prune_stale_candidates(history)
+        if best is None:
+            raise _no_feasible_error(history, run_id)
+        result = finish(job, best, history, loaded, run, rb, data, resolved, run_id, t0, log)
+    except BaseException as exc:
+        journal.finish_run(run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                           {"error": f"{type(exc).__name__}: {exc}"[:2000]})
+        raise
+    journal.finish_run(run_id, "done", result)
+    _record_history(store, fp, run_id, rb, pruner, best, history, resolved, log)
+    from ..report.render import render_safely
+
+    render_safely(out, log)
+    return result
+
+
+def _no_feasible_error(history: list[Attempt], run_id: str):
+    from ..errors import PrunepilotError
+
+    reasons = sorted({(a.reflection or a.error or a.verdict)[:160] for a in history})[:3]
+    return PrunepilotError("no attempt landed inside the budget band", "; ".join(reasons),
+                           f"`prunepilot runs show {run_id}` lists every attempt; widen --tolerance or change the target")
+
+
+def _record_history(store, fp, run_id, rb, pruner, best, history, strategist, log) -> None:
+    from .. import __version__
+    from ..errors import PrunepilotError
+    from ..history import PriorRun
+
+    prior = PriorRun(run_id=run_id, created=time.time(), fingerprint=fp, budget=budget_fractions(rb, pruner.profile.dense),
+                     plan_shape=family_shape(best, pruner), outcome={"accuracy": best.score or 0.0},
+                     score=best.score or 0.0, attempts=len(history), rounds_to_best=best.index + 1,
+                     strategist=strategist, prunepilot_version=__version__)
+    try:
+        store.record(prior)
+    except PrunepilotError as exc:  # learning is a bonus: never fail a finished run over it
+        log(f"history not recorded: {exc}")
+
+
+def finish(job: PruneJob, best: Attempt, history: list[Attempt], loaded, run: PruneRun, rb: ResolvedBudget, data,
+           strategist: str, run_id: str, t0: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """Final recovery of the winner (rebuilt from its kept weights), test accuracy, latency, export, result."""
+    from ..engines.recover import finetune
+    from ..evaluate.classification import evaluate_classifier
+    from ..evaluate.speed import compare_latency
+    from ..pipeline import count_real, measure_block, save_model, summary_markdown
+    from ..results import build_result, write_text_atomic
+
+    s, pruner, out = run.settings, job.pruner, run.out
+    model = job.rebuild(best)
+    if s.finetune_epochs > 0:
+        log(f"final fine-tune: {s.finetune_epochs} epoch(s){' with distillation' if s.kd else ''}")
+        finetune(model, job.evaluator.train_loader(), epochs=s.finetune_epochs, lr=s.lr * 2,
+                 teacher=pruner.dense if s.kd else None, seed=s.seed, progress=True)
+    test = data.loader("test", batch_size=256, shuffle=False)
+    dense_acc = evaluate_classifier(pruner.dense, test)["top1"]
+    comp_acc = evaluate_classifier(model, test)["top1"]
+    lat = compare_latency({"dense": pruner.dense, "compressed": model}, pruner.x, rounds=10)
+    dense_block = measure_block(pruner.dense, pruner.x, {"macs": pruner.profile.dense["macs"], "params": pruner.profile.dense["params"]}, lat["dense"].median_ms)
+    dense_block["accuracy"] = dense_acc
+    comp_block = measure_block(model, pruner.x, count_real(model, pruner.x), lat["compressed"].median_ms)
+    comp_block["accuracy"] = comp_acc
+    errors = {m: rb.error(m, comp_block[m]) for m in rb.goals}
+    record = {"model": loaded.spec.model_dump() if loaded.spec else None, "allocation": best.allocation,
+              "protected": list(run.user.protected), "run_id": run_id}
+    export = save_model(model, pruner.x, out, record=record)
+    plan = best.plan or {}
+    write_json_atomic(out / "plan.json", {"requested": plan, "projected": {**plan, "ratios": best.projected, "default_ratio": 0.0}})
+    result = build_result(
+        kind=KIND, model=loaded.uri, budget=rb.to_json(), dense=dense_block, compressed=comp_block,
+        within_band=all(rb.within(m, comp_block[m]) for m in rb.goals), errors=errors,
+        agent=strategist, data=data.to_json(), rounds=len(history), best_round=best.index,
+        within_band_rate=sum(a.within_band for a in history) / max(1, len(history)),
+        speedup=dense_block["latency_ms"] / comp_block["latency_ms"], ideal_speedup=dense_block["macs"] / comp_block["macs"],
+        widths={g: list(w) for g, w in Allocation.from_json(best.allocation).widths(pruner.structure).items()},
+        skipped=pruner.profile.ignored, export=export,
+        recovery={"final_epochs": s.finetune_epochs, "kd": s.kd, "in_loop_steps": s.finetune_steps},
+        run_id=run_id, seconds=time.perf_counter() - t0,
+    )
+    write_json_atomic(out / "result.json", result)
+    write_text_atomic(out / "summary.md", summary_markdown(result))
+    return result

@@ -1,0 +1,244 @@
+"""The sparsify job: an LLM's global sparsity allocated per layer, as phases of the one loop.
+
+Ramp: the strategist proposes the next level's allocation; a step whose probe perplexity rises more than
+`threshold` over the last checkpoint is rolled back, after `patience` rollbacks in a row the step halves,
+below `min_step` the least-bad candidate is forced, so the ramp always ends exactly at the target.
+Reference: uniform at the target is measured, so the result is never worse than uniform on the probe.
+Refine: re-allocations at the target; the lowest probe KL to the dense model is kept.
+
+Trial allocations come from the Wanda mask bank (one forward pass over the probe per attempt). Every bit of
+loop state (checkpoint, step size, best so far) is folded from the recorded attempts, so a killed run
+continues exactly where it stopped."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..attempt import Attempt
+from ..loop import Judgement, Outcome, Step
+from ..plan import Plan
+from ..sparsify.calibrate import LinearInfo
+from ..sparsify.loop import Probe, ProbeScore, groups_pushed
+from ..sparsify.plan import MAX_RATIO, counts_to_ratios, global_sparsity, project, resolve
+from ..sparsify.profile import SensitivityProfile, WandaBank
+
+KIND = "sparsify"
+
+
+@dataclass
+class RampSettings:
+    target: float
+    step: float = 0.1
+    min_step: float = 0.02
+    threshold: float = 0.15  # allowed probe-perplexity rise per ramp checkpoint (ratio - 1)
+    patience: int = 2  # rollbacks in a row before the step halves
+    max_iters: int = 24  # ramp iterations at most
+    refine_iters: int = 8  # re-allocations tried at the target
+
+
+@dataclass
+class LoopState:
+    """Everything the loop knows, folded from the attempts."""
+
+    phase: str
+    current: list[int]  # ramp checkpoint counts (infos order)
+    ckpt: ProbeScore
+    step: float
+    in_a_row: int = 0
+    ramp_iters: int = 0
+    best_rejected: tuple[ProbeScore, list[int]] | None = None
+    best: tuple[ProbeScore, list[int]] | None = None  # at the target
+    best_index: int | None = None
+    refine_done: int = 0
+    rollbacks: int = 0
+    uniform: ProbeScore | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _score(a: Attempt) -> ProbeScore:
+    return ProbeScore(a.metrics["probe_nll"], a.metrics["probe_kl"])
+
+
+class SparsifyJob:
+    kind = KIND
+
+    def __init__(self, model: nn.Module, bank: WandaBank, infos: list[LinearInfo], profile: SensitivityProfile,
+                 probe: Probe, cfg: RampSettings, budget: dict[str, Any]) -> None:
+        self.model, self.bank, self.infos, self.profile, self.probe = model, bank, infos, profile, probe
+        self.cfg, self.budget = cfg, budget
+        self.total = sum(i.params for i in infos)
+        self.target_count = int(round(cfg.target * self.total))
+        self.uniform_counts = [project({}, infos, cfg.target)[i.name] for i in infos]
+
+    # ------------------------------------------------------------------------------------------- state
+    def fold(self, history: list[Attempt]) -> LoopState:
+        c = self.cfg
+        st = LoopState("ramp", [0] * len(self.infos), self.probe.dense, c.step)
+        for a in history:
+            counts = a.allocation.get("counts")
+            if a.phase == "ramp":
+                st.ramp_iters += 1
+                if counts is None:
+                    continue  # a failed attempt moves nothing
+                if a.verdict in ("accept", "forced"):
+                    st.current, st.ckpt, st.in_a_row, st.best_rejected = counts, _score(a), 0, None
+                else:
+                    st.rollbacks += 1
+                    st.in_a_row += 1
+                    if st.best_rejected is None or a.metrics["probe_nll"] < st.best_rejected[0].nll:
+                        st.best_rejected = (_score(a), counts)
+                    if st.in_a_row >= c.patience:
+                        st.step /= 2
+                        st.in_a_row = 0
+                        if st.step < c.min_step and st.best_rejected is not None:
+                            st.ckpt, st.current = st.best_rejected  # keep the least-bad candidate
+                            st.best_rejected, st.step = None, c.min_step
+            elif a.phase == "reference" and counts is not None:
+                st.uniform = _score(a)
+                if a.verdict == "accept":
+                    st.best, st.best_index = (_score(a), counts), a.index
+            elif a.phase == "refine":
+                st.refine_done += 1
+                if a.verdict == "exhausted":
+                    st.refine_done = c.refine_iters
+                elif a.verdict == "accept" and counts is not None:
+                    st.best, st.best_index = (_score(a), counts), a.index
+                elif a.verdict == "rollback":
+                    st.rollbacks += 1
+            if a.phase == "ramp" and sum(st.current) >= self.target_count and st.best is None:
+                st.best, st.best_index = (st.ckpt, st.current), _index_of(history, st.current)
+        if sum(st.current) < self.target_count:
+            return st
+        if st.best is None:
+            st.best = (st.ckpt, st.current)
+        reference_needed = c.refine_iters > 0 and self.uniform_counts != st.current
+        has_reference = any(a.phase == "reference" for a in history)
+        if reference_needed and not has_reference:
+            st.phase = "reference"
+        elif c.refine_iters > 0 and st.refine_done < c.refine_iters:
+            st.phase = "refine"
+        else:
+            st.phase = "done"
+        if c.refine_iters > 0 and not reference_needed:
+            st.uniform = st.best[0]
+        return st
+
+    def ratios(self, counts: list[int]) -> dict[str, float]:
+        return counts_to_ratios(self.as_dict(counts), self.infos)
+
+    def as_dict(self, counts: list[int]) -> dict[str, int]:
+        return {i.name: n for i, n in zip(self.infos, counts)}
+
+    # --------------------------------------------------------------------------------------- Job protocol
+    def context_profile(self) -> SensitivityProfile:
+        return self.profile
+
+    def budget_json(self) -> dict[str, Any]:
+        return self.budget
+
+    def next_step(self, history: list[Attempt]) -> Step | None:
+        st = self.fold(history)
+        t = self.cfg.target
+        if st.phase == "ramp":
+            now = global_sparsity(self.ratios(st.current), self.infos)
+            last_call = st.ramp_iters + 1 >= self.cfg.max_iters
+            level = t if last_call else min(now + st.step, t)
+            info = {"level": level, "target": t, "from_level": now, "last_call": last_call, "step_size": st.step,
+                    "current": self.ratios(st.current)}
+            return Step("ramp", info, none_ends_phase=False)  # no opinion on the ramp: climb uniformly
+        if st.phase == "reference":
+            plan = Plan(default_ratio=t, source="uniform", rationale="reference candidate: every layer at the target")
+            return Step("reference", {"level": t, "target": t, "from_level": t, "current": self.ratios(st.best[1])}, plan=plan)
+        if st.phase == "refine":
+            assert st.best is not None
+            return Step("refine", {"level": t, "target": t, "from_level": t, "current": self.ratios(st.best[1])})
+        return None
+
+    def project(self, plan: Plan | None, step: Step) -> list[int]:
+        level, current = step.info["level"], step.info["current"]
+        desired = resolve(plan, self.infos, self.profile.groups, fallback=current) if plan else {i.name: level for i in self.infos}
+        floor = current if step.phase == "ramp" else None
+        counts = project(desired, self.infos, level, floor=floor, ceiling=MAX_RATIO)
+        return [counts[i.name] for i in self.infos]
+
+    def evaluate(self, counts: list[int], step: Step, history: list[Attempt]) -> Outcome:
+        st = self.fold(history)
+        score = next((_score(a) for a in history if a.allocation.get("counts") == counts and "probe_kl" in a.metrics), None)
+        if score is None:  # a repeated allocation is not re-probed
+            self.bank.apply(self.as_dict(counts))
+            score = self.probe.measure(self.model)
+        ref = st.ckpt if step.phase == "ramp" else (st.best[0] if st.best else st.ckpt)
+        ratios = self.ratios(counts)
+        achieved = sum(counts) / self.total
+        metrics = {"probe_nll": score.nll, "probe_ppl": score.ppl, "probe_kl": score.kl, "sparsity": achieved,
+                   "checkpoint_ppl": ref.ppl, "checkpoint_kl": ref.kl, "rise": math.exp(score.nll - ref.nll) - 1}
+        level = step.info["level"]
+        err = (achieved - level) / level if level else achieved
+        return Outcome(
+            allocation={"counts": counts}, metrics=metrics,
+            projected={r["group"]: r["sparsity"] for r in self.profile.group_table(ratios)},
+            errors={"sparsity": err}, within_band=abs(sum(counts) - round(level * self.total)) <= len(self.infos),
+            extra={"groups_pushed": groups_pushed(self.profile, step.info["current"], ratios)} if step.phase == "ramp" else {},
+        )
+
+    def judge(self, step: Step, outcome: Outcome, history: list[Attempt]) -> Judgement:
+        m = outcome.metrics
+        st = self.fold(history)
+        if step.phase == "ramp":
+            thr = self.cfg.threshold
+            if m["rise"] <= thr:
+                return Judgement("accept", -m["probe_kl"])
+            if step.info.get("last_call"):
+                return Judgement("forced", -m["probe_kl"], f"forced: the ramp's last iteration (rise {m['rise']:.1%})")
+            pushed = outcome.extra.get("groups_pushed") or []
+            why = (f"rolled back: probe perplexity rose {m['rise']:.1%} (> {thr:.0%}) going "
+                   f"{step.info['from_level']:.1%} -> {step.info['level']:.1%}; groups pushed hardest: {', '.join(pushed) or 'none'}")
+            if st.in_a_row + 1 >= self.cfg.patience:
+                why += f"; step halved to {st.step / 2:.3f}"
+                if st.step / 2 < self.cfg.min_step:
+                    why += "; the least-bad candidate so far is forced"
+            return Judgement("rollback", -m["probe_kl"], why)
+        best = st.best[0] if st.best else st.ckpt
+        if step.phase == "refine" and st.best and outcome.allocation["counts"] == st.best[1]:
+            return Judgement("repeat", -m["probe_kl"], "same allocation as the best so far; not measured again")
+        if m["probe_kl"] < best.kl:
+            return Judgement("accept", -m["probe_kl"])
+        return Judgement("rollback", -m["probe_kl"], f"rolled back: probe KL {m['probe_kl']:.4f} is not below the best so "
+                                                     f"far ({best.kl:.4f}); perplexity {m['probe_ppl']:.2f} vs {best.ppl:.2f}")
+
+    def keep(self, index: int, outcome: Outcome) -> None:
+        """Nothing to write: the allocation in the journal is the whole candidate (the final masks and weights are
+        computed once, from the best allocation, by sequential calibration)."""
+
+    def best(self, history: list[Attempt]) -> Attempt | None:
+        st = self.fold(history)
+        if st.best_index is None:
+            return None
+        return next((a for a in history if a.index == st.best_index), None)
+
+    def best_counts(self, history: list[Attempt]) -> dict[str, int]:
+        st = self.fold(history)
+        return self.as_dict(st.best[1] if st.best else st.current)
+
+    def summary(self, history: list[Attempt]) -> dict[str, Any]:
+        st = self.fold(history)
+        out: dict[str, Any] = {"iterations": len(history), "rollbacks": st.rollbacks}
+        final = st.best[0] if st.best else st.ckpt
+        for key, s in (("dense", self.probe.dense), ("final", final), ("uniform", st.uniform)):
+            if s is not None:
+                out[f"probe_ppl_{key}"], out[f"probe_kl_{key}"] = s.ppl, s.kl
+        return out
+
+
+def _index_of(history: list[Attempt], counts: list[int]) -> int | None:
+    for a in reversed(history):
+        if a.allocation.get("counts") == counts and a.verdict in ("accept", "forced"):
+            return a.index
+    for a in reversed(history):  # a forced least-bad candidate: the rollback attempt that measured it
+        if a.allocation.get("counts") == counts:
+            return a.index
+    return None
