@@ -45,8 +45,21 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {exc}")
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: finished work is on disk; resume with `prunepilot runs resume`[/]")
+        console.print("[yellow]interrupted: every finished attempt is in OUT/journal.sqlite; continue with "
+                      "`prunepilot runs resume RUN_ID --journal OUT/journal.sqlite` (the run id is printed at the start)[/]")
         sys.exit(130)
+    except Exception as exc:  # a bug, not a user error: one line here, the traceback in a file
+        import tempfile
+        import traceback
+
+        from .agents.llm.retry import redact
+
+        fd, path = tempfile.mkstemp(prefix="prunepilot-traceback-", suffix=".txt")
+        with open(fd, "w") as fh:
+            fh.write(redact(traceback.format_exc()))
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {redact(str(exc))[:300]} "
+                      f"(traceback in {path}; please report it)", markup=True, highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

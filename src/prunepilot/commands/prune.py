@@ -19,7 +19,12 @@ def load_plan(path: Path | None, **overrides) -> Plan:
         return Plan(**{k: v for k, v in overrides.items() if v is not None})
     if not path.exists():
         raise PlanError("plan file not found", str(path), "check the path")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PlanError("a plan file must be a readable JSON object", f"{path}: {exc}", "fix the file (see `prunepilot profile` for names)") from None
+    if not isinstance(data, dict):
+        raise PlanError("a plan file must hold a JSON object", f"{path}: {type(data).__name__}", "write {\"ratios\": {...}, ...}")
     if "requested" in data and "version" not in data:  # a plan.json written by a previous run
         data = data["requested"]
     plan = Plan.from_json_text(json.dumps(data))

@@ -120,7 +120,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _line(a: Attempt) -> str:
-    parts = [f"attempt {a.index} [{a.phase}, {a.strategist}] {a.verdict}"]
+    parts = [f"attempt {a.index} ({a.phase}, {a.strategist}): {a.verdict}"]
     if a.errors:
         parts.append(", ".join(f"{m} {e:+.2%}" for m, e in a.errors.items()))
     for key in ("accuracy", "probe_ppl", "probe_kl"):

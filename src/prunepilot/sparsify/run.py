@@ -85,6 +85,7 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
 
     from ..journal import Journal, prepare_out
 
+    parse_sparsity(cfg.sparsity)  # a bad target is refused before anything is written
     tmp = None
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="prunepilot-sparsify-")
@@ -102,7 +103,9 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
         (jdir / "run_id").write_text(run_id)
     say(f"run {run_id} (journal {jdir / 'journal.sqlite'})")
     try:
-        result = _run(cfg, out, say, journal, run_id)
+        result = {**_run(cfg, out, say, journal, run_id), "run_id": run_id}
+        if write:
+            write_json_atomic(out / "result.json", result)
     except BaseException as exc:
         journal.finish_run(run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                            {"error": f"{type(exc).__name__}: {exc}"[:2000]})
