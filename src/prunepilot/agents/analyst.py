@@ -327,11 +327,11 @@ def clamp_plan_data(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     notes: list[str] = []
 
     def clamp(label: str, v: Any) -> Any:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
             return v  # leave it for validation to reject with a clear message
-        c = min(max(float(v), 0.0), MAX_RATIO)
+        c = float(min(max(v, 0.0), MAX_RATIO))  # compare before float(): a huge JSON int must not overflow
         if c != v:
-            notes.append(f"{label} {v} clamped to {c}")
+            notes.append(f"{label} {str(v)[:24]} clamped to {c}")
         return c
 
     if isinstance(out.get("ratios"), dict):
@@ -357,6 +357,14 @@ def parse_plan(reply: LLMReply, names: Names) -> tuple[Plan | None, str | None, 
     if not isinstance(data, dict):
         return None, f"the reply is JSON but not an object (got {type(data).__name__})", []
     data, notes = clamp_plan_data(data)
+    # pydantic would coerce true -> 1.0 and "0.95" -> 0.95, past the clamp: a ratio must be a JSON number
+    ratios = data.get("ratios")
+    typed = [(f"ratios.{k}", v) for k, v in ratios.items()] if isinstance(ratios, dict) else []
+    typed += [("default_ratio", data["default_ratio"])] if "default_ratio" in data else []
+    bad = [f"{loc}: must be a number between 0 and {MAX_RATIO}, got {type(v).__name__}"
+           for loc, v in typed if isinstance(v, (bool, str))]
+    if bad:
+        return None, "the plan does not match the Plan schema: " + "; ".join(bad[:6]), notes
     try:
         plan = Plan.model_validate(data)
     except ValidationError as exc:
@@ -492,13 +500,27 @@ def _call_record(
         "messages_hash": messages_hash(messages),
         "messages": [{"role": m["role"], "content": redact(m["content"])} for m in messages_to_dicts(messages)],
         "reply": redact(reply.text) if reply is not None else None,
-        "data": reply.data if reply is not None else None,
+        "data": _redact_json(reply.data) if reply is not None else None,
         "model": reply.model if reply is not None else None,
         "input_tokens": reply.input_tokens if reply is not None else 0,
         "output_tokens": reply.output_tokens if reply is not None else 0,
         "latency_s": round(reply.latency_s, 4) if reply is not None else 0.0,
         "error": redact(error) if error else None,
-        "clamped": notes,
-        "meta": reply.meta if reply is not None else {},
+        "clamped": [redact(n) for n in notes],
+        "meta": _redact_json(reply.meta) if reply is not None else {},
     }
     return rec
+
+
+def _redact_json(obj: Any, depth: int = 0) -> Any:
+    """redact() over every string (keys too) of a JSON-like value: a reply's parsed data can echo a key.
+    Nesting past 16 levels (no plan has it) is cut, so junk data cannot overflow the stack or the journal."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, (dict, list, tuple)) and depth >= 16:
+        return "[nested too deep]"
+    if isinstance(obj, dict):
+        return {(redact(k) if isinstance(k, str) else k): _redact_json(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_redact_json(v, depth + 1) for v in obj]
+    return obj

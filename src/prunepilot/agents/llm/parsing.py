@@ -20,7 +20,7 @@ def extract_json(text: str | None) -> dict[str, Any] | None:
     for c in candidates:
         try:
             obj = json.loads(c)
-        except ValueError:
+        except (ValueError, RecursionError):  # deeply nested junk must not crash a client
             continue
         if isinstance(obj, dict):
             return obj
@@ -30,7 +30,7 @@ def extract_json(text: str | None) -> dict[str, Any] | None:
             continue
         try:
             obj, _ = decoder.raw_decode(text, i)
-        except ValueError:
+        except (ValueError, RecursionError):  # deeply nested junk must not crash a client
             continue
         if isinstance(obj, dict):
             return obj
