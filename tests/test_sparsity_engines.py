@@ -1,14 +1,23 @@
-"""Exactness of the sparsity engines (magnitude, Wanda, SparseGPT; unstructured and N:M) and projection."""
+"""Exactness of the sparsity engines (magnitude, Wanda, SparseGPT; unstructured and N:M), projection, and how
+a Plan resolves to per-layer sparsity (precedence, unknown names, structured-only fields rejected)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from prunepilot.engines import sparsity as sp
 from prunepilot.errors import BudgetError, PlanError
+from prunepilot.plan import Plan
 from prunepilot.sparsify.calibrate import LinearInfo
-from prunepilot.sparsify.plan import SparsityPlan, project, resolve, validate_keys
+from prunepilot.sparsify.plan import (
+    MAX_RATIO,
+    STRUCTURED_ONLY,
+    project,
+    resolve,
+    validate_keys,
+)
 
 
 def _toy(seed: int = 0, out: int = 24, inp: int = 32, tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +63,7 @@ def test_nm_rejects_bad_patterns() -> None:
 def test_sparsegpt_beats_wanda_and_magnitude_on_reconstruction() -> None:
     w, x = _toy(seed=1)
     ref = x @ w.T  # [tokens, out]
-    err = lambda wp: float((x @ wp.T - ref).pow(2).sum() / ref.pow(2).sum())  # noqa: E731
+    err = lambda wp: float((x @ wp.T - ref).pow(2).sum() / ref.pow(2).sum())
     s = 0.5
     e_mag = err(w * sp.magnitude_mask(w, s))
     e_wanda = err(w * sp.wanda_mask(w, x.pow(2).sum(0), s))
@@ -73,6 +82,10 @@ def test_exact_counts_sum_to_target() -> None:
 def _infos() -> list[LinearInfo]:
     return [LinearInfo(f"m.layers.{b}.{k}", b, k, o, i) for b in range(3)
             for k, o, i in (("attn.q", 16, 16), ("mlp.up", 48, 16), ("mlp.down", 16, 48))]
+
+
+def _groups(infos: list[LinearInfo]) -> dict[str, list[str]]:
+    return {"mlp.up@0-2": [i.name for i in infos if i.kind == "mlp.up"]}
 
 
 @pytest.mark.parametrize("level", [0.1, 0.5, 0.733])
@@ -98,13 +111,51 @@ def test_projection_refuses_unreachable_level() -> None:
 
 def test_plan_resolution_precedence_and_unknown_names() -> None:
     infos = _infos()
-    groups = {"mlp.up@0-2": [i.name for i in infos if i.kind == "mlp.up"]}
-    plan = SparsityPlan(ratios={"mlp.up@0-2": 0.7, "re:layers\\.2\\.": 0.3, "m.layers.2.mlp.up": 2.0}, default=0.5)
+    groups = _groups(infos)
+    plan = Plan(ratios={"mlp.up@0-2": 0.7, "re:layers\\.2\\.": 0.3, "m.layers.2.mlp.up": 0.99}, default_ratio=0.5)
     r = resolve(plan, infos, groups, {})
     assert r["m.layers.0.mlp.up"] == 0.7 and r["m.layers.2.attn.q"] == 0.3
-    assert r["m.layers.2.mlp.up"] == 0.95  # exact name wins, clamped
+    assert r["m.layers.2.mlp.up"] == MAX_RATIO == 0.95  # exact name wins, clamped to the sparsity ceiling
     assert r["m.layers.0.attn.q"] == 0.5
-    bad = SparsityPlan(ratios={"nonsense": 0.5, "re:(": 0.1})
-    assert validate_keys(bad, infos, groups) == ["nonsense", "re:("]
+    bad = Plan(ratios={"nonsense": 0.5, "re:nowhere\\.": 0.1, "mlp.up@0-2": 0.2})
+    assert validate_keys(bad, infos, groups) == ["nonsense", "re:nowhere\\."]
     with pytest.raises(PlanError, match="groups"):
         resolve(bad, infos, groups, {})
+    # a broken regex never gets as far as resolve: the Plan itself refuses it (and validate_keys would too)
+    with pytest.raises(ValidationError, match="regular expression"):
+        Plan(ratios={"re:(": 0.1})
+    assert validate_keys(Plan.model_construct(ratios={"re:(": 0.1}), infos, groups) == ["re:("]
+
+
+def test_default_ratio_counts_only_when_set_explicitly() -> None:
+    infos = _infos()
+    groups = _groups(infos)
+    fallback = {i.name: 0.25 for i in infos}
+    implicit = resolve(Plan(ratios={"mlp.up@0-2": 0.7}), infos, groups, fallback)  # Plan's 0.3 default: no opinion
+    assert implicit["m.layers.0.mlp.up"] == 0.7 and implicit["m.layers.0.attn.q"] == 0.25
+    explicit = resolve(Plan(ratios={"mlp.up@0-2": 0.7}, default_ratio=0.3), infos, groups, fallback)
+    assert explicit["m.layers.0.attn.q"] == 0.3
+    explicit_none = resolve(Plan(ratios={"mlp.up@0-2": 0.7}, default_ratio=None), infos, groups, fallback)
+    assert explicit_none["m.layers.1.mlp.down"] == 0.25  # None = keep the current (fallback) allocation
+    assert resolve(Plan(default_ratio=1.0), infos, groups, {})["m.layers.0.attn.q"] == MAX_RATIO
+
+
+STRUCTURED = [("importance", "taylor"), ("round_to", 8), ("protected", ["mlp.up@0-2"]), ("prune_heads", True),
+              ("quantize", {"m.layers.0.attn.q": "int8_dynamic"}), ("importance", "l2")]  # the default, set: still no
+
+
+@pytest.mark.parametrize("field,value", STRUCTURED, ids=[f"{f}={v}" for f, v in STRUCTURED])
+def test_resolve_rejects_structured_only_fields(field: str, value: object) -> None:
+    infos = _infos()
+    plan = Plan(ratios={"mlp.up@0-2": 0.6}, default_ratio=0.5, **{field: value})
+    with pytest.raises(PlanError, match="only structured pruning") as err:
+        resolve(plan, infos, _groups(infos), {})
+    assert field in str(err.value)
+    # the same plan from JSON (an LLM's or a file's) is refused the same way
+    with pytest.raises(PlanError, match="only structured pruning"):
+        resolve(Plan.model_validate_json(plan.model_dump_json(exclude_unset=True)), infos, _groups(infos), {})
+
+
+def test_structured_only_list_covers_every_structured_field() -> None:
+    sparsify_fields = {"version", "ratios", "default_ratio", "rationale", "reflection", "source", "params"}
+    assert set(Plan.model_fields) - sparsify_fields == set(STRUCTURED_ONLY)

@@ -63,6 +63,7 @@ class Master:
             self._journal_calls(index, ctx)
             return self._record(Attempt(**base, strategist=name, verdict="failed", error=_one_line(exc),
                                         traceback=redact(traceback.format_exc()), llm_calls=len(ctx.llm_calls),
+                                        fallback_reason=redact(ctx.fallback_reason) if ctx.fallback_reason else None,
                                         seconds=time.perf_counter() - t), None)
         self._journal_calls(index, ctx)
         if step.plan is not None:
@@ -72,7 +73,7 @@ class Master:
         fallback = redact(ctx.fallback_reason) if ctx.fallback_reason else None
         if plan is None and step.none_ends_phase:
             return self._record(Attempt(**base, strategist=name, verdict="exhausted", llm_calls=len(ctx.llm_calls),
-                                        reflection=f"{name} had nothing more to propose in the {step.phase} phase",
+                                        fallback_reason=fallback, reflection=f"{name} had nothing more to propose in the {step.phase} phase",
                                         seconds=time.perf_counter() - t), None)
         common = dict(base, strategist=name, plan=plan.model_dump() if plan else None, fallback_reason=fallback,
                       rationale=plan.rationale if plan else "", llm_calls=len(ctx.llm_calls))
