@@ -242,7 +242,8 @@ def cli_suite() -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="replies,cli,kills", help="comma list of: replies, cli, kills")
-    ap.add_argument("--kills", type=int, default=6, help="kill -9 trials per job kind (prune, sparsify)")
+    ap.add_argument("--kills", type=int, default=6, help="kill -9 trials per job kind")
+    ap.add_argument("--kinds", default="prune,sparsify", help="job kinds for the kill trials")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults.json")
     args = ap.parse_args()
@@ -265,6 +266,8 @@ def main() -> None:
     if "kills" in parts:
         with tempfile.TemporaryDirectory() as d:
             for name, cmd in (("prune", PRUNE), ("sparsify", SPARSIFY)):
+                if name not in args.kinds.split(","):
+                    continue
                 base = Path(d) / name
                 base.mkdir()
                 results[f"kills_{name}"] = kill_and_resume(cmd, base, args.kills, rng)
