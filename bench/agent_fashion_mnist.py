@@ -4,8 +4,12 @@ Arms: uniform, grid, tp_global (torch-pruning global isomorphic Taylor at a bise
 engine), sensitivity (built-in default), optuna (TPE), local (SmolLM2 analyst, schema-constrained).
 Every arm gets the same number of rounds, the same in-loop recovery steps per candidate, and the same final
 recovery (steps with distillation) for its best candidate; top-1 is measured on the official 10k test split.
+Every arm but tp_global runs through the one loop: `Master(PruneJob(..., Evaluator), strategist, journal, run_id)`,
+journaled under runs/bench_agent/<arm>_<target>_s<seed>/journal.sqlite; tp_global stays a separate baseline (it
+bisects Torch-Pruning's own global ratio, nothing to propose). Each row records the attempts the loop made and
+its wall time (`attempts`, `loop_seconds`).
 
-    python bench/agent_fashion_mnist.py [--arms a,b] [--targets 50%,30%] [--seeds 0,1] [--rounds 4]
+    python bench/agent_fashion_mnist.py [--arms a,b] [--targets 50%,30%] [--seeds 0,1] [--rounds 4] [--runs-dir D]
         -> bench/results/agent_fashion_mnist.json
 """
 
@@ -22,15 +26,18 @@ from pathlib import Path
 
 import torch
 
-from prunepilot.agents.master import Evaluator, Master, SearchConfig, measure_sensitivity
+from prunepilot.agents.registry import make_strategist
 from prunepilot.budget import Budget
 from prunepilot.engines.recover import finetune
+from prunepilot.errors import PrunepilotError
 from prunepilot.evaluate.classification import evaluate_classifier
-from prunepilot.journal import Journal
+from prunepilot.evaluate.scoring import Evaluator, measure_sensitivity
+from prunepilot.jobs.prune import PruneJob, PruneSettings, UserConstraints
+from prunepilot.journal import Journal, prepare_out
+from prunepilot.loop import Master
 from prunepilot.models.baseline import get_or_train_baseline
 from prunepilot.pipeline import Pruner, count_real
 from prunepilot.results import environment, write_json_atomic
-from prunepilot.search import make_strategist
 from prunepilot.sources.data import load_data
 from prunepilot.sources.models import LoadedModel
 
@@ -71,49 +78,63 @@ def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root:
     torch.manual_seed(seed)
     x = torch.randn(1, *info["input_shape"])
     loaded = LoadedModel(copy.deepcopy(dense), x, "prunepilot:fmnist_resnet20", "trained ResNet-20")
-    cfg = SearchConfig(rounds=args.rounds, finetune_steps=args.loop_steps, eval_limit=args.eval_limit,
-                       bn_batches=10, patience=args.rounds, seed=seed)
+    settings = PruneSettings(rounds=args.rounds, patience=args.rounds, finetune_steps=args.loop_steps,
+                             eval_limit=args.eval_limit, bn_batches=10, seed=seed)
     t0 = time.perf_counter()
     pruner = Pruner(loaded, latency_runs=0)
     rb = Budget.parse(macs=target).resolve(pruner.profile.dense)
-    ev = Evaluator(data, pruner.dense, cfg)
+    ev = Evaluator(data, pruner.dense, settings.scoring())
     out = out_root / f"{arm}_{target.strip('%')}_s{seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    for f in ("attempts.jsonl", "llm_calls.jsonl"):
-        (out / f).unlink(missing_ok=True)
+    prepare_out(out, overwrite=True)  # one run per folder: a re-run replaces the last one
     row = {"arm": arm, "target": target, "seed": seed}
-    if arm == "tp_global":
+    if arm == "tp_global":  # a separate baseline: Torch-Pruning's own global ratio, not a loop
+        tl = time.perf_counter()
         calib = next(iter(data.loader("train", batch_size=256, seed=seed)))
-        model, macs, err, ratio = tp_global_candidate(pruner.dense, x, rb.goals["macs"], calib)
-        metrics = ev.score(model, cfg.finetune_steps)
-        row.update(rounds=1, within_band_rate=float(rb.within("macs", macs)), global_ratio=ratio)
-        best_model, best_err = model, err
+        best_model, macs, best_err, ratio = tp_global_candidate(pruner.dense, x, rb.goals["macs"], calib)
+        metrics = ev.score(best_model, settings.finetune_steps)
+        row.update(rounds=1, attempts=1, loop_seconds=time.perf_counter() - tl,
+                   within_band_rate=float(rb.within("macs", macs)), global_ratio=ratio)
     else:
         if arm == "sensitivity" or arm == "local":
-            pruner.profile.sensitivity = measure_sensitivity(pruner, ev, cfg.sensitivity_ratio)
-        strategist, resolved = make_strategist(arm)
+            pruner.profile.sensitivity = measure_sensitivity(pruner, ev, settings.sensitivity_ratio)
+        strategist, resolved = make_strategist(arm, "prune", say=print)
         journal = Journal(out / "journal.sqlite")
-        run_id = journal.start_run("bench", {"arm": arm}, out)
-        best = Master(pruner, rb, strategist, ev, journal, run_id, out, cfg, log=lambda s: print(f"  {arm} {target} s{seed}: {s}", flush=True)).run()
+        run_id = journal.start_run("prune", {"bench": "agent_fashion_mnist", "arm": arm, "target": target, "seed": seed,
+                                             "settings": vars(args)}, out)
+        job = PruneJob(pruner, rb, ev, settings, out, UserConstraints())
+        tl = time.perf_counter()
+        try:
+            best = Master(job, strategist, journal, run_id, seed=seed,
+                          log=lambda s: print(f"  {arm} {target} s{seed}: {s}", flush=True)).run()
+        except PrunepilotError as exc:  # systematic failure: report it in the row, keep the other arms' numbers
+            best, row["error"] = None, f"{exc}"[:500]
+        loop_s = time.perf_counter() - tl
         hist = journal.attempts(run_id)
+        job.prune_stale_candidates(hist)
         calls = journal.llm_calls(run_id)
-        row.update(rounds=len(hist), within_band_rate=sum(1 for h in hist if h.get("within_band")) / max(1, len(hist)),
-                   resolved=resolved, llm_calls=len(calls), llm_fallbacks=sum(1 for h in hist if h.get("fallback_reason")),
-                   best_round=best["round"] if best else None)
+        row.update(rounds=len(hist), attempts=len(hist), loop_seconds=loop_s,
+                   within_band_rate=sum(1 for h in hist if h.within_band) / max(1, len(hist)),
+                   resolved=resolved, llm_calls=len(calls), llm_fallbacks=sum(1 for h in hist if h.fallback_reason),
+                   failed=sum(1 for h in hist if h.verdict == "failed"), best_round=best.index if best else None,
+                   run_id=run_id)
         if best is None:
-            row.update(top1=None, error="no attempt in band")
+            row.setdefault("error", "no attempt in band")
+            journal.finish_run(run_id, "failed", {"error": row["error"]})
+            row.update(top1=None, wall_seconds=time.perf_counter() - t0)
             return row
-        best_model = torch.load(out / "best_model.pt", weights_only=False)
-        best_err = best["errors"]["macs"]
-        metrics = best["metrics"]
+        best_model = job.rebuild(best)
+        best_err = best.errors["macs"]
+        metrics = best.metrics
     search_s = time.perf_counter() - t0
     ev.recalibrate(best_model)
-    finetune(best_model, ev.train, steps=args.final_steps, lr=0.02, teacher=pruner.dense, seed=seed, progress=False)
+    finetune(best_model, ev.train_loader(), steps=args.final_steps, lr=0.02, teacher=pruner.dense, seed=seed, progress=False)
     top1 = evaluate_classifier(best_model, data.loader("test", batch_size=512, shuffle=False))["top1"]
     row.update(top1=top1, val_top1_in_loop=metrics.get("accuracy"), macs_error=best_err, search_seconds=search_s,
                wall_seconds=time.perf_counter() - t0)
+    if arm != "tp_global":
+        journal.finish_run(run_id, "done", {"top1": top1, "macs_error": best_err})
     print(f"{arm:12s} {target:>4s} seed {seed}: top-1 {top1:.4f}  in-band rate {row['within_band_rate']:.2f}  "
-          f"err {best_err:+.3%}  {row['wall_seconds']:.0f}s", flush=True)
+          f"err {best_err:+.3%}  {row['attempts']} attempts, loop {row['loop_seconds']:.0f}s, {row['wall_seconds']:.0f}s", flush=True)
     return row
 
 
@@ -141,6 +162,7 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest for ResNet-20 on a shared machine)")
     ap.add_argument("--out", default="bench/results/agent_fashion_mnist.json")
+    ap.add_argument("--runs-dir", default="runs/bench_agent", help="per-arm journals and kept candidates")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dense, info = get_or_train_baseline("resnet20")
@@ -148,7 +170,7 @@ def main() -> None:
     dense_top1 = evaluate_classifier(dense, data.loader("test", batch_size=512, shuffle=False))["top1"]
     print(f"dense top-1 {dense_top1:.4f}", flush=True)
     rows = []
-    out_root = Path("runs/bench_agent")
+    out_root = Path(args.runs_dir)
     path = Path(args.out)
     for target in args.targets.split(","):
         for arm in args.arms.split(","):
@@ -172,6 +194,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "top1_min": min(r["top1"] for r in rs), "top1_max": max(r["top1"] for r in rs),
                     "within_band_rate": statistics.mean(r["within_band_rate"] for r in rs),
                     "rounds": statistics.mean(r["rounds"] for r in rs),
+                    "attempts": statistics.mean(r.get("attempts", r["rounds"]) for r in rs),
+                    "loop_seconds": statistics.mean(r["loop_seconds"] for r in rs) if all("loop_seconds" in r for r in rs) else None,
                     "wall_seconds": statistics.mean(r["wall_seconds"] for r in rs)})
     return out
 

@@ -5,7 +5,11 @@ at 50% unstructured and 2:4, on the same calibration / evaluation text (Python d
     python bench/llm_sparsity.py --variants u50,owl50,agent50 --eval-seqs 8
 
 Shares one model load, one dense evaluation and one sensitivity profile across variants; every variant
-restores the dense weights first. The JSON is rewritten after each variant, so a partial run still reports.
+restores the dense weights first. Allocations are made as `prunepilot sparsify` makes them (sparsify/run.py):
+uniform, N:M and OWL are one-shot; the agent arms (built-in `sensitivity`, or an LLM for `llm:SPEC`) run the
+one loop, `Master(SparsifyJob(...), strategist, journal, run_id)`, journaled in --runs-dir/<variant>/. Every
+variant records its loop's attempts and wall time (`attempts`, `loop_s`; 0 for one-shot allocations).
+The JSON is rewritten after each variant, so a partial run still reports.
 Timings are wall-clock on a shared 2-core machine: compare them as ratios within one run.
 """
 
@@ -22,16 +26,21 @@ from typing import Any
 
 import torch
 
+from prunepilot.agents.context import Context
+from prunepilot.agents.registry import make_builtin, make_strategist
+from prunepilot.budget import Budget
 from prunepilot.engines import sparsity as sp
 from prunepilot.evaluate.language import fidelity, knowledge_retention, knowledge_targets, mean_nll
+from prunepilot.jobs.sparsify import RampSettings, SparsifyJob
+from prunepilot.journal import Journal, prepare_out
+from prunepilot.loop import Master
 from prunepilot.results import environment, write_json_atomic
 from prunepilot.sources.llm import load_causal_lm
 from prunepilot.sources.text import load_split, token_blocks
 from prunepilot.sparsify.calibrate import activation_norms, gradient_importance, linear_layers, sequential_sparsify
-from prunepilot.sparsify.loop import LoopConfig, Probe, probe_costs, run_loop
+from prunepilot.sparsify.loop import Probe, probe_costs
 from prunepilot.sparsify.plan import project, resolve
 from prunepilot.sparsify.profile import WandaBank, build_profile
-from prunepilot.sparsify.strategies import OWLStrategist, SensitivityStrategist, StepContext
 
 # name -> (sparsity, method, allocation)
 VARIANTS: dict[str, tuple[str, str, str]] = {
@@ -67,6 +76,7 @@ def main() -> None:
     ap.add_argument("--refine-iters", type=int, default=8)
     ap.add_argument("--llm-iters", type=int, default=6, help="ramp iterations at most for the LLM arm")
     ap.add_argument("--out", default="bench/results/llm_sparsity.json")
+    ap.add_argument("--runs-dir", default="runs/bench_llm", help="one journal per loop variant (<dir>/<variant>/journal.sqlite)")
     ap.add_argument("--no-dense-eval", action="store_true", help="skip the dense perplexity (another process measures it)")
     ap.add_argument("--merge", nargs="+", help="fold these result files (same protocol) into --out and exit")
     args = ap.parse_args()
@@ -140,45 +150,58 @@ def main() -> None:
         try:
             if nm is not None or alloc == "uniform":
                 counts = project({}, infos, target)
-            elif alloc == "owl":
+                info.update(attempts=0, loop_s=0.0)
+            elif alloc == "owl":  # one-shot, as `prunepilot sparsify --agent owl`
                 need_profile()
-                ctx = StepContext(profile, infos, target, target, {i.name: 0.0 for i in infos})
-                counts = project(resolve(OWLStrategist().propose(ctx), infos, profile.groups, {}), infos, target)
+                ctx = Context("sparsify", profile, {}, [], phase="ramp",
+                              step={"level": target, "target": target, "current": {i.name: 0.0 for i in infos}})
+                plan = make_builtin("owl", "sparsify").propose(ctx)
+                assert plan is not None  # one-shot strategists always answer on the ramp
+                counts = project(resolve(plan, infos, profile.groups, {}), infos, target)
+                info.update(attempts=0, loop_s=0.0)
             elif alloc == "agent" and agent_counts is not None:
                 counts = agent_counts
                 info.update(agent_info, reused_allocation_from="agent50")
             else:
                 need_profile()
-                strategist: Any = SensitivityStrategist()
-                calls: list[dict[str, Any]] = []
-                max_iters = 24
+                agent, max_iters = "sensitivity", 24
                 if alloc.startswith("llm:"):
-                    from prunepilot.agents.llm.factory import make_client
-                    from prunepilot.sparsify.analyst import LLMSparsityAnalyst
-
-                    strategist = LLMSparsityAnalyst(make_client(alloc[4:]), record=calls.append)
-                    max_iters = args.llm_iters
+                    agent, max_iters = alloc[4:], args.llm_iters
+                strategist, resolved = make_strategist(agent, "sparsify", say=log)
                 tp = time.perf_counter()
                 if not profile.group_probe:
                     probe_costs(model, bank, infos, profile, probe_set, target)
                 probe_s = time.perf_counter() - tp
-                rows: list[dict[str, Any]] = []
-                res = run_loop(model, bank, infos, profile, strategist, probe_set,
-                               LoopConfig(target=target, step=args.step, threshold=args.threshold, max_iters=max_iters,
-                                          refine_iters=args.refine_iters),
-                               fallback=SensitivityStrategist(), record=lambda a: (rows.append(a), log(
-                                   f"  it {a['iteration']} {a['phase']} {a['from_level']:.3f}->{a['level']:.3f} "
-                                   f"probe ppl {a['probe_ppl']:.2f} KL {a['probe_kl']:.4f} {a['verdict']} {a.get('params')}")))
-                counts = res.counts
+                # the loop exactly as sparsify/run.py::_loop wires it (the probe and its costs are shared)
+                rs = RampSettings(target=target, step=args.step, threshold=args.threshold, max_iters=max_iters,
+                                  refine_iters=args.refine_iters)
+                budget = Budget.parse(sparsity=f"{target * 100:.6g}%").resolve({}).to_json()
+                job = SparsifyJob(model, bank, infos, profile, probe_set, rs, budget)
+                jdir = Path(args.runs_dir) / name
+                prepare_out(jdir, overwrite=True)
+                journal = Journal(jdir / "journal.sqlite")
+                run_id = journal.start_run("sparsify", {"bench": "llm_sparsity", "variant": name, "model": args.model,
+                                                        "sparsity": sparsity, "agent": agent, "ramp": vars(rs)}, jdir)
+                tl = time.perf_counter()
+                Master(job, strategist, journal, run_id, seed=0, log=lambda m, n=name: log(f"  {n} {m}")).run()
+                loop_s = time.perf_counter() - tl
+                history = journal.attempts(run_id)
+                counts = job.best_counts(history)
                 restore()
-                loop_info = {"group_probe_s": probe_s, **res.summary(), "loop_s": sum(a["seconds"] for a in rows),
-                             "trajectory": [{k: a.get(k) for k in ("iteration", "phase", "from_level", "level", "probe_ppl",
-                                                                   "probe_kl", "rise", "verdict", "strategist", "params")}
-                                            for a in rows]}
+                journal.finish_run(run_id, "done", {"counts": counts})
+                loop_info = {"group_probe_s": probe_s, **job.summary(history), "attempts": len(history), "loop_s": loop_s,
+                             "strategist": resolved, "run_id": run_id,
+                             "failed": sum(1 for a in history if a.verdict == "failed"),
+                             "trajectory": [{"iteration": a.index + 1, "phase": a.phase,
+                                             "from_level": a.step.get("from_level"), "level": a.step.get("level"),
+                                             "probe_ppl": a.metrics.get("probe_ppl"), "probe_kl": a.metrics.get("probe_kl"),
+                                             "rise": a.metrics.get("rise"), "verdict": a.verdict, "strategist": a.strategist,
+                                             "params": a.plan_params} for a in history]}
+                calls = journal.llm_calls(run_id)
                 if calls:
                     loop_info["llm_calls"] = len(calls)
-                    loop_info["llm_fallbacks"] = getattr(strategist, "fallbacks", 0)
-                    loop_info["llm_latency_s"] = sum(c["latency_s"] for c in calls)
+                    loop_info["llm_fallbacks"] = sum(1 for a in history if a.fallback_reason)
+                    loop_info["llm_latency_s"] = sum(c.get("latency_s", 0.0) for c in calls)
                 info.update(loop_info)
                 if alloc == "agent":
                     agent_counts, agent_info = counts, loop_info
