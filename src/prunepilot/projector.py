@@ -94,6 +94,9 @@ class Projector:
                 heads[name] = max(1, g.num_heads - int(round(r * g.num_heads)))
                 kept[name] = g.units
                 continue
+            if r <= 0:  # protected (or asked to keep): rounding must not take channels from it
+                kept[name] = g.units
+                continue
             q = _rounding_unit(g.units, g.ch_groups, plan.round_to)
             k = g.units - r * g.units
             k = int(round(k / q)) * q
@@ -122,7 +125,6 @@ class Projector:
         max_shape = max(shape.values())
         s_hi = MAX_RATIO / max_shape
         iterations = 0
-        lo, hi = 0.0, s_hi
         best: tuple[float, float, Allocation] | None = None
         cache: dict[float, tuple[Allocation, dict[str, float]]] = {}
 
@@ -137,13 +139,21 @@ class Projector:
                     best = (loss(e), s, a)
             return cache[s]
 
-        # Unreachable: even the maximal scale stays above the cap.
+        lo = 0.0
         a_max, e_max = at(s_hi)
+        s_sat = MAX_RATIO / min(v for v in shape.values() if v > 0)
+        if worst(e_max) > budget.band.over and s_sat > s_hi:
+            # the shape, scaled until its largest ratio hits the cap, cannot reach the budget: keep scaling
+            # with each group capped at MAX_RATIO, until every group the plan prunes is at the cap
+            lo, s_hi = s_hi, s_sat
+            a_max, e_max = at(s_hi)
+        hi = s_hi
+        # Unreachable: even the maximal scale stays above the cap.
         if worst(e_max) > budget.band.over:
             pred = self.metrics(a_max)
             fixed = {m: self._floor(m) for m in goals}
             reason = "; ".join(
-                f"{m}: at most {MAX_RATIO:.0%} of every unprotected group can go, which reaches "
+                f"{m}: at most {MAX_RATIO:.0%} of every group the plan prunes can go, which reaches "
                 f"{pred[m] / self._dense(m):.1%} of dense ({e_max[m]:+.1%} vs the target); protected/unprunable "
                 f"layers alone hold {fixed[m] / self._dense(m):.1%}"
                 for m in goals if e_max[m] > budget.band.over
