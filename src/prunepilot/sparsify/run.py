@@ -103,9 +103,7 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
         (jdir / "run_id").write_text(run_id)
     say(f"run {run_id} (journal {jdir / 'journal.sqlite'})")
     try:
-        result = {**_run(cfg, out, say, journal, run_id), "run_id": run_id}
-        if write:
-            write_json_atomic(out / "result.json", result)
+        result = _run(cfg, out, say, journal, run_id)
     except BaseException as exc:
         journal.finish_run(run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                            {"error": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -227,7 +225,7 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
         within_band=budget.within("sparsity", achieved_global), errors={"sparsity": err},
         method=cfg.method, pattern=str(nm) if nm else "unstructured", agent=agent_used, protocol=protocol,
         loop=loop_info, timings_s=timings, peak_rss_mb=_peak_rss_mb(), export=export_info,
-        config={k: v for k, v in asdict(cfg).items() if k != "client"},
+        config={k: v for k, v in asdict(cfg).items() if k != "client"}, run_id=run_id,
     )
     if out:
         groups = profile_json["groups"] if profile_json else []
