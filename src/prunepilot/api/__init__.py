@@ -1,0 +1,5 @@
+"""The Python API: the user's objects in, a Result out. The CLI commands are thin layers over these."""
+
+from .result import Result
+
+__all__ = ["Result"]
