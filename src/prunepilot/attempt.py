@@ -50,5 +50,15 @@ class Attempt(BaseModel):
         return self.within_band and self.verdict in FEASIBLE
 
     @property
+    def quality(self) -> float | None:
+        """The prune job's ranking metric: `score` (the user's evaluate(), top-1 or agreement), else accuracy."""
+        return quality_of(self.metrics)
+
+    @property
     def plan_params(self) -> dict[str, float]:
         return dict((self.plan or {}).get("params") or {})
+
+
+def quality_of(metrics: dict[str, Any]) -> float | None:
+    value = metrics.get("score", metrics.get("accuracy"))
+    return float(value) if value is not None else None

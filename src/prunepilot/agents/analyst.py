@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
+from ..attempt import quality_of
 from ..errors import PlanError
 from ..plan import MAX_RATIO, Plan
 from .llm.base import LLMClient, LLMError, LLMReply, Message
@@ -170,7 +171,7 @@ def _accuracy(a: dict) -> Any:
     if a.get("accuracy") is not None:
         return a["accuracy"]
     m = a.get("metrics") or a.get("achieved") or {}
-    return m.get("accuracy") if isinstance(m, dict) else None
+    return quality_of(m) if isinstance(m, dict) else None
 
 
 def _achieved(a: dict) -> str:
@@ -387,7 +388,7 @@ def attempt_rows(ctx: "Context") -> list[dict[str, Any]]:
     rows = []
     for a in ctx.history:
         rows.append({"round": a.index, "plan": a.plan, "projected_ratios": a.projected,
-                     "metrics": {k: v for k, v in a.metrics.items() if k in ("accuracy", "macs", "params", "latency_ms")},
+                     "metrics": {k: v for k, v in a.metrics.items() if k in ("score", "accuracy", "macs", "params", "latency_ms")},
                      "errors": a.errors, "within_band": a.within_band, "verdict": a.verdict, "rationale": a.rationale,
                      "reflection": a.reflection or (f"failed: {a.error}" if a.error else ""),
                      "fallback_reason": a.fallback_reason})

@@ -16,7 +16,7 @@ def _families(profile: dict) -> list[dict[str, Any]]:
 
 
 def _accuracy(a: Attempt) -> float | None:
-    return a.metrics.get("accuracy") if a.within_band else None
+    return a.quality if a.within_band else None
 
 
 class UniformStrategist:

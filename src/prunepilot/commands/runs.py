@@ -74,16 +74,14 @@ def register(app: typer.Typer) -> None:
             raise PrunepilotError("only prune and sparsify runs can be resumed", r["kind"], "start a new run")
 
     def _continue_prune(run_id: str, c: dict, transcripts: list | None, agent: str | None, trust: bool) -> None:
-        from ..budget import Budget
         from ..errors import SourceError
-        from ..jobs.prune import PruneRun, PruneSettings, UserConstraints, run_prune_search
-        from ..plan import Plan
+        from ..jobs.prune import PruneRun, run_prune_search
         from ..sources.data import data_fingerprint
         from ..sources.models import ModelSpec
 
         if not c.get("model_spec"):
             raise SourceError("this run's model was handed in from Python, so the journal cannot reload it",
-                              c.get("model"), "continue it from Python with the same model (run_id=...)")
+                              c.get("model"), "continue it from Python: prunepilot.prune(model, ..., out=<the same folder>, resume=True)")
         spec = ModelSpec.model_validate(c["model_spec"])
         if spec.trust and not trust:
             raise SourceError("this run loaded a pickled model, which can run code; resuming never trusts it on your behalf",
@@ -92,13 +90,7 @@ def register(app: typer.Typer) -> None:
         if c.get("data_fingerprint") and data_fingerprint(c["data"]) != c["data_fingerprint"]:
             raise SourceError("the run's data files changed since it was journaled", c["data"],
                               "restore the original data, or start a new run")
-        u = c.get("user") or {}
-        user = UserConstraints(protected=tuple(u.get("protected") or ()), importance=u.get("importance"),
-                               round_to=u.get("round_to"), prune_heads=u.get("prune_heads"),
-                               plan=Plan.model_validate(u["plan"]) if u.get("plan") else None)
-        run = PruneRun(Budget.model_validate(c["budget"]), c["data"], Path(c["out"]), agent=agent or c["agent"],
-                       settings=PruneSettings(**c["settings"]), user=user,
-                       history_path=Path(c["history"]) if c.get("history") else None, use_history=c.get("use_history", True))
+        run = PruneRun.from_config(c, agent=agent)
         run_prune_search(spec.load(), run, run_id=run_id, transcripts=transcripts, log=console.print)
 
     def _continue_sparsify(j, run_id: str, c: dict, transcripts: list | None) -> None:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PrunepilotError
-from ..evaluate.classification import ProgressBar, split_batch
+from ..evaluate.batches import LossFn, distillation_loss, logits_of, split_batch, supervised_loss
+from ..evaluate.classification import ProgressBar
 
 
 @dataclass
@@ -76,6 +77,7 @@ def finetune(
     max_grad_norm: float | None = None,
     log_every: int = 20,
     on_step: Callable[[int, float], None] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> RecoveryStats:
     """Fine-tune `model` in place; returns RecoveryStats and leaves the model in eval mode.
 
@@ -83,7 +85,8 @@ def finetune(
     Optimiser: SGD (Nesterov momentum) for CNNs, or "adamw"; LR cosine-decays to 0 after `warmup_steps`.
     Loss: cross-entropy; with a `teacher`, (1-kd_alpha)*CE + kd_alpha*KD(T=kd_temperature); a loader
     without labels needs a teacher (pure distillation, label-free).
-    `on_step(step, loss)` is called after every optimiser step (1-based step).
+    `on_step(step, loss)` is called after every optimiser step (1-based step). `loss_fn(model, batch)`
+    replaces the built-in objective with the user's own (detectors, multi-task models, ...).
     Deterministic for a seed: the global RNG is forked and seeded, and a loader's own shuffle
     generator is reseeded, so every call with one seed sees the same batches in the same order.
     """
@@ -95,7 +98,6 @@ def finetune(
     if not params:
         raise PrunepilotError("fine-tuning needs trainable parameters", "none require grad",
                               "unfreeze the model (p.requires_grad_(True))")
-    device = params[0].device
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                                      nesterov=momentum > 0)
@@ -126,10 +128,12 @@ def finetune(
         model.train()
         batches = _cycle(loader)
         for step in range(total):
-            x, y = split_batch(next(batches))
-            x = x.to(device)
-            logits = model(x)  # (B, classes)
-            loss = _loss(logits, y, teacher, x, kd_temperature, kd_alpha, device)
+            batch = next(batches)
+            if loss_fn is not None:
+                loss = loss_fn(model, batch)
+            else:
+                x, y = split_batch(batch)
+                loss = _loss(logits_of(model, x), y, teacher, x, kd_temperature, kd_alpha)
             if not torch.isfinite(loss):
                 stats.diverged = True  # stop rather than write NaNs through the whole model
                 break
@@ -158,18 +162,19 @@ def finetune(
     return stats
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor | None, teacher: nn.Module | None, x: torch.Tensor,
-          temperature: float, alpha: float, device: torch.device) -> torch.Tensor:
+def _loss(logits: torch.Tensor, y: torch.Tensor | None, teacher: nn.Module | None, x: Any,
+          temperature: float, alpha: float) -> torch.Tensor:
     if teacher is None:
         if y is None:
             raise PrunepilotError("fine-tuning without labels needs a teacher", "batches carry no labels",
                                   "pass teacher=dense_model (distillation) or a labelled loader")
-        return F.cross_entropy(logits, y.to(device))
+        return supervised_loss(logits, y)
     with torch.no_grad():
-        t_logits = teacher(x)  # (B, classes)
+        t_logits = logits_of(teacher, x)
+    kd = distillation_loss(logits, t_logits, temperature, y)
     if y is None:
-        return kd_loss(logits, t_logits, temperature)
-    return (1 - alpha) * F.cross_entropy(logits, y.to(device)) + alpha * kd_loss(logits, t_logits, temperature)
+        return kd
+    return (1 - alpha) * supervised_loss(logits, y) + alpha * kd
 
 
 def _len(loader: Iterable) -> int:

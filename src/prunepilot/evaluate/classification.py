@@ -14,25 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PrunepilotError
+from .batches import device_of, forward, logits_of, split_batch  # noqa: F401  (split_batch: re-exported)
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(inputs, labels) from a batch that is a tensor, (x, y) pair/list, or a dict with input/label keys."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, dict):
-        x = next((batch[k] for k in ("pixel_values", "input", "image", "x") if k in batch), None)
-        y = next((batch[k] for k in ("labels", "label", "y", "target") if k in batch), None)
-        if x is None:
-            raise PrunepilotError("a dict batch needs an input key", sorted(batch),
-                                  "use one of pixel_values/input/image/x")
-        return x, y
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    raise PrunepilotError("a batch must be a tensor, an (inputs, labels) pair or a dict", type(batch).__name__,
-                          "yield (x, y) from the DataLoader")
 
 
 class ProgressBar:
@@ -69,9 +53,7 @@ def _n_batches(loader: Iterable, max_batches: int | None) -> int | None:
     return n if max_batches is None else min(n, max_batches)
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+_device = device_of
 
 
 class _eval_mode:
@@ -95,7 +77,6 @@ def evaluate_classifier(
     model: nn.Module, loader: Iterable, max_batches: int | None = None, *, progress: bool = False
 ) -> dict[str, float]:
     """Top-1, top-5 accuracy and mean cross-entropy over labelled batches: {"top1", "top5", "loss", "n"}."""
-    device = _device(model)
     correct1 = correct5 = 0
     loss_sum, n = 0.0, 0
     with _eval_mode(model), ProgressBar(progress, _n_batches(loader, max_batches), "evaluate") as bar:
@@ -106,8 +87,9 @@ def evaluate_classifier(
             if y is None:
                 raise PrunepilotError("accuracy needs labelled batches", "batches carry no labels",
                                       "use fidelity(model, dense_model, loader) for label-free scoring")
-            logits = model(x.to(device)).float()  # (B, classes)
-            y = y.to(device)
+            logits = logits_of(model, x)
+            logits = logits.reshape(-1, logits.shape[-1])  # (B or B*T, classes)
+            y = y.to(logits.device).reshape(-1)
             top = logits.topk(min(5, logits.shape[-1]), -1).indices  # (B, k)
             correct1 += int((top[:, 0] == y).sum())
             correct5 += int((top == y[:, None]).any(-1).sum())
@@ -129,13 +111,12 @@ def top1_accuracy(model: nn.Module, loader: Iterable, max_batches: int | None = 
 @torch.no_grad()
 def dense_logits(dense_model: nn.Module, loader: Iterable, max_batches: int | None = None) -> list[torch.Tensor]:
     """The dense model's logits per batch, to reuse across candidates (loader must not shuffle)."""
-    device = _device(dense_model)
     out = []
     with _eval_mode(dense_model):
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            out.append(dense_model(split_batch(batch)[0].to(device)).float().cpu())
+            out.append(logits_of(dense_model, split_batch(batch)[0]).cpu())
     return out
 
 
@@ -161,7 +142,7 @@ def fidelity(
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            x = split_batch(batch)[0].to(device)
+            x = split_batch(batch)[0]
             if cached:
                 if i >= len(dense_model):  # type: ignore[arg-type]
                     raise PrunepilotError("cached dense logits must cover every evaluated batch",
@@ -169,11 +150,12 @@ def fidelity(
                                           "recompute dense_logits with the same loader and max_batches")
                 d = dense_model[i].to(device)  # type: ignore[index]
             else:
-                d = dense_model(x).float()  # type: ignore[operator]
-            p = model(x).float()  # (B, classes)
+                d = logits_of(dense_model, x)  # type: ignore[arg-type]
+            p = logits_of(model, x)  # (B, classes)
             if d.shape != p.shape:
                 raise PrunepilotError("fidelity compares outputs of the same shape", f"{tuple(d.shape)} vs "
                                       f"{tuple(p.shape)}", "compare a compressed model with its own dense model")
+            d, p = d.reshape(-1, d.shape[-1]), p.reshape(-1, p.shape[-1])  # per-token outputs count per token
             agree += int((d.argmax(-1) == p.argmax(-1)).sum())
             # KL(dense || pruned) summed over the batch
             kl_sum += float(F.kl_div(F.log_softmax(p, -1), F.log_softmax(d, -1), log_target=True, reduction="sum"))
@@ -202,7 +184,6 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, num_batches: int =
         return 0
     if num_batches < 1:
         raise PrunepilotError("BN recalibration needs at least one batch", num_batches, "pass num_batches >= 1")
-    device = _device(model)
     momenta = [m.momentum for m in bns]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
     model.eval()  # everything else (dropout, ...) in eval mode
@@ -216,7 +197,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, num_batches: int =
             for i, batch in enumerate(loader):
                 if i >= num_batches:
                     break
-                model(split_batch(batch)[0].to(device))
+                forward(model, split_batch(batch)[0])
                 seen += 1
                 bar()
     finally:

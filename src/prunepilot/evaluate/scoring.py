@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
-import torch
 from torch import nn
+
+from ..errors import PrunepilotError
+from .batches import LossFn, split_batch
 
 
 @dataclass
@@ -23,21 +26,28 @@ class ScoringConfig:
 class Evaluator:
     """Scores candidates on held-out data. Every candidate gets the same batches in the same order: the
     fine-tune loader is rebuilt from the seed for each candidate, so a score depends on the candidate only
-    (not on how many were scored before it), which also makes a resumed run score exactly as the first."""
+    (not on how many were scored before it), which also makes a resumed run score exactly as the first.
 
-    def __init__(self, data, dense: nn.Module, cfg: ScoringConfig) -> None:
+    The ranking score (`metrics["score"]`, higher is better) is the user's `evaluate(model)` when given, else
+    top-1 on labelled validation batches, else top-1 agreement with the dense model (label-free)."""
+
+    def __init__(self, data, dense: nn.Module, cfg: ScoringConfig, *,
+                 evaluate: Callable[[nn.Module], float] | None = None, loss_fn: LossFn | None = None) -> None:
         from .classification import dense_logits
 
         self.data, self.dense, self.cfg = data, dense, cfg
+        self.user_evaluate, self.loss_fn = evaluate, loss_fn
         # materialised once: every candidate sees the same tensors, with no per-item decoding paid again
-        self.val = _materialise(data.loader("val", batch_size=256, limit=cfg.eval_limit, shuffle=False, seed=cfg.seed))
-        self.calib = _materialise(data.loader("train", batch_size=cfg.batch_size, limit=cfg.bn_batches * cfg.batch_size, seed=cfg.seed))
-        self.dense_logits = dense_logits(dense, self.val)
+        self.val = list(data.loader("val", batch_size=256, limit=cfg.eval_limit, shuffle=False, seed=cfg.seed))
+        self.calib = list(data.loader("train", batch_size=cfg.batch_size, limit=cfg.bn_batches * cfg.batch_size, seed=cfg.seed))
+        self.labelled = bool(self.val) and split_batch(self.val[0])[1] is not None
+        self.dense_logits = dense_logits(dense, self.val) if self.val else []
+        self.metric = "evaluate" if evaluate is not None else ("top1" if self.labelled else "agreement")
 
     def train_loader(self):
         return self.data.loader("train", batch_size=self.cfg.batch_size, seed=self.cfg.seed)
 
-    def taylor_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def taylor_batches(self) -> list:
         return self.calib[: max(1, self.cfg.taylor_batches)]
 
     def recalibrate(self, model: nn.Module) -> None:
@@ -53,16 +63,29 @@ class Evaluator:
         self.recalibrate(model)
         out: dict[str, float] = {}
         if steps > 0:
-            stats = finetune(model, self.train_loader(), steps=steps, lr=self.cfg.lr, seed=self.cfg.seed, progress=False)
+            stats = finetune(model, self.train_loader(), steps=steps, lr=self.cfg.lr, seed=self.cfg.seed, progress=False,
+                             loss_fn=self.loss_fn, teacher=None if self.labelled or self.loss_fn else self.dense)
             out["finetune_loss"] = stats.loss_last
-        out["accuracy"] = evaluate_classifier(model, self.val)["top1"]
-        fid = fidelity(model, self.dense_logits, self.val)
-        out["fidelity_agreement"], out["fidelity_kl"] = fid["agreement"], fid["kl"]
+        if self.labelled:
+            out["accuracy"] = evaluate_classifier(model, self.val)["top1"]
+        if self.dense_logits:
+            fid = fidelity(model, self.dense_logits, self.val)
+            out["fidelity_agreement"], out["fidelity_kl"] = fid["agreement"], fid["kl"]
+        if self.user_evaluate is not None:
+            model.eval()
+            value = self.user_evaluate(model)
+            try:
+                out["evaluate"] = float(value)
+            except (TypeError, ValueError):
+                raise PrunepilotError("evaluate(model) must return a number (higher is better)", repr(value)[:80],
+                                      "return e.g. accuracy or -loss as a float") from None
+            model.eval()
+        key = {"evaluate": "evaluate", "top1": "accuracy", "agreement": "fidelity_agreement"}[self.metric]
+        if key not in out:
+            raise PrunepilotError("candidates need a score", "no labels, no dense outputs and no evaluate()",
+                                  "pass val= batches or evaluate=")
+        out["score"] = out[key]
         return out
-
-
-def _materialise(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x, y) for x, y in loader]
 
 
 def measure_sensitivity(pruner, evaluator: Evaluator, ratio: float = 0.4) -> dict[str, float]:
@@ -72,11 +95,11 @@ def measure_sensitivity(pruner, evaluator: Evaluator, ratio: float = 0.4) -> dic
 
     st = pruner.structure
     drops: dict[str, float] = {}
-    base = evaluator.score(copy.deepcopy(pruner.dense), steps=0)["accuracy"]
+    base = evaluator.score(copy.deepcopy(pruner.dense), steps=0)["score"]
     for fam, names in st.families.items():
         kept = {n: max(1, int(round(st.groups[n].units * (1 - ratio)))) if n in names else st.groups[n].units for n in st.groups}
         model = apply_allocation(copy.deepcopy(pruner.dense), pruner.x, st, Allocation(kept, {}))
-        drops[fam] = base - evaluator.score(model, steps=0)["accuracy"]
+        drops[fam] = base - evaluator.score(model, steps=0)["score"]
     vals = list(drops.values())
     mu = sum(vals) / len(vals)
     sd = (sum((v - mu) ** 2 for v in vals) / len(vals)) ** 0.5

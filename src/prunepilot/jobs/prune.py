@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from ..allocation import Allocation
-from ..attempt import Attempt
+from ..attempt import Attempt, quality_of
 from ..budget import Budget, ResolvedBudget
 from ..evaluate.scoring import Evaluator, ScoringConfig, measure_sensitivity
 from ..journal import Journal, prepare_out
@@ -74,7 +74,7 @@ def divergence_guidance(history: list[Attempt]) -> list[str]:
     notes: list[str] = []
     if len(history) < 2:
         return notes
-    accs = [a.metrics.get("accuracy") for a in history]
+    accs = [a.quality for a in history]
     scored = [x for x in accs if x is not None]
     last = history[-1]
     for a in history[:-1]:
@@ -150,7 +150,7 @@ class PruneJob:
         )
 
     def judge(self, step: Step, outcome: Outcome, history: list[Attempt]) -> Judgement:
-        acc = outcome.metrics.get("accuracy")
+        acc = quality_of(outcome.metrics)
         prev = best_feasible(history)
         if not outcome.within_band:
             return Judgement("infeasible", acc, "outside the budget band: " + ", ".join(f"{m} {e:+.2%}" for m, e in outcome.errors.items()))
@@ -186,9 +186,9 @@ class PruneJob:
 
 
 def _reflection(outcome: Outcome, prev: Attempt | None) -> str:
-    acc = outcome.metrics.get("accuracy")
+    acc = quality_of(outcome.metrics)
     if acc is None:
-        return "no accuracy measured"
+        return "no score measured"
     if prev is None:
         return f"first feasible point: accuracy {acc:.4f}"
     pacc = prev.score or 0.0
@@ -231,10 +231,11 @@ def warm_start_plan(prior, families: list[str]) -> Plan | None:
 
 @dataclass
 class PruneRun:
-    """What a prune run needs, all of it journaled so `runs resume` rebuilds the same run."""
+    """What a prune run needs, all of it journaled so `runs resume` rebuilds the same run (except what came
+    from Python: the user's DataLoaders, evaluate() and loss(), which only the same Python call can give again)."""
 
     budget: Budget
-    data: str
+    data: Any  # a data spec (fashion-mnist, imagefolder:DIR, hf:NAME) or a sources.user_data.UserData
     out: Path
     agent: str = "auto"
     settings: PruneSettings = field(default_factory=PruneSettings)
@@ -242,12 +243,66 @@ class PruneRun:
     history_path: Path | None = None  # None: the default store; use_history=False: none
     use_history: bool = True
     base_url: str | None = None
+    normalize: str = "auto"  # imagenet | none | MEAN,STD | auto (a data spec's preprocessing)
+    resize: int | None = None
+    crop: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    evaluate: Callable[[torch.nn.Module], float] | None = field(default=None, repr=False)
+    loss_fn: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def data_from_python(self) -> bool:
+        return not isinstance(self.data, str)
 
     def config(self, loaded) -> dict[str, Any]:
+        data = self.data if isinstance(self.data, str) else f"python:{getattr(self.data, 'name', 'DataLoaders')}"
         return {"model": loaded.uri, "model_spec": loaded.spec.model_dump() if loaded.spec else None,
-                "budget": self.budget.model_dump(), "data": self.data, "data_fingerprint": _data_fingerprint(self.data),
-                "agent": self.agent, "settings": asdict(self.settings), "user": self.user.to_json(), "out": str(self.out),
-                "history": str(self.history_path) if self.history_path else None, "use_history": self.use_history}
+                "model_sha256": _module_digest(loaded.module) if loaded.spec is None else None,
+                "budget": self.budget.model_dump(), "data": data,
+                "data_fingerprint": None if self.data_from_python else _data_fingerprint(self.data),
+                "data_from_python": self.data_from_python, "agent": self.agent, "settings": asdict(self.settings),
+                "user": self.user.to_json(), "out": str(self.out),
+                "history": str(self.history_path) if self.history_path else None, "use_history": self.use_history,
+                "normalize": self.normalize, "resize": self.resize, "crop": self.crop, "device": self.device,
+                "dtype": self.dtype, "evaluate": _callable_name(self.evaluate), "loss": _callable_name(self.loss_fn)}
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any], *, agent: str | None = None) -> "PruneRun":
+        """The run a journal's config describes (data given as a spec; see `config`)."""
+        from ..errors import SourceError
+
+        if c.get("data_from_python") or c.get("evaluate") or c.get("loss"):
+            raise SourceError("this run's data, evaluate() or loss() came from Python, so the journal cannot rebuild it",
+                              c.get("data"), "continue it from Python: prunepilot.prune(..., out=<the same folder>, resume=True)")
+        u = c.get("user") or {}
+        user = UserConstraints(protected=tuple(u.get("protected") or ()), importance=u.get("importance"),
+                               round_to=u.get("round_to"), prune_heads=u.get("prune_heads"),
+                               plan=Plan.model_validate(u["plan"]) if u.get("plan") else None)
+        return cls(Budget.model_validate(c["budget"]), c["data"], Path(c["out"]), agent=agent or c["agent"],
+                   settings=PruneSettings(**c["settings"]), user=user,
+                   history_path=Path(c["history"]) if c.get("history") else None,
+                   use_history=c.get("use_history", True), normalize=c.get("normalize") or "auto",
+                   resize=c.get("resize"), crop=c.get("crop"), device=c.get("device") or "auto",
+                   dtype=c.get("dtype") or "auto")
+
+
+def _callable_name(fn: Any) -> str | None:
+    if fn is None:
+        return None
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _module_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's state (names, shapes, bytes): a Python-handed model resumes only unchanged."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _data_fingerprint(spec: str) -> str | None:
@@ -258,9 +313,10 @@ def _data_fingerprint(spec: str) -> str | None:
 
 def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwrite: bool = False,
                      transcripts: list | None = None, api_key: str | None = None, client: Any = None,
-                     log: Callable[[str], None] = print) -> dict[str, Any]:
+                     log: Callable[[str], None] = print, return_model: bool = False) -> Any:
     """Start (or with `run_id`, continue) an agent-loop prune run and finish it: final recovery, test, export,
-    report. Every attempt is in OUT/journal.sqlite as soon as it is measured."""
+    report. Every attempt is in OUT/journal.sqlite as soon as it is measured. Returns result.json's content,
+    or (result, compressed model) with `return_model`."""
     from ..agents.registry import make_strategist
     from ..history import HistoryStore, NullHistory, prior_summary
     from ..sources.data import load_data
@@ -276,10 +332,22 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
     (out / "run_id").write_text(run_id)
     log(f"run {run_id} (journal {out / 'journal.sqlite'})")
     try:
-        data = load_data(run.data, input_shape=tuple(loaded.example_input.shape[1:]), seed=s.seed)
+        place_loaded(loaded, run.device, run.dtype)
+        if isinstance(run.data, str):
+            from ..inputs import tensors
+            from ..sources.data import parse_normalize
+
+            pre = parse_normalize(run.normalize, model=loaded.module, resize=run.resize, crop=run.crop)
+            data = load_data(run.data, input_shape=tuple(tensors(loaded.example_input)[0].shape[1:]), seed=s.seed,
+                             preprocess=pre)
+        else:
+            data = run.data
         pruner = Pruner(loaded, protected=list(run.user.protected))
         rb = run.budget.resolve(pruner.profile.dense)
-        evaluator = Evaluator(data, pruner.dense, s.scoring())
+        evaluator = Evaluator(data, pruner.dense, s.scoring(), evaluate=run.evaluate, loss_fn=run.loss_fn)
+        warnings = [w for w in [dense_sanity(evaluator)] if w]
+        for w in warnings:
+            log(f"WARNING: {w}")
         log("measuring per-family sensitivity")
         pruner.profile.sensitivity = measure_sensitivity(pruner, evaluator, s.sensitivity_ratio)
         write_json_atomic(out / "profile.json", pruner.profile.to_json())
@@ -300,7 +368,7 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
         job.prune_stale_candidates(history)
         if best is None:
             raise _no_feasible_error(history, run_id)
-        result = finish(job, best, history, loaded, run, rb, data, resolved, run_id, t0, log)
+        result, model = finish(job, best, history, loaded, run, rb, data, resolved, run_id, t0, log, warnings)
     except BaseException as exc:
         journal.finish_run(run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                            {"error": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -310,7 +378,36 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
     from ..report.render import render_safely
 
     render_safely(out, log)
-    return result
+    return (result, model) if return_model else result
+
+
+def place_loaded(loaded, device: str | None, dtype: str | None) -> None:
+    """Move a loaded model and its example inputs to the run's device/dtype (auto: CUDA when available, the
+    model's own dtype)."""
+    from ..device import model_dtype, place, resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, model_dtype(loaded.module))
+    loaded.module, loaded.example_input = place(loaded.module, loaded.example_input, dev, dt)
+
+
+def dense_sanity(evaluator: Evaluator) -> str | None:
+    """A loud warning when the dense model itself is near chance on the given data: pruning on would rank
+    candidates by noise, and the cause is nearly always preprocessing (normalisation, input size) or labels."""
+    from ..evaluate.classification import evaluate_classifier
+
+    if not evaluator.labelled or not evaluator.dense_logits:
+        return None
+    classes = int(evaluator.dense_logits[0].shape[-1])
+    if classes < 2:
+        return None
+    acc = evaluate_classifier(evaluator.dense, evaluator.val)["top1"]
+    chance = 1.0 / classes
+    if acc >= min(2 * chance, chance + 0.1):
+        return None
+    return (f"the dense model scores {acc:.1%} top-1 on this data, near chance ({chance:.1%} for {classes} classes): "
+            "its preprocessing or labels do not match what it was trained on (or its weights are random); "
+            "check --normalize / --resize / --input-shape / --data before trusting any result")
 
 
 def _no_feasible_error(history: list[Attempt], run_id: str):
@@ -337,10 +434,10 @@ def _record_history(store, fp, run_id, rb, pruner, best, history, strategist, lo
 
 
 def finish(job: PruneJob, best: Attempt, history: list[Attempt], loaded, run: PruneRun, rb: ResolvedBudget, data,
-           strategist: str, run_id: str, t0: float, log: Callable[[str], None]) -> dict[str, Any]:
+           strategist: str, run_id: str, t0: float, log: Callable[[str], None],
+           warnings: list[str] | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
     """Final recovery of the winner (rebuilt from its kept weights), test accuracy, latency, export, result."""
     from ..engines.recover import finetune
-    from ..evaluate.classification import evaluate_classifier
     from ..evaluate.speed import compare_latency
     from ..pipeline import count_real, measure_block, save_model, summary_markdown
     from ..results import build_result, write_text_atomic
@@ -349,16 +446,18 @@ def finish(job: PruneJob, best: Attempt, history: list[Attempt], loaded, run: Pr
     model = job.rebuild(best)
     if s.finetune_epochs > 0:
         log(f"final fine-tune: {s.finetune_epochs} epoch(s){' with distillation' if s.kd else ''}")
-        finetune(model, job.evaluator.train_loader(), epochs=s.finetune_epochs, lr=s.lr * 2,
-                 teacher=pruner.dense if s.kd else None, seed=s.seed, progress=True)
+        ev = job.evaluator
+        finetune(model, ev.train_loader(), epochs=s.finetune_epochs, lr=s.lr * 2,
+                 teacher=pruner.dense if (s.kd or not ev.labelled) else None, seed=s.seed, progress=True,
+                 loss_fn=ev.loss_fn)
     test = data.loader("test", batch_size=256, shuffle=False)
-    dense_acc = evaluate_classifier(pruner.dense, test)["top1"]
-    comp_acc = evaluate_classifier(model, test)["top1"]
+    dense_q = final_quality(job.evaluator, pruner.dense, test)
+    comp_q = final_quality(job.evaluator, model, test)
     lat = compare_latency({"dense": pruner.dense, "compressed": model}, pruner.x, rounds=10)
     dense_block = measure_block(pruner.dense, pruner.x, {"macs": pruner.profile.dense["macs"], "params": pruner.profile.dense["params"]}, lat["dense"].median_ms)
-    dense_block["accuracy"] = dense_acc
+    dense_block.update(dense_q)
     comp_block = measure_block(model, pruner.x, count_real(model, pruner.x), lat["compressed"].median_ms)
-    comp_block["accuracy"] = comp_acc
+    comp_block.update(comp_q)
     errors = {m: rb.error(m, comp_block[m]) for m in rb.goals}
     record = {"model": loaded.spec.model_dump() if loaded.spec else None, "allocation": best.allocation,
               "protected": list(run.user.protected), "run_id": run_id}
@@ -374,8 +473,31 @@ def finish(job: PruneJob, best: Attempt, history: list[Attempt], loaded, run: Pr
         widths={g: list(w) for g, w in Allocation.from_json(best.allocation).widths(pruner.structure).items()},
         skipped=pruner.profile.ignored, export=export,
         recovery={"final_epochs": s.finetune_epochs, "kd": s.kd, "in_loop_steps": s.finetune_steps},
-        run_id=run_id, seconds=time.perf_counter() - t0,
+        run_id=run_id, seconds=time.perf_counter() - t0, score_metric=job.evaluator.metric,
+        warnings=list(warnings or []), device=str(next(model.parameters()).device),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
     write_json_atomic(out / "result.json", result)
     write_text_atomic(out / "summary.md", summary_markdown(result))
-    return result
+    return result, model
+
+
+def final_quality(evaluator: Evaluator, model: torch.nn.Module, test) -> dict[str, float]:
+    """The final score on the test split: top-1 with labels, agreement with the dense model without, and the
+    user's evaluate(model) when given (it is the score then)."""
+    from ..evaluate.batches import split_batch
+    from ..evaluate.classification import evaluate_classifier, fidelity
+
+    first = next(iter(test), None)  # the loader is re-iterable: peek for labels, then score it all
+    out: dict[str, float] = {}
+    if first is not None and split_batch(first)[1] is not None:
+        out["accuracy"] = evaluate_classifier(model, test)["top1"]
+        out["score"] = out["accuracy"]
+    elif first is not None:
+        out["fidelity_agreement"] = fidelity(model, evaluator.dense, test)["agreement"]
+        out["score"] = out["fidelity_agreement"]
+    if evaluator.user_evaluate is not None:
+        model.eval()
+        out["evaluate"] = float(evaluator.user_evaluate(model))
+        out["score"] = out["evaluate"]
+    return out

@@ -124,7 +124,7 @@ def _line(a: Attempt) -> str:
     parts = [f"attempt {a.index} ({a.phase}, {a.strategist}): {a.verdict}"]
     if a.errors:
         parts.append(", ".join(f"{m} {e:+.2%}" for m, e in a.errors.items()))
-    for key in ("accuracy", "probe_ppl", "probe_kl"):
+    for key in ("score", "accuracy", "probe_ppl", "probe_kl"):
         if key in a.metrics:
             parts.append(f"{key} {a.metrics[key]:.4f}")
     if a.error:

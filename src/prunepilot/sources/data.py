@@ -46,6 +46,83 @@ class Normalization:
         return {"mean": list(self.mean), "std": list(self.std)}
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model inputs: normalisation (None: the source's default), an optional resize of the
+    shorter side and an optional centre crop, before the final resize to the model's input size."""
+
+    normalization: Normalization | None = None
+    resize: int | None = None
+    crop: int | None = None
+    source: str = "default"  # what chose the normalisation: default | imagenet | none | user | timm data config
+
+    def to_json(self) -> dict[str, Any]:
+        return {"normalization": self.normalization.to_json() if self.normalization else None,
+                "resize": self.resize, "crop": self.crop, "source": self.source}
+
+
+def parse_normalize(text: str | None, *, model: Any = None, resize: int | None = None,
+                    crop: int | None = None) -> Preprocess:
+    """`--normalize imagenet|none|MEAN,STD|auto` (+ `--resize N`, `--crop N`) as a Preprocess.
+
+    MEAN and STD are one value for every channel or a slash-separated value per channel
+    (`0.485/0.456/0.406,0.229/0.224/0.225`). `auto` takes a timm model's own data config (mean, std and
+    crop fraction) when the model has one, else the data source's default."""
+    for name, v in (("--resize", resize), ("--crop", crop)):
+        if v is not None and v < 1:
+            raise SourceError(f"{name} is a positive number of pixels", v, f"e.g. {name} 256")
+    raw = (text or "auto").strip().lower()
+    if raw == "auto":
+        cfg = _timm_data_config(model)
+        if cfg is not None:
+            size = int(cfg["input_size"][-1])
+            auto_resize = resize or (int(size / cfg["crop_pct"]) if cfg.get("crop_pct") else None)
+            return Preprocess(Normalization(tuple(cfg["mean"]), tuple(cfg["std"])), auto_resize,
+                              crop or (size if auto_resize else None), "timm data config")
+        return Preprocess(None, resize, crop, "default")
+    if raw == "imagenet":
+        return Preprocess(Normalization(IMAGENET_MEAN, IMAGENET_STD), resize, crop, "imagenet")
+    if raw == "none":
+        return Preprocess(Normalization((0.0,), (1.0,)), resize, crop, "none")
+    parts = raw.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        mean, std = (tuple(float(v) for v in part.split("/")) for part in parts)
+    except ValueError:
+        raise SourceError("--normalize is imagenet, none, auto or MEAN,STD", text,
+                          "e.g. --normalize 0.5,0.5 or --normalize 0.485/0.456/0.406,0.229/0.224/0.225") from None
+    if len(mean) != len(std) or any(v <= 0 for v in std):
+        raise SourceError("--normalize MEAN,STD needs as many means as stds, every std > 0", text,
+                          "e.g. --normalize 0.5,0.25")
+    return Preprocess(Normalization(mean, std), resize, crop, "user")
+
+
+def _timm_data_config(model: Any) -> dict[str, Any] | None:
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict) or "mean" not in cfg or "std" not in cfg:
+        return None
+    try:
+        from timm.data import resolve_data_config
+
+        return resolve_data_config({}, model=model)
+    except Exception:  # noqa: BLE001 - an odd config falls back to the model's raw pretrained_cfg
+        return {"mean": cfg["mean"], "std": cfg["std"], "input_size": cfg.get("input_size", (3, 224, 224)),
+                "crop_pct": cfg.get("crop_pct")}
+
+
+def _fit_channels(norm: Normalization, channels: int) -> Normalization:
+    """One value for every channel, or RGB statistics for a grey model (their mean), as the model needs."""
+    if len(norm.mean) == channels:
+        return norm
+    if len(norm.mean) == 1:
+        return Normalization(norm.mean * channels, norm.std * channels)
+    if channels == 1:
+        return Normalization((sum(norm.mean) / len(norm.mean),), (sum(norm.std) / len(norm.std),))
+    raise SourceError("normalisation statistics must match the model's input channels",
+                      f"{len(norm.mean)} values for {channels} channels", "give one value or one per channel")
+
+
 @dataclass
 class DataBundle:
     """Train/val/test datasets of (image tensor (C,H,W) float, int label) pairs plus their metadata."""
@@ -101,6 +178,10 @@ class DataBundle:
         }
 
 
+def _resize_crop(pre: Preprocess | None) -> tuple[int | None, int | None]:
+    return (pre.resize, pre.crop) if pre is not None else (None, None)
+
+
 def subsample(ds: Dataset, limit: int | None, *, seed: int = 0) -> Dataset:
     """A deterministic random subset of at most `limit` items (the whole set when limit is None)."""
     n = len(ds)  # type: ignore[arg-type]
@@ -119,8 +200,11 @@ def subsample(ds: Dataset, limit: int | None, *, seed: int = 0) -> Dataset:
 class _Shaper:
     """Converts a uint8 image (C,H,W) to a normalised float tensor of the target (C,H,W)."""
 
-    def __init__(self, input_shape: tuple[int, int, int], norm: Normalization) -> None:
+    def __init__(self, input_shape: tuple[int, int, int], norm: Normalization,
+                 resize: int | None = None, crop: int | None = None) -> None:
         self.c, self.h, self.w = input_shape
+        self.resize, self.crop = resize, crop
+        norm = _fit_channels(norm, self.c)
         self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(norm.std, dtype=torch.float32).view(-1, 1, 1)
 
@@ -134,6 +218,15 @@ class _Shaper:
             else:
                 raise SourceError("cannot map image channels to the model's input channels",
                                   f"{x.shape[0]} -> {self.c}", "pass an input_shape with 1 or 3 channels")
+        if self.resize is not None:  # shorter side to `resize`, then a centre crop (ImageNet-style eval)
+            h, w = x.shape[1:]
+            scale = self.resize / min(h, w)
+            x = F.interpolate(x[None], size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
+                              align_corners=False, antialias=True)[0]
+        crop = self.crop or (min(self.h, self.w) if self.resize is not None else None)
+        if crop is not None and min(x.shape[1:]) >= crop:
+            top, left = (x.shape[1] - crop) // 2, (x.shape[2] - crop) // 2
+            x = x[:, top:top + crop, left:left + crop]
         if x.shape[1:] != (self.h, self.w):
             x = F.interpolate(x[None], size=(self.h, self.w), mode="bilinear", align_corners=False,
                               antialias=True)[0]
@@ -243,6 +336,7 @@ def _find_idx(root: Path, stem: str) -> Path | None:
 def _load_fashion_mnist(
     root: Path | None, input_shape: tuple[int, ...] | None, seed: int, val_size: int | float | None,
     normalization: Normalization | None,
+    preprocess: Preprocess | None = None,
 ) -> DataBundle:
     root = Path(root) if root else FASHION_MNIST_DIR
     shape = _check_shape(input_shape or (1, 28, 28))  # before reading 30 MB
@@ -256,9 +350,8 @@ def _load_fashion_mnist(
                           " or pass fashion-mnist:DIR")
     x_tr, y_tr, x_te, y_te = (read_idx(p) for p in paths)  # type: ignore[arg-type]
     norm = normalization or Normalization(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
-    if len(norm.mean) != shape[0]:  # model wants 3 channels: repeat the grey statistics
-        norm = Normalization(norm.mean * shape[0], norm.std * shape[0])
-    shaper = _Shaper(shape, norm)
+    norm = _fit_channels(norm, shape[0])
+    shaper = _Shaper(shape, norm, *(_resize_crop(preprocess)))
     full = ArrayDataset(torch.from_numpy(x_tr.copy())[:, None], torch.from_numpy(y_tr.astype(np.int64)), shaper)
     test = ArrayDataset(torch.from_numpy(x_te.copy())[:, None], torch.from_numpy(y_te.astype(np.int64)), shaper)
     if val_size is None:  # the usual 55k/5k split; a small IDX set (tests, subsets) holds out 10%
@@ -333,6 +426,7 @@ def _class_items(root: Path, classes: Sequence[str] | None = None) -> tuple[list
 def _load_imagefolder(
     root: Path, input_shape: tuple[int, ...] | None, seed: int, val_size: int | float | None,
     normalization: Normalization | None,
+    preprocess: Preprocess | None = None,
 ) -> DataBundle:
     if not root.is_dir():
         raise SourceError("imagefolder:DIR needs an existing directory", str(root),
@@ -357,7 +451,8 @@ def _load_imagefolder(
     shape = _check_shape(input_shape)
     norm = normalization or (Normalization(IMAGENET_MEAN, IMAGENET_STD) if shape[0] == 3
                              else Normalization((0.5,), (0.5,)))
-    shaper = _Shaper(shape, norm)
+    norm = _fit_channels(norm, shape[0])
+    shaper = _Shaper(shape, norm, *(_resize_crop(preprocess)))
     full = FileDataset(train_items, shaper)
     if eval_items:
         # train/ feeds train + a held-out val; the user's val/ (or test/) is kept for the final score only
@@ -378,7 +473,7 @@ def _load_imagefolder(
 
 def _load_hf(
     name: str, eval_split: str | None, input_shape: tuple[int, ...] | None, seed: int,
-    val_size: int | float | None, normalization: Normalization | None,
+    val_size: int | float | None, normalization: Normalization | None, preprocess: Preprocess | None = None,
 ) -> DataBundle:
     datasets = require("datasets", "data", "loading a Hugging Face dataset (hf:NAME)")
     try:
@@ -413,7 +508,8 @@ def _load_hf(
     shape = _check_shape(input_shape)
     norm = normalization or (Normalization(IMAGENET_MEAN, IMAGENET_STD) if shape[0] == 3
                              else Normalization((0.5,), (0.5,)))
-    shaper = _Shaper(shape, norm)
+    norm = _fit_channels(norm, shape[0])
+    shaper = _Shaper(shape, norm, *(_resize_crop(preprocess)))
     full = RecordDataset(tr, image_key, label_key, shaper)
     if eval_split is not None:
         train, val = _holdout(full, labels, val_size if val_size is not None else 0.1, seed)
@@ -435,27 +531,32 @@ def load_data(
     seed: int = 0,
     val_size: int | float | None = None,
     normalization: Normalization | None = None,
+    preprocess: Preprocess | None = None,
 ) -> DataBundle:
     """Resolve a data spec into a `DataBundle`.
 
     Specs: `fashion-mnist` or `fashion-mnist:DIR` (IDX files), `imagefolder:DIR`, `hf:NAME[:eval_split]`.
     `input_shape` (C,H,W) is the model's input: images are resized and grey/RGB converted to it.
     `val_size` is the held-out validation size (a count, or a fraction < 1); `seed` fixes every split.
+    `preprocess` (see `parse_normalize`) sets normalisation, resize and crop; `normalization` alone is the
+    older spelling of its first field.
     """
+    if preprocess is not None and preprocess.normalization is not None:
+        normalization = preprocess.normalization
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
     if kind in ("fashion-mnist", "fashion_mnist", "fmnist", "fashionmnist"):
         return _load_fashion_mnist(Path(arg).expanduser() if arg else None, input_shape, seed, val_size,
-                                   normalization)
+                                   normalization, preprocess)
     if kind == "imagefolder":
         if not arg:
             raise SourceError("imagefolder needs a directory", spec, "write imagefolder:/path/to/images")
-        return _load_imagefolder(Path(arg).expanduser(), input_shape, seed, val_size, normalization)
+        return _load_imagefolder(Path(arg).expanduser(), input_shape, seed, val_size, normalization, preprocess)
     if kind == "hf":
         if not arg:
             raise SourceError("hf needs a dataset name", spec, "write hf:NAME or hf:NAME:test")
         name, _, split = arg.partition(":")
-        return _load_hf(name, split or None, input_shape, seed, val_size, normalization)
+        return _load_hf(name, split or None, input_shape, seed, val_size, normalization, preprocess)
     raise SourceError("data spec must be fashion-mnist[:DIR], imagefolder:DIR or hf:NAME[:split]", spec,
                       "e.g. --data fashion-mnist")
 
