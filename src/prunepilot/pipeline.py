@@ -114,8 +114,10 @@ def run_prune(
     out: Path,
     *,
     latency_rounds: int = 10,
-) -> dict[str, Any]:
-    """The `prunepilot prune` job without an agent loop: one plan, projected exactly, applied and saved."""
+    return_model: bool = False,
+) -> Any:
+    """The `prunepilot prune` job without an agent loop: one plan, projected exactly, applied and saved.
+    Returns result.json's content, or (result, pruned model) with `return_model`."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pruner = Pruner(loaded, protected=plan.protected)
@@ -153,7 +155,7 @@ def run_prune(
     )
     write_json_atomic(out / "result.json", result)
     write_text_atomic(out / "summary.md", summary_markdown(result))
-    return result
+    return (result, cand.model) if return_model else result
 
 
 def summary_markdown(r: dict[str, Any]) -> str:
