@@ -56,7 +56,9 @@ def run_compress(
     finetune_steps: int = 40,
     latency_runs: int = 5,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+    evaluate: Callable[[nn.Module], float] | None = None,
+    return_model: bool = False,
+) -> Any:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     plan = plan or Plan(round_to=8)
@@ -73,12 +75,14 @@ def run_compress(
     rows = layer_rows(dense, x)
     auto = select_layers_auto(rows)
     evaluator = None
-    if data_spec:
+    if data_spec is not None:  # a data spec, or the user's DataLoaders (sources.user_data.UserData)
         from .evaluate.scoring import Evaluator, ScoringConfig
+        from .inputs import tensors
         from .sources.data import load_data
 
-        data = load_data(data_spec, input_shape=tuple(x.shape[1:]))
-        evaluator = Evaluator(data, dense, ScoringConfig(finetune_steps=finetune_steps, eval_limit=1000))
+        data = load_data(data_spec, input_shape=tuple(tensors(x)[0].shape[1:])) if isinstance(data_spec, str) else data_spec
+        evaluator = Evaluator(data, dense, ScoringConfig(finetune_steps=finetune_steps, eval_limit=1000),
+                              evaluate=evaluate)
 
     # the least pruning that satisfies the static targets bounds the knob from below
     k_min = 0.0
@@ -142,15 +146,16 @@ def run_compress(
         tradeoff.append({"option": c["option"], "knob": c["knob"], "selected_point": True, **m})
         scored.append(c)
         log(f"  {c['option']}: MAC reduction {c['knob']:.1%}, memory {m['memory_mb']:.1f} MB"
-            + (f", accuracy {m['accuracy']:.4f}" if "accuracy" in m else ""))
-    key = (lambda c: c["metrics"].get("accuracy", 0.0)) if evaluator is not None else (lambda c: -c["knob"])
+            + (f", score {m['score']:.4f}" if "score" in m else ""))
+    key = (lambda c: c["metrics"].get("score", 0.0)) if evaluator is not None else (lambda c: -c["knob"])
     best = max(scored, key=key)
     model = best["model"]
     lat = compare_latency({"dense": dense, "compressed": model}, x, rounds=10)
     comp = {**best["metrics"], "latency_ms": lat["compressed"].median_ms, "size_mb": model_size_mb(model)}
     dense_block = {**dense_m, "latency_ms": lat["dense"].median_ms}
     if evaluator is not None:
-        dense_block["accuracy"] = evaluator.score(copy.deepcopy(dense), 0)["accuracy"]
+        dense_q = evaluator.score(copy.deepcopy(dense), 0)
+        dense_block.update({k: dense_q[k] for k in ("score", "accuracy", "evaluate") if k in dense_q})
     errors = {m: rb.error(m, comp[m]) for m in rb.goals if m in comp}
     within = all(rb.within(m, comp[m]) if m not in measured else rb.meets_cap(m, comp[m]) for m in errors)
     export = {"module": "model.pt"}
@@ -167,4 +172,4 @@ def run_compress(
     from .report.render import render_safely as render
 
     render(out, log)
-    return result
+    return (result, model) if return_model else result

@@ -1,5 +1,6 @@
 """The Python API: the user's objects in, a Result out. The CLI commands are thin layers over these."""
 
 from .result import Result
+from .vision import compress, prune, quantize
 
-__all__ = ["Result"]
+__all__ = ["Result", "prune", "compress", "quantize"]

@@ -299,7 +299,7 @@ def _module_digest(module: torch.nn.Module) -> str:
 
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
-        t = t.detach().cpu().contiguous()
+        t = t.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (num_batches_tracked) as 1-d
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

@@ -1,0 +1,189 @@
+"""The Python API on the user's own objects: nn.Module + example inputs + DataLoaders + evaluate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+import prunepilot
+from prunepilot.errors import PrunepilotError, SourceError
+from prunepilot.sources.data import load_data, parse_normalize
+
+from tiny_models import ResidualCNN
+
+
+class GreyResidual(ResidualCNN):
+    """The tiny residual CNN on 1-channel Fashion-MNIST images."""
+
+    def __init__(self) -> None:
+        super().__init__(c=32)
+        self.stem[0] = nn.Conv2d(1, 32, 3, padding=1, bias=False)
+
+
+@pytest.fixture(scope="module")
+def fmnist_loaders():
+    """The user's own DataLoaders over real Fashion-MNIST images (their batch size, their shuffling)."""
+    bundle = load_data("fashion-mnist", input_shape=(1, 28, 28), seed=0)
+    train = DataLoader(Subset(bundle.train, range(512)), batch_size=64, shuffle=True)
+    val = DataLoader(Subset(bundle.val, range(256)), batch_size=128)
+    return train, val
+
+
+def _macs(model: nn.Module, x: torch.Tensor) -> float:
+    import torch_pruning as tp
+
+    return float(tp.utils.count_ops_and_params(model, x)[0])
+
+
+def test_one_shot_prune_returns_the_model_in_band_without_files():
+    model = GreyResidual().eval()
+    x = torch.randn(1, 1, 28, 28)
+    dense = _macs(model, x)
+    res = prunepilot.prune(model, x, target_macs=0.5, log=None)
+    assert isinstance(res, prunepilot.Result)
+    assert res.within_band and res.out is None and res.report_path is None
+    assert _macs(res.model, x) == pytest.approx(0.5 * dense, rel=0.05)
+    assert res.model(x).shape == (1, 10)
+    assert res.plan["projected"]["ratios"]
+
+
+def test_agent_loop_on_user_dataloaders_with_evaluate(tmp_path, fmnist_loaders):
+    train, val = fmnist_loaders
+    model = GreyResidual().eval()
+    x = torch.randn(1, 1, 28, 28)
+    calls = []
+
+    def evaluate(m: nn.Module) -> float:  # the user's metric: negative mean loss on their val batches
+        calls.append(1)
+        with torch.no_grad():
+            return -float(sum(nn.functional.cross_entropy(m(xb), yb) for xb, yb in val) / len(val))
+
+    res = prunepilot.prune(model, x, target_macs="50%", train=train, val=val, evaluate=evaluate, agent="uniform",
+                           rounds=2, finetune_steps=2, finetune_epochs=0.25, history=False, out=tmp_path / "run",
+                           log=None)
+    assert res.within_band and res.run_id and res.out == tmp_path / "run"
+    assert res.report_path is not None and res.report_path.exists()
+    assert res.raw["score_metric"] == "evaluate"
+    # the final score is the user's metric on the returned model
+    assert res.metrics["score"] == pytest.approx(evaluate(res.model.eval()), abs=1e-6)
+    assert len(calls) > 3  # dense, sensitivity, candidates, final
+    # a random-weight model is near chance on real data: the run says so loudly
+    assert any("near chance" in w for w in res.raw["warnings"])
+
+
+def test_resume_refuses_a_changed_model(tmp_path, fmnist_loaders):
+    train, val = fmnist_loaders
+    model = GreyResidual().eval()
+    x = torch.randn(1, 1, 28, 28)
+    kw = dict(target_macs=0.5, train=train, val=val, agent="uniform", rounds=1, finetune_steps=1,
+              finetune_epochs=0.1, history=False, out=tmp_path / "run", log=None)
+    prunepilot.prune(model, x, **kw)
+    again = prunepilot.prune(model, x, resume=True, **kw)  # the same model: the journaled run finishes again
+    assert again.within_band
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    with pytest.raises(PrunepilotError, match="not the model the run started with"):
+        prunepilot.prune(model, x, resume=True, **kw)
+
+
+class TwoInputNet(nn.Module):
+    """A model whose forward takes two named tensors and returns a dict (HF-style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.b = nn.Sequential(nn.Linear(6, 32), nn.ReLU())
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, image_feats, meta):
+        return {"logits": self.head(self.a(image_feats) + self.b(meta))}
+
+
+def test_dict_batches_multi_input_and_dict_outputs(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 12, generator=g), torch.randn(256, 6, generator=g)
+    y = (a[:, 0] + b[:, 0] > 0).long() + (a[:, 1] > 1).long()
+    ds = [{"image_feats": a[i], "meta": b[i], "labels": y[i]} for i in range(256)]
+    train = DataLoader(ds, batch_size=32, shuffle=True)
+    val = DataLoader(ds[:128], batch_size=64)
+    model = TwoInputNet().eval()
+    example = {"image_feats": a[:1], "meta": b[:1]}
+    res = prunepilot.prune(model, example, target_params=0.6, train=train, val=val, agent="uniform", rounds=1,
+                           finetune_steps=3, finetune_epochs=0.5, history=False, out=tmp_path / "run", log=None)
+    assert res.within_band
+    assert res.raw["score_metric"] == "top1" and 0.0 <= res.metrics["accuracy"] <= 1.0
+    out = res.model(**example)
+    assert out["logits"].shape == (1, 3)
+
+
+def test_bad_api_input_gets_clear_errors(fmnist_loaders):
+    train, val = fmnist_loaders
+    model, x = GreyResidual(), torch.randn(1, 1, 28, 28)
+    with pytest.raises(PrunepilotError, match="nn.Module"):
+        prunepilot.prune("torchvision:resnet18", x, target_macs=0.5)
+    with pytest.raises(PrunepilotError, match="at least one tensor"):
+        prunepilot.prune(model, [1, 2], target_macs=0.5)
+    with pytest.raises(PrunepilotError, match="a budget needs at least one target"):
+        prunepilot.prune(model, x)
+    with pytest.raises(PrunepilotError, match="candidates need a score"):
+        prunepilot.prune(model, x, target_macs=0.5, train=train)
+    with pytest.raises(PrunepilotError, match="an agent needs data"):
+        prunepilot.prune(model, x, target_macs=0.5, agent="uniform")
+    with pytest.raises(SourceError, match="must be an iterable of batches"):
+        prunepilot.prune(model, x, target_macs=0.5, train=torch.zeros(3), val=val)
+    with pytest.raises(SourceError, match="no usable CUDA|--device is"):
+        if torch.cuda.is_available():
+            raise SourceError("--device is", "", "")
+        prunepilot.prune(model, x, target_macs=0.5, device="cuda")
+    with pytest.raises(SourceError, match="--dtype is"):
+        prunepilot.prune(model, x, target_macs=0.5, dtype="int3")
+
+
+def test_dtype_plumbing_on_cpu():
+    model = GreyResidual().eval()
+    x = torch.randn(1, 1, 28, 28)
+    res = prunepilot.prune(model, x, target_macs=0.5, dtype="bfloat16", device="cpu", log=None)
+    assert res.within_band
+    assert next(res.model.parameters()).dtype == torch.bfloat16
+    assert res.model(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_normalize_options():
+    assert parse_normalize("imagenet").normalization.mean == (0.485, 0.456, 0.406)
+    assert parse_normalize("none").normalization.std == (1.0,)
+    user = parse_normalize("0.5/0.4/0.3,0.2/0.2/0.2", resize=256)
+    assert user.normalization.mean == (0.5, 0.4, 0.3) and user.resize == 256 and user.source == "user"
+    assert parse_normalize("auto").normalization is None  # no model: the data source's default
+    for bad in ("0.5", "a,b", "0.5,0", "0.1/0.2,0.3"):
+        with pytest.raises(SourceError, match="--normalize"):
+            parse_normalize(bad)
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    auto = parse_normalize("auto", model=vit)
+    assert auto.source == "timm data config" and auto.normalization.mean == pytest.approx((0.5, 0.5, 0.5))
+    assert auto.resize == 248 and auto.crop == 224  # 224 / crop_pct 0.9
+
+
+def test_normalize_changes_what_the_model_sees():
+    raw = load_data("fashion-mnist", input_shape=(1, 28, 28), preprocess=parse_normalize("none"))
+    std = load_data("fashion-mnist", input_shape=(1, 28, 28))
+    x_raw, x_std = raw.train[0][0], std.train[0][0]
+    assert 0.0 <= float(x_raw.min()) and float(x_raw.max()) <= 1.0  # pixels in [0, 1], unnormalised
+    assert torch.allclose((x_raw - 0.2860) / 0.3530, x_std, atol=1e-5)
+    big = load_data("fashion-mnist", input_shape=(3, 32, 32), preprocess=parse_normalize("imagenet", resize=40))
+    assert big.train[0][0].shape == (3, 32, 32)  # grey -> RGB, shorter side 40, centre crop 32
+
+
+def test_labels_free_batches_rank_by_agreement(tmp_path):
+    """Unlabelled batches: recovery distils from the dense model and candidates rank by agreement with it."""
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(128, 1, 28, 28, generator=g)
+    train = DataLoader(TensorDataset(xs), batch_size=32)
+    model = GreyResidual().eval()
+    res = prunepilot.prune(model, xs[:1], target_macs=0.6, train=train, val=train, agent="uniform", rounds=1,
+                           finetune_steps=2, finetune_epochs=0.25, history=False, out=tmp_path / "run", log=None)
+    assert res.raw["score_metric"] == "agreement"
+    assert 0.0 <= res.metrics["fidelity_agreement"] <= 1.0
