@@ -27,6 +27,10 @@ def _sparsify(name: str) -> Callable[[], Strategist]:
     def make() -> Strategist:
         from ..sparsify import strategies as s
 
+        if name == "evolve":
+            from .evolve import EvolveStrategist
+
+            return EvolveStrategist()
         return {"uniform": s.UniformStrategist, "owl": s.OWLStrategist, "sensitivity": s.SensitivityStrategist}[name]()
     return make
 
@@ -38,8 +42,10 @@ BUILTINS: dict[str, dict[str, Callable[[], Strategist]]] = {
     "grid": {"prune": _prune("grid")},
     "optuna": {"prune": _prune("optuna")},
     "owl": {"sparsify": _sparsify("owl")},
+    "evolve": {"sparsify": _sparsify("evolve")},
 }
 LLM_SPECS = "local, anthropic[:MODEL], openai[:MODEL], openai-compatible:MODEL"
+STEERED = "evolve+"  # evolve+SPEC: the evolve search with every 4th offspring proposed by the LLM SPEC
 
 
 def builtin_names(kind: str) -> list[str]:
@@ -60,6 +66,9 @@ def make_strategist(agent: str, kind: str, *, base_url: str | None = None, api_k
     agent = agent.strip()
     if agent in BUILTINS:
         return make_builtin(agent, kind), agent
+    if agent.startswith(STEERED):
+        return _steered(agent[len(STEERED):], kind, base_url=base_url, api_key=api_key, transcripts=transcripts,
+                        client=client)
     from .analyst import LLMAnalyst
 
     if client is not None:
@@ -75,3 +84,21 @@ def make_strategist(agent: str, kind: str, *, base_url: str | None = None, api_k
             return make_builtin("sensitivity", kind), "sensitivity"
     llm = make_client(spec, base_url=base_url, api_key=api_key, transcripts=transcripts)
     return LLMAnalyst(llm, make_builtin("sensitivity", kind)), spec
+
+
+def _steered(spec: str, kind: str, *, base_url: str | None, api_key: str | None, transcripts: list | None,
+             client: Any) -> tuple[Strategist, str]:
+    """evolve steered by an LLM: `client` (tests, benches) or the client SPEC names."""
+    if "evolve" not in BUILTINS or kind not in BUILTINS["evolve"]:
+        raise PrunepilotError(f"the evolve search has no {kind} job yet", f"{STEERED}{spec}",
+                              f"use one of {', '.join(builtin_names(kind))}, auto, or an LLM ({LLM_SPECS})")
+    from .evolve import EvolveStrategist
+
+    if client is None:
+        if not spec.strip():
+            raise PrunepilotError("evolve+ needs an LLM after the plus", STEERED, f"e.g. --agent evolve+local ({LLM_SPECS})")
+        from .llm.factory import make_client
+
+        client = make_client(spec.strip(), base_url=base_url, api_key=api_key, transcripts=transcripts)
+    s = EvolveStrategist(client=client)
+    return s, s.name

@@ -31,6 +31,19 @@ probe_kl; lower is better; rejected candidates are rolled back). The determinist
 your numbers so the parameter-weighted mean equals the level exactly, so relative differences matter.
 Answer with one JSON object only: {"ratios": {GROUP: SPARSITY, ...}, "rationale": "...", "reflection": "..."}."""
 
+EVOLVE_SYSTEM = """You steer an evolutionary search that allocates unstructured sparsity across groups of linear
+layers of a decoder language model ("layer kind @ block range") at a fixed global parameter-weighted
+sparsity. Fitness is the KL divergence of the pruned model from the dense one on probe text (lower is
+better). Offspring are small random moves of pruned weights between groups; each is screened on part of
+the probe and the most promising are re-scored on all of it against the best so far.
+You see: the best allocation per group (sparsity), each group's params_share and measured kl_rise_per_1pct
+(cost of moving 1% of global sparsity into it; lower = cheaper), and the recent offspring with the group
+moves they made, their probe_kl and whether they were promoted. Propose the sparsity of every group for one
+new candidate: your per-group changes are applied to the best allocation and rescaled so the weighted mean
+stays exactly at the target, so move sparsity from costly groups into cheap ones, and repeat or amplify
+moves that helped. Keep changes modest (a few points per group).
+Answer with one JSON object only: {"ratios": {GROUP: SPARSITY, ...}, "rationale": "...", "reflection": "..."}."""
+
 MAX_HISTORY = 8
 
 
@@ -64,6 +77,13 @@ class SparsifyPrompts:
         }
 
     def messages(self, ctx: "Context", schema: dict[str, Any]) -> list[Message]:
+        if ctx.phase == "evolve":  # a slot of the evolve search (agents/evolve.py): the search state, not the ramp
+            body = {"target_sparsity": round(ctx.step["target"], 4),
+                    "best_groups": ctx.profile.group_table(ctx.step.get("current")),
+                    "search": ctx.step.get("search", {})}
+            user = ("Propose the sparsity of every group for the next candidate (weighted mean = target_sparsity).\n"
+                    + json.dumps(body, separators=(",", ":"), default=str))
+            return [Message("system", EVOLVE_SYSTEM), Message("user", user)]
         body = {
             "phase": ctx.phase,
             "target_sparsity": round(ctx.step["target"], 4),

@@ -4,7 +4,12 @@ Ramp: the strategist proposes the next level's allocation; a step whose probe pe
 `threshold` over the last checkpoint is rolled back, after `patience` rollbacks in a row the step halves,
 below `min_step` the least-bad candidate is forced, so the ramp always ends exactly at the target.
 Reference: uniform at the target is measured, so the result is never worse than uniform on the probe.
-Refine: re-allocations at the target; the lowest probe KL to the dense model is kept.
+Refine: re-allocations at the target; the lowest probe KL to the dense model is kept. A search strategist
+(evolve) may skip the ramp (`ramp=False`: uniform at the target is then the first, accepted candidate) and may
+screen a candidate on the first few probe sequences (plan.params["probe_seqs"]): a screened attempt is
+recorded as 'worse' and never becomes the best; only full-probe scores compete. `evals` bounds the measured
+evaluations of the run (any probe size; a repeated allocation is not measured again and costs none); the
+ramp and the uniform reference always run, the refine phase stops when the budget is spent.
 
 Trial allocations come from the Wanda mask bank (one forward pass over the probe per attempt). Every bit of
 loop state (checkpoint, step size, best so far) is folded from the recorded attempts, so a killed run
@@ -20,6 +25,7 @@ from torch import nn
 
 from ..attempt import Attempt
 from ..loop import Judgement, Outcome, Step
+from ..errors import PlanError
 from ..plan import Plan
 from ..sparsify.calibrate import LinearInfo
 from ..sparsify.loop import Probe, ProbeScore, groups_pushed
@@ -38,6 +44,8 @@ class RampSettings:
     patience: int = 2  # rollbacks in a row before the step halves
     max_iters: int = 24  # ramp iterations at most
     refine_iters: int = 8  # re-allocations tried at the target
+    ramp: bool = True  # False: start at the target (a search strategist needs no ramp)
+    evals: int | None = None  # measured evaluations at most (None: refine_iters decides)
 
 
 @dataclass
@@ -56,11 +64,25 @@ class LoopState:
     refine_done: int = 0
     rollbacks: int = 0
     uniform: ProbeScore | None = None
+    evals: int = 0  # measured evaluations (any probe size), cached repeats excluded
+    screened: int = 0  # of which on part of the probe
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _score(a: Attempt) -> ProbeScore:
     return ProbeScore(a.metrics["probe_nll"], a.metrics["probe_kl"])
+
+
+def measured(a: Attempt) -> bool:
+    """The attempt ran the probe (a repeated allocation reuses the earlier score and costs no evaluation)."""
+    return "probe_kl" in a.metrics and not a.extra.get("cached", False)
+
+
+class Counts(list):
+    """A projected allocation (prune counts per layer, infos order) and the probe sequences to score it on
+    (None: the whole probe). A list, so callers that only need the counts read it as one."""
+
+    probe_seqs: int | None = None
 
 
 class SparsifyJob:
@@ -73,13 +95,19 @@ class SparsifyJob:
         self.total = sum(i.params for i in infos)
         self.target_count = int(round(cfg.target * self.total))
         self.uniform_counts = [project({}, infos, cfg.target)[i.name] for i in infos]
+        self.full_seqs = int(getattr(probe, "n_seqs", 1))
 
     # ------------------------------------------------------------------------------------------- state
     def fold(self, history: list[Attempt]) -> LoopState:
         c = self.cfg
         st = LoopState("ramp", [0] * len(self.infos), self.probe.dense, c.step)
+        if not c.ramp:
+            st.current = list(self.uniform_counts)
         for a in history:
             counts = a.allocation.get("counts")
+            if measured(a):
+                st.evals += 1
+                st.screened += int(a.metrics.get("probe_seqs", self.full_seqs) < self.full_seqs)
             if a.phase == "ramp":
                 st.ramp_iters += 1
                 if counts is None:
@@ -99,6 +127,8 @@ class SparsifyJob:
                             st.best_rejected, st.step = None, c.min_step
             elif a.phase == "reference" and counts is not None:
                 st.uniform = _score(a)
+                if not c.ramp:
+                    st.ckpt = _score(a)
                 if a.verdict == "accept":
                     st.best, st.best_index = (_score(a), counts), a.index
             elif a.phase == "refine":
@@ -113,17 +143,21 @@ class SparsifyJob:
                 st.best, st.best_index = (st.ckpt, st.current), _index_of(history, st.current)
         if sum(st.current) < self.target_count:
             return st
+        has_reference = any(a.phase == "reference" and a.allocation.get("counts") for a in history)
+        if not c.ramp and not has_reference:
+            st.phase = "reference"  # the search starts from uniform at the target, measured first
+            return st
         if st.best is None:
             st.best = (st.ckpt, st.current)
         reference_needed = c.refine_iters > 0 and self.uniform_counts != st.current
-        has_reference = any(a.phase == "reference" for a in history)
+        budget_left = c.evals is None or st.evals < c.evals
         if reference_needed and not has_reference:
             st.phase = "reference"
-        elif c.refine_iters > 0 and st.refine_done < c.refine_iters:
+        elif c.refine_iters > 0 and st.refine_done < c.refine_iters and budget_left:
             st.phase = "refine"
         else:
             st.phase = "done"
-        if c.refine_iters > 0 and not reference_needed:
+        if c.refine_iters > 0 and not reference_needed and st.uniform is None:
             st.uniform = st.best[0]
         return st
 
@@ -152,10 +186,15 @@ class SparsifyJob:
             return Step("ramp", info, none_ends_phase=False)  # no opinion on the ramp: climb uniformly
         if st.phase == "reference":
             plan = Plan(default_ratio=t, source="uniform", rationale="reference candidate: every layer at the target")
-            return Step("reference", {"level": t, "target": t, "from_level": t, "current": self.ratios(st.best[1])}, plan=plan)
+            start = st.best[1] if st.best else st.current
+            return Step("reference", {"level": t, "target": t, "from_level": t, "current": self.ratios(start)}, plan=plan)
         if st.phase == "refine":
             assert st.best is not None
-            return Step("refine", {"level": t, "target": t, "from_level": t, "current": self.ratios(st.best[1])})
+            info = {"level": t, "target": t, "from_level": t, "current": self.ratios(st.best[1]),
+                    "probe_seqs": self.full_seqs, "evals": st.evals}
+            if self.cfg.evals is not None:
+                info["evals_left"] = self.cfg.evals - st.evals
+            return Step("refine", info)
         return None
 
     def project(self, plan: Plan | None, step: Step) -> list[int]:
@@ -163,26 +202,41 @@ class SparsifyJob:
         desired = resolve(plan, self.infos, self.profile.groups, fallback=current) if plan else {i.name: level for i in self.infos}
         floor = current if step.phase == "ramp" else None
         counts = project(desired, self.infos, level, floor=floor, ceiling=MAX_RATIO)
-        return [counts[i.name] for i in self.infos]
+        out = Counts(counts[i.name] for i in self.infos)
+        seqs = plan.params.get("probe_seqs") if plan is not None and step.phase == "refine" else None
+        if seqs is not None:
+            if not (math.isfinite(seqs) and 1 <= seqs):
+                raise PlanError("plan.params['probe_seqs'] must be a whole number of probe sequences >= 1", seqs,
+                                f"ask for 1..{self.full_seqs}, or leave it out for the whole probe")
+            out.probe_seqs = min(int(seqs), self.full_seqs)
+        return out
 
     def evaluate(self, counts: list[int], step: Step, history: list[Attempt]) -> Outcome:
         st = self.fold(history)
-        score = next((_score(a) for a in history if a.allocation.get("counts") == counts and "probe_kl" in a.metrics), None)
-        if score is None:  # a repeated allocation is not re-probed
+        seqs = getattr(counts, "probe_seqs", None) or self.full_seqs
+        counts = list(counts)
+        score = next((_score(a) for a in history if a.allocation.get("counts") == counts and "probe_kl" in a.metrics
+                      and a.metrics.get("probe_seqs", self.full_seqs) == seqs), None)
+        cached = score is not None  # a repeated allocation is not re-probed
+        if score is None:
             self.bank.apply(self.as_dict(counts))
-            score = self.probe.measure(self.model)
+            score = self.probe.measure(self.model, seqs)
         ref = st.ckpt if step.phase == "ramp" else (st.best[0] if st.best else st.ckpt)
         ratios = self.ratios(counts)
         achieved = sum(counts) / self.total
         metrics = {"probe_nll": score.nll, "probe_ppl": score.ppl, "probe_kl": score.kl, "sparsity": achieved,
-                   "checkpoint_ppl": ref.ppl, "checkpoint_kl": ref.kl, "rise": math.exp(score.nll - ref.nll) - 1}
+                   "checkpoint_ppl": ref.ppl, "checkpoint_kl": ref.kl, "rise": math.exp(score.nll - ref.nll) - 1,
+                   "probe_seqs": float(seqs)}
+        extra: dict[str, Any] = {"cached": True} if cached else {}
+        if step.phase == "ramp":
+            extra["groups_pushed"] = groups_pushed(self.profile, step.info["current"], ratios)
         level = step.info["level"]
         err = (achieved - level) / level if level else achieved
         return Outcome(
             allocation={"counts": counts}, metrics=metrics,
             projected={r["group"]: r["sparsity"] for r in self.profile.group_table(ratios)},
             errors={"sparsity": err}, within_band=abs(sum(counts) - round(level * self.total)) <= len(self.infos),
-            extra={"groups_pushed": groups_pushed(self.profile, step.info["current"], ratios)} if step.phase == "ramp" else {},
+            extra=extra,
         )
 
     def judge(self, step: Step, outcome: Outcome, history: list[Attempt]) -> Judgement:
@@ -202,9 +256,15 @@ class SparsifyJob:
                 if st.step / 2 < self.cfg.min_step:
                     why += "; the least-bad candidate so far is forced"
             return Judgement("rollback", -m["probe_kl"], why)
+        if step.phase == "reference" and not self.cfg.ramp:
+            return Judgement("accept", -m["probe_kl"], "uniform at the target: the search's starting point")
         best = st.best[0] if st.best else st.ckpt
         if step.phase == "refine" and st.best and outcome.allocation["counts"] == st.best[1]:
             return Judgement("repeat", -m["probe_kl"], "same allocation as the best so far; not measured again")
+        seqs = int(m.get("probe_seqs", self.full_seqs))
+        if seqs < self.full_seqs:
+            return Judgement("worse", -m["probe_kl"], f"screened on {seqs} of {self.full_seqs} probe sequences (KL "
+                                                      f"{m['probe_kl']:.4f}); only full-probe scores compete for the best")
         if m["probe_kl"] < best.kl:
             return Judgement("accept", -m["probe_kl"])
         return Judgement("rollback", -m["probe_kl"], f"rolled back: probe KL {m['probe_kl']:.4f} is not below the best so "
@@ -226,7 +286,8 @@ class SparsifyJob:
 
     def summary(self, history: list[Attempt]) -> dict[str, Any]:
         st = self.fold(history)
-        out: dict[str, Any] = {"iterations": len(history), "rollbacks": st.rollbacks}
+        out: dict[str, Any] = {"iterations": len(history), "rollbacks": st.rollbacks, "evals": st.evals,
+                               "evals_screened": st.screened, "evals_budget": self.cfg.evals}
         final = st.best[0] if st.best else st.ckpt
         for key, s in (("dense", self.probe.dense), ("final", final), ("uniform", st.uniform)):
             if s is not None:

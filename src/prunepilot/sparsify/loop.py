@@ -46,11 +46,22 @@ class Probe:
     def _logits(model: nn.Module, b: torch.Tensor) -> torch.Tensor:
         return model(input_ids=b, use_cache=False).logits[:, :-1].float()  # [b, T-1, V]
 
+    @property
+    def n_seqs(self) -> int:
+        return int(self.ids.shape[0])
+
     @torch.no_grad()
-    def measure(self, model: nn.Module) -> ProbeScore:
+    def measure(self, model: nn.Module, n_seqs: int | None = None) -> ProbeScore:
+        """Scores on the first `n_seqs` probe sequences (all by default): the low-fidelity screens of a search
+        are the same text as its full scores, only less of it."""
+        left = self.n_seqs if n_seqs is None else max(1, min(n_seqs, self.n_seqs))
         nll = kl = 0.0
         count = 0
         for b, p in zip(self._batches(), self.dense_logp):
+            if left <= 0:
+                break
+            b, p = b[:left], p[:left]
+            left -= b.shape[0]
             q = F.log_softmax(self._logits(model, b), -1)
             nll += float(F.nll_loss(q.reshape(-1, q.shape[-1]), b[:, 1:].reshape(-1), reduction="sum"))
             pf = p.float()
