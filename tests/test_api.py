@@ -187,3 +187,24 @@ def test_labels_free_batches_rank_by_agreement(tmp_path):
                            finetune_steps=2, finetune_epochs=0.25, history=False, out=tmp_path / "run", log=None)
     assert res.raw["score_metric"] == "agreement"
     assert 0.0 <= res.metrics["fidelity_agreement"] <= 1.0
+
+
+def test_dynamic_int8_says_it_is_a_cpu_format():
+    from prunepilot.errors import PlanError
+    from prunepilot.jobs.quantize import _check_device, default_layers
+
+    with pytest.raises(PlanError, match="CPU format"):
+        _check_device("cuda", "eager", "int8_dynamic")
+    with pytest.raises(PlanError, match="CPU format"):
+        _check_device("cuda:0", "torchao", "int8_dynamic")
+    assert _check_device(None, "eager", "int8_dynamic") == "cpu"
+    assert default_layers("onnx") == "all" and default_layers("eager") == "auto"
+
+
+def test_quantize_api_returns_the_quantized_module():
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    x = torch.randn(4, 64)
+    res = prunepilot.quantize(model, x, layers="all", rounds=2)
+    assert res.out is None and res.metrics["size_mb"] < res.dense["size_mb"]
+    assert torch.allclose(res.model(x), model(x), atol=0.2)
+    assert any("Quantized" in type(m).__name__ or "quantized" in type(m).__module__ for m in res.model.modules())

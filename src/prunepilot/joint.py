@@ -58,6 +58,7 @@ def run_compress(
     log: Callable[[str], None] = print,
     evaluate: Callable[[nn.Module], float] | None = None,
     return_model: bool = False,
+    preprocess: Any = None,
 ) -> Any:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -80,7 +81,7 @@ def run_compress(
         from .inputs import tensors
         from .sources.data import load_data
 
-        data = load_data(data_spec, input_shape=tuple(tensors(x)[0].shape[1:])) if isinstance(data_spec, str) else data_spec
+        data = load_data(data_spec, input_shape=tuple(tensors(x)[0].shape[1:]), preprocess=preprocess) if isinstance(data_spec, str) else data_spec
         evaluator = Evaluator(data, dense, ScoringConfig(finetune_steps=finetune_steps, eval_limit=1000),
                               evaluate=evaluate)
 

@@ -18,6 +18,11 @@ WeightsOpt = typer.Option("random", "--weights", help="'random' (no download) or
 TrustOpt = typer.Option(False, "--trust", help="Allow loading a pickled full module (runs code from the file). Only for files you trust.")
 ShapeOpt = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,224,224 (default: the model's own or 1,3,224,224).")
 StateDictOpt = typer.Option(None, "--state-dict", help="A state_dict to load into the model (loaded with weights_only=True).")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (the model's own), float32, bfloat16, float16 (GPU only).")
+NormalizeOpt = typer.Option("auto", "--normalize", help="Input normalisation for --data images: auto (a timm model's own data config, else the data source's default: Fashion-MNIST statistics, ImageNet mean/std for RGB folders), imagenet, none (pixels in [0, 1]), or MEAN,STD (one value, or slash-separated per channel: 0.5/0.5/0.5,0.25/0.25/0.25).")
+ResizeOpt = typer.Option(None, "--resize", help="Resize the shorter image side to this many pixels, then centre-crop (ImageNet-style eval; auto from a timm data config).")
+CropOpt = typer.Option(None, "--crop", help="Centre-crop size in pixels before the final resize to the model input (default: the input size when --resize is given).")
 
 
 def load(model: str, weights: str, trust: bool, input_shape: Optional[str], state_dict: Optional[Path]) -> LoadedModel:

@@ -9,7 +9,7 @@ import typer
 
 from ..budget import Budget
 from ..plan import Plan
-from .common import ShapeOpt, StateDictOpt, TrustOpt, WeightsOpt, console, load, result_table
+from .common import CropOpt, NormalizeOpt, ResizeOpt, ShapeOpt, StateDictOpt, TrustOpt, WeightsOpt, console, load, result_table
 
 
 def register(app: typer.Typer) -> None:
@@ -24,6 +24,9 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, "--data", help="Labelled data to rank candidates by accuracy (fashion-mnist, imagefolder:DIR)."),
         out: Path = typer.Option(Path("runs/compress"), "--out", help="Output folder."),
         round_to: int = typer.Option(8, "--round-to", help="Channel multiple for pruned widths."),
+        normalize: str = NormalizeOpt,
+        resize: Optional[int] = ResizeOpt,
+        crop: Optional[int] = CropOpt,
         weights: str = WeightsOpt,
         trust: bool = TrustOpt,
         input_shape: Optional[str] = ShapeOpt,
@@ -31,14 +34,18 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Search pruning and int8 quantization together: for each quantization option the pruning amount is
         bracketed against the measured targets; the best feasible combination (by accuracy with --data) wins.
-        The report shows the accuracy-latency-memory trade-off of every point measured."""
+        The report shows the accuracy-latency-memory trade-off of every point measured. Runs on the CPU: the
+        latency and memory budgets are measured here, and dynamic int8 is a CPU format."""
         from ..joint import run_compress
 
         budget = Budget.parse(tolerance=tolerance, memory_mb=target_memory, latency_ms=target_latency,
                               size_mb=target_size, macs=target_macs)
+        from ..sources.data import parse_normalize
+
         loaded = load(model, weights, trust, input_shape, state_dict)
+        pre = parse_normalize(normalize, model=loaded.module, resize=resize, crop=crop)
         result = run_compress(loaded, budget, out, data_spec=data, plan=Plan(round_to=None if round_to == 1 else round_to),
-                              log=console.print)
+                              log=console.print, preprocess=pre)
         console.print(result_table(result))
         ch = result["choice"]
         console.print(f"chosen: quantization {ch['quantization']}, MAC reduction {ch['mac_reduction']:.1%}; "

@@ -11,7 +11,8 @@ import typer
 from ..budget import Budget
 from ..errors import PlanError
 from ..plan import Plan
-from .common import ShapeOpt, StateDictOpt, TrustOpt, WeightsOpt, console, load, result_table
+from .common import (CropOpt, DeviceOpt, DtypeOpt, NormalizeOpt, ResizeOpt, ShapeOpt, StateDictOpt, TrustOpt,
+                     WeightsOpt, console, load, result_table)
 
 
 def load_plan(path: Path | None, **overrides) -> Plan:
@@ -58,6 +59,11 @@ def register(app: typer.Typer) -> None:
         history: Optional[Path] = typer.Option(None, "--history", help="Cross-run history store (default: the prunepilot cache, history.sqlite)."),
         no_history: bool = typer.Option(False, "--no-history", help="Neither read nor record cross-run history."),
         seed: int = typer.Option(0, "--seed", help="Seed for data order, recovery and strategists."),
+        normalize: str = NormalizeOpt,
+        resize: Optional[int] = ResizeOpt,
+        crop: Optional[int] = CropOpt,
+        device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
         weights: str = WeightsOpt,
         trust: bool = TrustOpt,
         input_shape: Optional[str] = ShapeOpt,
@@ -79,6 +85,14 @@ def register(app: typer.Typer) -> None:
         if rounds < 1:
             raise PlanError("--rounds must be at least 1", rounds, "e.g. --rounds 8")
         budget = Budget.parse(tolerance=tolerance, macs=target_macs, params=target_params, latency_ms=target_latency)
+        from ..device import resolve_device, resolve_dtype
+        from ..sources.data import parse_normalize
+
+        resolve_device(device), resolve_dtype(dtype)  # a bad --device/--dtype is refused before loading anything
+        if data is None and (normalize != "auto" or resize is not None or crop is not None):
+            raise PlanError("--normalize/--resize/--crop preprocess --data images", "no --data given",
+                            "pass --data, or drop them")
+        parse_normalize(normalize, resize=resize, crop=crop)
         loaded = load(model, weights, trust, input_shape, state_dict)
         if data is not None and target_latency is None:
             from ..jobs.prune import PruneRun, PruneSettings, UserConstraints, run_prune_search
@@ -89,12 +103,16 @@ def register(app: typer.Typer) -> None:
             settings = PruneSettings(rounds=rounds, finetune_steps=finetune_steps, eval_limit=eval_limit,
                                      finetune_epochs=finetune_epochs, kd=kd, seed=seed)
             run = PruneRun(budget, data, out, agent=agent, settings=settings, user=user, history_path=history,
-                           use_history=not no_history, base_url=llm_base_url)
+                           use_history=not no_history, base_url=llm_base_url, normalize=normalize, resize=resize,
+                           crop=crop, device=device, dtype=dtype)
             result = run_prune_search(loaded, run, overwrite=overwrite, log=console.print)
         else:
             plan = load_plan(plan_file, importance=importance, round_to=None if round_to == 1 else (round_to or 8),
                              prune_heads=prune_heads or None, protected=list(protect) or None)
             prepare_out(out, overwrite=overwrite)
+            from ..jobs.prune import place_loaded
+
+            place_loaded(loaded, device, dtype)
             if target_latency is not None:
                 from ..joint import run_compress
 
@@ -110,6 +128,8 @@ def register(app: typer.Typer) -> None:
 
             render_safely(out, console.print)
         console.print(result_table(result))
+        for w in result.get("warnings") or []:
+            console.print(f"[bold red]WARNING[/]: {w}", markup=True, highlight=False)
         console.print(f"within band: {'[green]yes' if result['within_band'] else '[red]no'}[/]; "
                       f"errors {', '.join(f'{m} {e:+.3%}' for m, e in result['errors'].items())}")
         if result.get("speedup"):

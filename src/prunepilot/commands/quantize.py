@@ -11,14 +11,14 @@ from typing import Optional
 import typer
 
 from ..jobs.quantize import OrtModule, run_quantize, summary_markdown  # noqa: F401  (re-exported for callers)
-from .common import ShapeOpt, StateDictOpt, TrustOpt, WeightsOpt, console, load
+from .common import CropOpt, NormalizeOpt, ResizeOpt, ShapeOpt, StateDictOpt, TrustOpt, WeightsOpt, console, load
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def quantize(
         model: str = typer.Argument(..., help="Model URI: torchvision:NAME, timm:NAME, file:PATH, py:module:function."),
-        layers: str = typer.Option("auto", "--layers", help="auto (measured latency share and size), all (every Linear), or a regex over layer names."),
+        layers: Optional[str] = typer.Option(None, "--layers", help="auto (measured latency share and size), all (every Linear), or a regex over layer names. Default: auto; all for --backend onnx (ONNX Runtime packs every MatMul/Gemm)."),
         backend: str = typer.Option("eager", "--backend", help="eager (torch.ao dynamic int8: fastest plain-PyTorch CPU path), torchao (fast only with --compile), onnx (ONNX Runtime int8 artefact)."),
         scheme: str = typer.Option("int8_dynamic", "--scheme", help="int8_dynamic (int8 weights and activations) or int8_weight_only (torchao only)."),
         plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON whose 'quantize' map (name / re:pattern / * -> scheme) selects the layers."),
@@ -27,6 +27,10 @@ def register(app: typer.Typer) -> None:
         data_limit: int = typer.Option(2000, "--data-limit", help="Test samples to score (0 = all)."),
         rounds: int = typer.Option(10, "--rounds", help="Interleaved timing rounds (dense and quantized alternate)."),
         compile_: bool = typer.Option(False, "--compile", help="torchao: time both models under torch.compile (slow to compile)."),
+        device: str = typer.Option("cpu", "--device", help="cpu (dynamic int8 is a CPU format), or cuda[:N] for --backend torchao --scheme int8_weight_only / --backend onnx (CUDA provider when installed)."),
+        normalize: str = NormalizeOpt,
+        resize: Optional[int] = ResizeOpt,
+        crop: Optional[int] = CropOpt,
         weights: str = WeightsOpt,
         trust: bool = TrustOpt,
         input_shape: Optional[str] = ShapeOpt,
@@ -34,10 +38,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Dynamic int8 post-training quantization of selected layers; dense and quantized are timed side by
         side in this process. Every weight layer is reported as quantized or skipped with its reason."""
+        from ..jobs.quantize import _check_device
+        from ..sources.data import parse_normalize
+
+        _check_device(device, backend, scheme)  # refused before loading anything
         loaded = load(model, weights, trust, input_shape, state_dict)
+        pre = parse_normalize(normalize, model=loaded.module, resize=resize, crop=crop)
         result = run_quantize(loaded, out=out, layers=layers, backend=backend, scheme=scheme, plan_file=plan_file,
                               data=data, data_limit=data_limit, rounds=rounds, compile_=compile_,
-                              status=console.status)
+                              status=console.status, device=device, preprocess=pre)
         d, c = result["dense"], result["compressed"]
         console.print(f"[bold]{model}[/] {backend}: size {d['size_mb']:.1f} -> {c['size_mb']:.1f} MB "
                       f"(−{result['size_reduction']:.1%}), latency {d['latency_ms']:.1f} -> {c['latency_ms']:.1f} ms "

@@ -186,13 +186,23 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path, *, per_channel: bool = 
     return _onnx_size(dst)
 
 
-def ort_session(path: str | Path, *, threads: int | None = None) -> Any:
+def ort_providers(device: str | None = None) -> list[str]:
+    """CUDA first when it is asked for (or auto) and this onnxruntime build has it; the CPU always last."""
+    ort = require("onnxruntime", "onnx", "running ONNX models")
+    available = ort.get_available_providers()
+    want_cuda = (device or "auto").startswith("cuda") or (device or "auto") == "auto"
+    if want_cuda and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def ort_session(path: str | Path, *, threads: int | None = None, device: str | None = "cpu") -> Any:
     ort = require("onnxruntime", "onnx", "running ONNX models")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=opts, providers=ort_providers(device))
 
 
 def _run(sess: Any, x: torch.Tensor) -> torch.Tensor:

@@ -38,11 +38,11 @@ def _no_status(_message: str) -> ContextManager[Any]:
 class OrtModule(nn.Module):
     """An ONNX Runtime session behind nn.Module's call, so evaluation code can score it like a model."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path, threads: int | None = None, device: str | None = "cpu") -> None:
         super().__init__()
         from ..engines.onnx_export import ort_session
 
-        self.sess = ort_session(path, threads=threads)
+        self.sess = ort_session(path, threads=threads, device=device)
         self.input_name = self.sess.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +65,25 @@ class _Quantized:
 
 
 # ------------------------------------------------------------------------------------------ options
+
+
+def default_layers(backend: str) -> str:
+    """ONNX Runtime packs every MatMul/Gemm (`all`); the torch backends choose by measured latency (`auto`)."""
+    return "all" if backend == "onnx" else "auto"
+
+
+def _check_device(device: str | None, backend: str, scheme: str) -> str:
+    from ..device import resolve_device
+
+    cpu_only = backend == "eager" or (backend == "torchao" and scheme == "int8_dynamic")
+    raw = (device or "auto").strip().lower()
+    if cpu_only and raw == "auto":
+        raw = "cpu"
+    if cpu_only and raw != "cpu":  # said before any device is looked for: the format decides, not the machine
+        raise PlanError("dynamic int8 (int8 weights and activations) is a CPU format: its kernels run on the CPU only",
+                        f"--device {device} with --backend {backend} --scheme {scheme}",
+                        "use --device cpu, or --backend torchao --scheme int8_weight_only on the GPU, or --backend onnx")
+    return str(resolve_device(raw))
 
 
 def _check_options(loaded: Any, *, layers: str, backend: str, scheme: str, plan_file: Optional[Path],
@@ -134,7 +153,7 @@ def _plan_map(layers: str, plan_file: Optional[Path], scheme: str, model: nn.Mod
 # ----------------------------------------------------------------------------------------- backends
 
 
-def _quantize_onnx(dense: nn.Module, x: torch.Tensor, out: Path, status: Status) -> _Quantized:
+def _quantize_onnx(dense: nn.Module, x: torch.Tensor, out: Path, status: Status, device: str = "cpu") -> _Quantized:
     from ..engines.onnx_export import export_onnx, quantize_onnx_int8, verify_onnx
     from ..evaluate.memory import memory_report, state_dict_bytes
 
@@ -143,13 +162,13 @@ def _quantize_onnx(dense: nn.Module, x: torch.Tensor, out: Path, status: Status)
         int8_path = out / "model.int8.onnx"
         int8_bytes = quantize_onnx_int8(exp.path, int8_path)
         ver = verify_onnx(int8_path, dense, x, min_cosine=0.98, min_top1=0.0)
-    qmodel = OrtModule(int8_path)
+    qmodel = OrtModule(int8_path, device=device)
     report_json = {"backend": "onnx", "exporter": exp.exporter, "fallback_reason": exp.fallback_reason,
                    "onnx_fp32_mb": exp.size_bytes / MB, "onnx_int8_mb": int8_bytes / MB,
                    "verify_vs_dense": ver.to_json(), "op_types": ["MatMul", "Gemm"]}
     return _Quantized(
         qmodel=qmodel,
-        timed={"dense": dense, "compressed": qmodel, "onnx_fp32": OrtModule(exp.path)},
+        timed={"dense": dense, "compressed": qmodel, "onnx_fp32": OrtModule(exp.path, device=device)},
         size_dense=state_dict_bytes(dense),
         size_q=int8_bytes,
         report_json=report_json,
@@ -198,12 +217,13 @@ def _quantize_torch(dense: nn.Module, x: torch.Tensor, out: Path, *, layers: str
 
 
 def _accuracy_blocks(data: str, limit: int, batch_size: int, models: dict[str, nn.Module],
-                     dense: nn.Module, x: torch.Tensor, status: Status = _no_status) -> dict[str, dict[str, float]]:
+                     dense: nn.Module, x: torch.Tensor, status: Status = _no_status,
+                     preprocess: Any = None) -> dict[str, dict[str, float]]:
     """Top-1 accuracy (and fidelity to the dense model) of each model on the data's test split."""
     from ..evaluate.classification import evaluate_classifier, fidelity
     from ..sources.data import load_data
 
-    bundle = load_data(data, input_shape=tuple(x.shape[1:]))
+    bundle = load_data(data, input_shape=tuple(x.shape[1:]), preprocess=preprocess)
     loader = bundle.loader("test", batch_size=batch_size, limit=limit or None, shuffle=False)
     out: dict[str, dict[str, float]] = {}
     for name, m in models.items():
@@ -218,7 +238,7 @@ def _accuracy_blocks(data: str, limit: int, batch_size: int, models: dict[str, n
 
 
 def _measure(q: _Quantized, dense: nn.Module, x: torch.Tensor, *, rounds: int, data: Optional[str],
-             data_limit: int, batch_size: int, status: Status) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+             data_limit: int, batch_size: int, status: Status, preprocess: Any = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Dense and quantized blocks (size, latency timed side by side, memory, accuracy) and the raw latencies."""
     from ..evaluate.speed import compare_latency
 
@@ -232,7 +252,7 @@ def _measure(q: _Quantized, dense: nn.Module, x: torch.Tensor, *, rounds: int, d
         comp_block["memory_mb"] = q.mem_q["memory_mb"]
     if data:
         acc = _accuracy_blocks(data, data_limit, batch_size, {"dense": dense, "compressed": q.qmodel}, dense, x,
-                               status)
+                               status, preprocess)
         dense_block.update(acc["dense"])
         comp_block.update(acc["compressed"])
     return dense_block, comp_block, lat
@@ -245,7 +265,7 @@ def run_quantize(
     loaded: LoadedModel,
     *,
     out: Path,
-    layers: str = "auto",
+    layers: str | None = None,
     backend: str = "eager",
     scheme: str = "int8_dynamic",
     plan_file: Optional[Path] = None,
@@ -255,25 +275,31 @@ def run_quantize(
     rounds: int = 10,
     compile_: bool = False,
     status: Status = _no_status,
+    device: str | None = None,
+    preprocess: Any = None,
 ) -> dict[str, Any]:
     """The `prunepilot quantize` job: select layers, quantize a copy, time dense vs quantized side by side,
     score on data if given, save the artefact, write result.json / quantization.json / summary.md.
 
     `status(message)` returns a context manager wrapped around each slow step (the CLI passes rich's
-    `console.status`); by default the job is silent. Returns the result dict written to result.json."""
+    `console.status`); by default the job is silent. Returns the result dict written to result.json.
+    `layers=None` is the backend's default (`default_layers`); `device` must be the CPU for dynamic int8
+    (refused otherwise, with what to use instead); `preprocess` (sources.data.parse_normalize) for `data`."""
+    layers = layers or default_layers(backend)
+    dev = _check_device(device, backend, scheme)
     _check_options(loaded, layers=layers, backend=backend, scheme=scheme, plan_file=plan_file,
                    data_limit=data_limit, batch_size=batch_size, rounds=rounds, compile_=compile_)
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dense, x = loaded.module.eval(), loaded.example_input
+    dense, x = loaded.module.eval().to(dev), loaded.example_input.to(dev)
     if backend == "onnx":
-        q = _quantize_onnx(dense, x, out, status)
+        q = _quantize_onnx(dense, x, out, status, device=dev)
     else:
         q = _quantize_torch(dense, x, out, layers=layers, backend=backend, scheme=scheme, plan_file=plan_file,
                             compile_=compile_, status=status)
     dense_block, comp_block, lat = _measure(q, dense, x, rounds=rounds, data=data, data_limit=data_limit,
-                                            batch_size=batch_size, status=status)
+                                            batch_size=batch_size, status=status, preprocess=preprocess)
     result = build_result(
         kind="quantize",
         model=loaded.uri,
@@ -302,7 +328,7 @@ def run_quantize(
     return result
 
 
-_RUN_OPTIONS = ("plan_file", "data_limit", "batch_size", "rounds", "compile_", "status")
+_RUN_OPTIONS = ("plan_file", "data_limit", "batch_size", "rounds", "compile_", "status", "device", "preprocess")
 
 
 def fresh_run_dir(root: Path | None = None, prefix: str = "quantize") -> Path:
@@ -326,7 +352,7 @@ def quantize(
     example_input: torch.Tensor,
     *,
     out: Path | str | None = None,
-    layers: str = "auto",
+    layers: str | None = None,
     backend: str = "eager",
     scheme: str = "int8_dynamic",
     data: Optional[str] = None,
@@ -352,9 +378,10 @@ def quantize(
                          f"{type(model).__name__} handed in from Python")
     if "plan_file" in kw and kw["plan_file"] is not None:
         kw["plan_file"] = Path(kw["plan_file"])
-    _check_options(loaded, layers=layers, backend=backend, scheme=scheme, plan_file=kw.get("plan_file"),
-                   data_limit=kw.get("data_limit", 2000), batch_size=kw.get("batch_size", 100),
-                   rounds=kw.get("rounds", 10), compile_=kw.get("compile_", False))
+    _check_options(loaded, layers=layers or default_layers(backend), backend=backend, scheme=scheme,
+                   plan_file=kw.get("plan_file"), data_limit=kw.get("data_limit", 2000),
+                   batch_size=kw.get("batch_size", 100), rounds=kw.get("rounds", 10), compile_=kw.get("compile_", False))
+    _check_device(kw.get("device"), backend, scheme)
     run_dir = fresh_run_dir() if out is None else Path(out)
     result = run_quantize(loaded, out=run_dir, layers=layers, backend=backend, scheme=scheme, data=data, **kw)
     return {**result, "out": str(run_dir)}
