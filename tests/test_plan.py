@@ -37,3 +37,25 @@ def test_unknown_names_are_errors():
 def test_from_json_text_error_is_clear():
     with pytest.raises(PlanError, match="Plan schema"):
         Plan.from_json_text('{"ratios": {"a": "lots"}}')
+
+
+def test_plan_params_must_be_finite():
+    import math
+
+    import pytest
+    from pydantic import ValidationError
+
+    from prunepilot.plan import Plan
+
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValidationError, match="finite"):
+            Plan(params={"tilt": bad})
+    assert Plan(params={"tilt": 0.5}).params == {"tilt": 0.5}
+
+
+def test_no_stagnation_note_when_nothing_was_scored():
+    from prunepilot.attempt import Attempt
+    from prunepilot.jobs.prune import divergence_guidance
+
+    failed = [Attempt(index=i, job="prune", verdict="failed", error="boom") for i in range(5)]
+    assert not any("stagnation" in n for n in divergence_guidance(failed))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -53,6 +54,14 @@ class Plan(BaseModel):
                     re.compile(k[3:])
                 except re.error as exc:
                     raise ValueError(f"'{k}' is not a valid regular expression: {exc}") from None
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _params_finite(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = sorted(k for k, x in v.items() if not math.isfinite(x))
+        if bad:
+            raise ValueError(f"params must be finite numbers; not finite: {', '.join(bad)}")
         return v
 
     @field_validator("default_ratio")

@@ -84,7 +84,7 @@ def divergence_guidance(history: list[Attempt]) -> list[str]:
     if scored and accs[-1] is not None and accs[-1] < 0.5 * max(scored):
         notes.append(f"accuracy collapse in attempt {last.index} ({accs[-1]:.3f} vs best {max(scored):.3f}): move back towards the best plan")
     best_i = max(range(len(accs)), key=lambda i: accs[i] if accs[i] is not None else -1)
-    if len(history) - 1 - best_i >= 3:
+    if scored and len(history) - 1 - best_i >= 3:  # stagnation needs something scored to stagnate from
         notes.append(f"stagnation: no improvement for {len(history) - 1 - best_i} attempts since attempt {history[best_i].index}")
     if len(scored) >= 4:
         d = [b - a for a, b in zip(scored, scored[1:])]
