@@ -573,3 +573,10 @@ def test_prunepilot_profile_and_master_history_shapes():
     a, _, _ = analyst([{"ratios": {"layer3.*.conv1": 0.7}}, {"ratios": {"layer9": 1}}])
     ctx = ctx_for(COMPACT, history=MASTER_HISTORY, step=MASTER_STEP)
     assert a.propose(ctx).source == "uniform (fallback from llm:scripted)" and "layer9" in ctx.fallback_reason
+
+
+def test_an_empty_json_plan_is_unusable_not_defaults():
+    from prunepilot.agents.analyst import parse_plan
+
+    plan, why, _ = parse_plan(LLMReply(text="{}", data={}, model="scripted"), profile_names(PROFILE))
+    assert plan is None and "empty plan" in why

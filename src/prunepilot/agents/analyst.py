@@ -357,6 +357,8 @@ def parse_plan(reply: LLMReply, names: Names) -> tuple[Plan | None, str | None, 
         return None, "the reply is not a JSON object (write only the JSON object, no prose)", []
     if not isinstance(data, dict):
         return None, f"the reply is JSON but not an object (got {type(data).__name__})", []
+    if not any(k in data for k in ("ratios", "default_ratio", "quantize", "prune_heads")):
+        return None, "the reply is an empty plan (no ratios, no default_ratio): give a ratio per family", []
     data, notes = clamp_plan_data(data)
     # pydantic would coerce true -> 1.0 and "0.95" -> 0.95, past the clamp: a ratio must be a JSON number
     ratios = data.get("ratios")
