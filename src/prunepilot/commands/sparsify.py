@@ -27,12 +27,13 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="smollm2 | gemma3-270m | gguf:PATH.gguf | hf:DIR_OR_HUB_ID | DIR"),
         sparsity: str = typer.Option("50%", "--sparsity", help="Global parameter-weighted sparsity (50%) or an N:M pattern (2:4)."),
         method: str = typer.Option("sparsegpt", "--method", help="Final masks/weights: sparsegpt (default; reconstructs the kept weights), wanda (masks only, about half the time) or magnitude."),
-        agent: str = typer.Option("auto", "--agent", help="auto | uniform | owl | sensitivity | local | anthropic[:MODEL] | openai[:MODEL] | openai-compatible:MODEL."),
+        agent: str = typer.Option("auto", "--agent", help="auto | uniform | owl | sensitivity | evolve | evolve+LLM (e.g. evolve+local: every 4th offspring from the LLM) | local | anthropic[:MODEL] | openai[:MODEL] | openai-compatible:MODEL."),
         calib: str = typer.Option("pydocs", "--calib", help="Calibration text: pydocs | text:PATH | wikitext2 | hf:DATASET[:CONFIG]."),
         eval_text: Optional[str] = typer.Option(None, "--eval", help="Evaluation text (default: the held-out part of --calib's source)."),
         rollback_threshold: str = typer.Option("15%", "--rollback-threshold", help="Roll back a step whose probe perplexity rises more than this."),
         step: float = typer.Option(0.1, "--step", help="Initial global sparsity increment per iteration."),
         refine_iters: int = typer.Option(8, "--refine-iters", help="Re-allocations tried at the target; the one with the lowest probe KL to the dense model is kept (0: stop when the ramp reaches the target)."),
+        evals: Optional[int] = typer.Option(None, "--evals", min=1, help="Evaluation budget of the loop: candidates measured on the probe (any probe size; the ramp and the uniform reference always run). Overrides --refine-iters; evolve defaults to 100."),
         calib_seqs: int = typer.Option(32, "--calib-seqs", help="Calibration sequences."),
         seqlen: int = typer.Option(512, "--seqlen", help="Calibration sequence length."),
         eval_seqs: int = typer.Option(16, "--eval-seqs", help="Evaluation sequences."),
@@ -43,6 +44,10 @@ def register(app: typer.Typer) -> None:
         llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="Base URL of an OpenAI-compatible server."),
         out: Path = typer.Option(Path("runs/sparsify"), "--out", help="Output folder."),
         no_export: bool = typer.Option(False, "--no-export", help="Skip save_pretrained of the sparse model."),
+        export_format: str = typer.Option("safetensors", "--format", help="Export: safetensors (dense, in the checkpoint's dtype) or compressed-tensors (sparse-bitmask; 2:4 as sparse-24-bitmask)."),
+        device: str = typer.Option("auto", "--device", help="auto (CUDA when available) | cpu | cuda | cuda:N. On CUDA a model too large for the GPU keeps its blocks on the CPU, one on the GPU at a time."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's dtype: bf16 stays bf16) | float32 | bfloat16 | float16. Exports keep the checkpoint's dtype."),
+        grad_seqs: int = typer.Option(2, "--grad-seqs", min=0, help="Sequences for gradient importance in the profile (0: skip the backward pass)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out (otherwise a second run there is refused)."),
         seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
     ) -> None:
@@ -57,9 +62,10 @@ def register(app: typer.Typer) -> None:
 
         console = Console(stderr=True)
         cfg = SparsifyConfig(model=model, sparsity=sparsity, method=method, agent=agent, calib=calib,
-                             eval=eval_text, rollback_threshold=_fraction(rollback_threshold), step=step, refine_iters=refine_iters,
+                             eval=eval_text, rollback_threshold=_fraction(rollback_threshold), step=step, refine_iters=refine_iters, evals=evals,
                              calib_seqs=calib_seqs, calib_seqlen=seqlen, eval_seqs=eval_seqs,
-                             eval_seqlen=eval_seqlen, probe_seqs=probe_seqs, probe_seqlen=probe_seqlen, bands=bands, llm_base_url=llm_base_url, export=not no_export, seed=seed)
+                             eval_seqlen=eval_seqlen, probe_seqs=probe_seqs, probe_seqlen=probe_seqlen, bands=bands, llm_base_url=llm_base_url, export=not no_export, seed=seed,
+                             export_format=export_format, device=device, dtype=dtype, grad_seqs=grad_seqs)
         result = run_sparsify(cfg, out, say=lambda s: console.print(s), overwrite=overwrite)
         d, c = result["dense"], result["compressed"]
         console.print(f"[bold]perplexity[/] {d['perplexity']:.2f} -> {c['perplexity']:.2f}; sparsity "

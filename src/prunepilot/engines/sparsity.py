@@ -17,6 +17,7 @@ import torch
 from ..errors import PlanError
 
 METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+DOUBLE_MAX_COLS = 4096  # SparseGPT factorises H in float64 up to this input width
 
 
 @dataclass(frozen=True)
@@ -143,14 +144,19 @@ def sparsegpt_prune(
     """
     W = weight.detach().clone().float()  # [out, in]
     rows, cols = W.shape
-    H = hessian.detach().clone().double()  # [in, in]; double keeps the Cholesky stable on small models
+    # float64 keeps the Cholesky stable on small models; wide layers use float32 as the reference does
+    # (an [8192, 8192] float64 factorisation would need ~1.6 GB of temporaries)
+    exact = torch.float64 if cols <= DOUBLE_MAX_COLS else torch.float32
+    H = hessian.detach().to(device=W.device, dtype=exact, copy=True)  # [in, in]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     damp = percdamp * torch.mean(torch.diag(H))
-    H += damp * torch.eye(cols, dtype=H.dtype, device=H.device)
+    H.diagonal().add_(damp)
     L = torch.linalg.cholesky(H)
+    del H
     Hinv = torch.cholesky_inverse(L)
+    del L
     Hinv = torch.linalg.cholesky(Hinv, upper=True).float()  # [in, in] upper factor of H^-1
 
     total_k = count_pruned(W.numel(), sparsity) if nm is None else 0

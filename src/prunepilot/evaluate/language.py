@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,15 +30,69 @@ KNOWLEDGE_PROMPTS: tuple[str, ...] = (
 )
 
 
+TOKEN_CHUNK = 512  # tokens whose logits ([chunk, vocab] float32) exist at once in the evaluators
+
+
+def input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+_SPLIT_OK: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _split_logits(model: nn.Module, ids: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+    h = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state  # [b, T, d]
+    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+    for i in range(0, h.shape[1], chunk):
+        logits = head(h[:, i : i + chunk]).float()
+        if cap is not None:  # Gemma 2/3
+            logits = torch.tanh(logits / cap) * cap
+        yield logits
+
+
+def _can_split(model: nn.Module) -> bool:
+    """Whether the logits are lm_head(decoder(ids)) (+ softcapping): checked once per model on 8 tokens
+    against the model's own forward. A model whose head does more falls back to full logits."""
+    ok = _SPLIT_OK.get(model)
+    if ok is None:
+        try:
+            ids = torch.arange(min(8, model.config.vocab_size), device=input_device(model)).unsqueeze(0)
+            with torch.no_grad():
+                ref = model(input_ids=ids, use_cache=False).logits.float()
+                got = torch.cat(list(_split_logits(model, ids, 3)), dim=1)
+            ok = got.shape == ref.shape and float((got - ref).abs().max()) <= 1e-2 * float(ref.abs().max()) + 1e-4
+        except Exception:  # no decoder / head split
+            ok = False
+        _SPLIT_OK[model] = ok
+    return ok
+
+
+def logit_chunks(model: nn.Module, ids: torch.Tensor, chunk: int = TOKEN_CHUNK) -> Iterator[torch.Tensor]:
+    """Next-token logits [b, <=chunk, V] float32 for successive position chunks of ids [b, T]: the decoder's
+    hidden states once, then lm_head per chunk, so a [batch, T, vocab] float32 tensor (805 MB for SmolLM2 at
+    4 x 1024) never exists."""
+    with torch.no_grad():
+        if _can_split(model):
+            yield from _split_logits(model, ids, chunk)
+        else:
+            yield model(input_ids=ids, use_cache=False).logits.float()
+
+
 @torch.no_grad()
 def mean_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token negative log-likelihood over [n, T] token blocks (T-1 predictions per block)."""
     total, count = 0.0, 0
+    dev = input_device(model)
     for i in range(0, blocks.shape[0], batch_size):
-        b = blocks[i : i + batch_size]
-        logits = model(input_ids=b, use_cache=False).logits[:, :-1].float()  # [b, T-1, V]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll)
+        b = blocks[i : i + batch_size].to(dev)
+        pos = 0
+        for logits in logit_chunks(model, b):  # [b, c, V]
+            c = logits.shape[1]
+            tgt = b[:, pos + 1 : pos + 1 + c]  # the last position of the block has no target
+            lg = logits[:, : tgt.shape[1]]
+            if tgt.numel():
+                total += float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="sum"))
+            pos += c
         count += b[:, 1:].numel()
     return total / max(count, 1)
 
@@ -44,18 +101,51 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> f
     return math.exp(mean_nll(model, blocks, batch_size))
 
 
+@dataclass
+class DenseReference:
+    """The dense model's next-token log-probabilities on a few sequences (float16, on the CPU) and its top-1
+    tokens: fidelity is measured against these, so no copy of the dense model is kept."""
+
+    blocks: torch.Tensor  # [n, T]
+    logp: list[torch.Tensor]  # per sequence [T, V] float16
+    top1: torch.Tensor  # [n, T]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.logp)
+
+
 @torch.no_grad()
-def fidelity(model: nn.Module, dense: nn.Module, blocks: torch.Tensor, batch_size: int = 2) -> dict[str, float]:
-    """Next-token top-1 agreement with the dense model and mean KL(dense || compressed) per token."""
+def dense_reference(model: nn.Module, blocks: torch.Tensor) -> DenseReference:
+    dev = input_device(model)
+    logp, top1 = [], []
+    for i in range(blocks.shape[0]):
+        parts = [F.log_softmax(lg[0], -1) for lg in logit_chunks(model, blocks[i : i + 1].to(dev))]  # [c, V]
+        logp.append(torch.cat([p.half().cpu() for p in parts]))
+        top1.append(torch.cat([p.argmax(-1).cpu() for p in parts]))
+    return DenseReference(blocks, logp, torch.stack(top1) if top1 else torch.empty(0, 0, dtype=torch.long))
+
+
+@torch.no_grad()
+def fidelity(model: nn.Module, dense: nn.Module | DenseReference, blocks: torch.Tensor | None = None,
+             batch_size: int = 2) -> dict[str, float]:
+    """Next-token top-1 agreement with the dense model and mean KL(dense || compressed) per token.
+
+    `dense` is a DenseReference (preferred: no model copy) or a dense model evaluated on `blocks`."""
+    ref = dense if isinstance(dense, DenseReference) else dense_reference(dense, blocks)  # type: ignore[arg-type]
+    dev = input_device(model)
     agree, kl, count = 0.0, 0.0, 0
-    for i in range(0, blocks.shape[0], batch_size):
-        b = blocks[i : i + batch_size]
-        p = F.log_softmax(dense(input_ids=b, use_cache=False).logits.float(), -1)  # [b, T, V]
-        q = F.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1)
-        agree += float((p.argmax(-1) == q.argmax(-1)).sum())
-        kl += float((p.exp() * (p - q)).sum())
-        count += b.numel()
-    return {"top1_agreement": agree / count, "kl": kl / count}
+    for i in range(ref.blocks.shape[0]):
+        pos = 0
+        for lg in logit_chunks(model, ref.blocks[i : i + 1].to(dev)):
+            q = F.log_softmax(lg[0], -1)  # [c, V]
+            c = q.shape[0]
+            p = ref.logp[i][pos : pos + c].to(q.device).float()
+            agree += float((ref.top1[i, pos : pos + c].to(q.device) == q.argmax(-1)).sum())
+            kl += float((p.exp() * (p - q)).sum())
+            pos += c
+            count += c
+    return {"top1_agreement": agree / max(count, 1), "kl": kl / max(count, 1)}
 
 
 @torch.no_grad()
@@ -63,7 +153,7 @@ def knowledge_targets(model: nn.Module, tok: Any, min_prob: float = 0.3) -> list
     """Facts the dense model completes confidently: prompt, its top-1 next token and probability."""
     out = []
     for prompt in KNOWLEDGE_PROMPTS:
-        ids = _prompt_ids(tok, prompt)
+        ids = _prompt_ids(tok, prompt).to(input_device(model))
         probs = F.softmax(model(input_ids=ids, use_cache=False).logits[0, -1].float(), -1)
         p, t = probs.max(-1)
         if float(p) >= min_prob:
@@ -76,7 +166,7 @@ def knowledge_retention(model: nn.Module, tok: Any, targets: list[dict[str, Any]
     """Share of the dense model's confident facts the compressed model still ranks first."""
     kept, probs = 0, []
     for t in targets:
-        ids = _prompt_ids(tok, t["prompt"])
+        ids = _prompt_ids(tok, t["prompt"]).to(input_device(model))
         pr = F.softmax(model(input_ids=ids, use_cache=False).logits[0, -1].float(), -1)
         kept += int(int(pr.argmax()) == t["token"])
         probs.append(float(pr[t["token"]]))

@@ -154,7 +154,7 @@ def _cache_valid(target: Path) -> bool:
         return False
 
 
-def load_gguf_causal_lm(alias_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_gguf_causal_lm(alias_or_path: str, dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
     """Load a GGUF causal LM as a float transformers model + tokenizer, converting once into the cache.
 
     The returned tokenizer has `add_bos_token` set where the model needs BOS and the GGUF does not say so

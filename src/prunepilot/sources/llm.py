@@ -17,18 +17,38 @@ from .gguf import ALIASES, load_gguf_causal_lm
 
 @dataclass
 class LoadedLM:
-    model: Any  # transformers PreTrainedModel (causal LM), eval mode, float
+    model: Any  # transformers PreTrainedModel (causal LM), eval mode
     tokenizer: Any
     name: str  # short name for reports
-    spec: str  # what the user typed
+    spec: str  # what the user typed ("python:ClassName" for a model handed in from Python)
+    checkpoint_dtype: torch.dtype | None = None  # the dtype of the weights as stored (None: unknown)
+
+    @classmethod
+    def from_objects(cls, model: Any, tokenizer: Any, name: str | None = None) -> LoadedLM:
+        """A model and tokenizer the user already holds (the Python API): nothing is loaded or copied."""
+        if not hasattr(model, "get_input_embeddings") or not hasattr(model, "config"):
+            raise SourceError("sparsify takes a transformers causal LM (a PreTrainedModel with a config)",
+                              type(model).__name__, "pass e.g. AutoModelForCausalLM.from_pretrained(...)")
+        if tokenizer is None or not callable(tokenizer):
+            raise SourceError("sparsify needs the model's tokenizer", type(tokenizer).__name__,
+                              "pass AutoTokenizer.from_pretrained(...) of the same model")
+        dtype = next(model.parameters()).dtype
+        label = name or getattr(model.config, "name_or_path", "") or type(model).__name__
+        return cls(model.eval(), tokenizer, Path(str(label)).name or type(model).__name__,
+                   f"python:{type(model).__name__}", dtype)
 
 
-def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedLM:
-    """Load a causal LM from a spec (see module doc). Hub ids need network access or a warm HF cache."""
+def load_causal_lm(spec: str, dtype: torch.dtype | str | None = "auto", trust_remote_code: bool = False) -> LoadedLM:
+    """Load a causal LM from a spec (see module doc), in its checkpoint dtype unless `dtype` is given (a bf16
+    safetensors checkpoint stays bf16; a dequantised GGUF is float32). Hub ids need network access or a warm
+    HF cache. Weights are loaded on the CPU; Placement (sparsify/device.py) moves them."""
+    from ..sparsify.device import resolve_dtype
+
+    want = resolve_dtype(dtype) if not isinstance(dtype, torch.dtype) else dtype
     text = spec.strip()
     if text.lower() in ALIASES or text.startswith("gguf:") or text.lower().endswith(".gguf"):
-        model, tok = load_gguf_causal_lm(text, dtype=dtype)
-        return LoadedLM(model, tok, Path(text.removeprefix("gguf:")).stem.lower(), spec)
+        model, tok = load_gguf_causal_lm(text, dtype=want or "auto")
+        return LoadedLM(model, tok, Path(text.removeprefix("gguf:")).stem.lower(), spec, torch.float32)
     target = text.removeprefix("hf:")
     if not text.startswith("hf:") and not Path(target).expanduser().is_dir():
         raise SourceError(
@@ -40,7 +60,7 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, trust_remote_c
     source = str(local) if local.is_dir() else target
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=trust_remote_code
+            source, dtype=want or "auto", trust_remote_code=trust_remote_code
         )
         tok = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -49,4 +69,17 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, trust_remote_c
             spec, "pass a local folder with config.json and weights, or a GGUF file",
         ) from exc
     model.eval()
-    return LoadedLM(model, tok, Path(target).name or target, spec)
+    stored = _stored_dtype(local / "config.json") if local.is_dir() else None
+    return LoadedLM(model, tok, Path(target).name or target, spec, stored or next(model.parameters()).dtype)
+
+
+def _stored_dtype(config: Path) -> torch.dtype | None:
+    """The dtype config.json says the weights were saved in (a --dtype override does not change it)."""
+    import json
+
+    try:
+        c = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    d = str(c.get("dtype") or c.get("torch_dtype") or "")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(d)

@@ -1,7 +1,10 @@
 """Find a decoder LM's prunable linears, collect calibration statistics, and prune block by block.
 
-Memory-frugal: `sequential_sparsify` holds only one decoder block's inputs ([n, T, d]) and statistics at a
-time, feeding each block the outputs of the already-pruned blocks before it (as Wanda/SparseGPT do).
+Bounded memory: every calibration pass (dense activation norms, the final Wanda/SparseGPT application) is
+sequential. The inputs of block 0 are captured once ([n, T, d] per batch, on the compute device); then one
+decoder block at a time runs over them, its statistics are collected and used, and its outputs replace its
+inputs. Only one block's activations and statistics exist at once, and with an offloaded placement only one
+block's weights are on the accelerator (device.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from torch import nn
 
 from ..engines import sparsity as sp
 from ..errors import PlanError, SourceError
+from .device import Placement
+
+Progress = Callable[[int, int], None]  # (blocks done, blocks in all)
 
 
 @dataclass(frozen=True)
@@ -64,101 +70,187 @@ def batches(ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield ids[i : i + batch_size]
 
 
-@torch.no_grad()
-def activation_norms(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """Dense-model input statistics: name -> sum over tokens of x_j^2 ([in] float64), one forward pass."""
-    infos = linear_layers(model)
-    mods = modules_by_name(model, infos)
-    acc: dict[str, torch.Tensor] = {i.name: torch.zeros(i.in_features, dtype=torch.float64) for i in infos}
-    hooks = []
-    for name, mod in mods.items():
-        def hook(m: nn.Module, args: tuple, name: str = name) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # [tokens, in]
-            acc[name] += x.pow(2).sum(0)
-        hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        for b in batches(ids, batch_size):
-            model(input_ids=b, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return acc
-
-
-def gradient_importance(model: nn.Module, ids: torch.Tensor, batch_size: int = 2) -> dict[str, float]:
-    """Mean |dL/dW| per prunable linear over a few sequences (next-token loss)."""
-    infos = linear_layers(model)
-    mods = modules_by_name(model, infos)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in mods.values():
-        m.weight.requires_grad_(True)
-        m.weight.grad = None
-    acc = {n: 0.0 for n in mods}
-    try:
-        with torch.enable_grad():
-            for b in batches(ids, batch_size):
-                loss = model(input_ids=b, labels=b, use_cache=False).loss
-                loss.backward()
-                for n, m in mods.items():
-                    acc[n] += float(m.weight.grad.abs().mean())  # type: ignore[union-attr]
-                    m.weight.grad = None
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-    steps = max(1, -(-ids.shape[0] // batch_size))
-    return {n: v / steps for n, v in acc.items()}
-
-
 class _StopForward(Exception):
     pass
 
 
-@torch.no_grad()
-def _capture(model: nn.Module, ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
-    """Inputs of block 0 per batch, and each block's keyword arguments (masks, rotary embeddings).
+_CACHE_KEYS = ("past_key_values", "past_key_value", "hidden_states")
 
-    Keyword arguments are captured once with batch size 1; they broadcast over any batch size."""
+
+def _capture(model: nn.Module, ids: torch.Tensor, batch_size: int,
+             placement: Placement) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Inputs of block 0 per batch (on the compute device) and each block's keyword arguments (masks, rotary
+    embeddings: they differ per block in sliding/global models such as Gemma 3).
+
+    Every block is replaced by a stub for this pass (identity; the last one stops the forward), so the capture
+    costs the embeddings only and no block is moved. Keyword arguments are captured with batch size 1; they
+    broadcast over any batch size."""
     _, layers = decoder_layers(model)
     per_layer: list[dict[str, Any]] = [{} for _ in layers]
-    hooks = []
-    for i, layer in enumerate(layers):
-        def pre(m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
-            kw = dict(kwargs)
-            kw.pop("hidden_states", None)
-            kw["use_cache"] = False
-            kw.pop("past_key_values", None)
-            kw.pop("past_key_value", None)
-            per_layer[i] = kw
-        hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        model(input_ids=ids[:1], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-
     inputs: list[torch.Tensor] = []
+    phase = {"kwargs": True}
 
-    def stop(m: nn.Module, args: tuple, kwargs: dict) -> None:
-        hs = args[0] if args else kwargs["hidden_states"]
-        inputs.append(hs.detach())
-        raise _StopForward
+    def stub_for(i: int) -> Callable[..., Any]:
+        def stub(*args: Any, **kwargs: Any) -> Any:
+            hs = args[0] if args else kwargs["hidden_states"]
+            if phase["kwargs"]:
+                kw = {k: v for k, v in kwargs.items() if k not in _CACHE_KEYS}
+                kw["use_cache"] = False
+                per_layer[i] = kw
+            elif i == 0:
+                inputs.append(hs.detach())
+                raise _StopForward
+            if i == len(layers) - 1:
+                raise _StopForward
+            return hs
+        return stub
 
-    h = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    for i, layer in enumerate(layers):
+        layer.forward = stub_for(i)  # instance attribute shadows the class's forward
+    dev = placement.device
     try:
-        for b in batches(ids, batch_size):
-            try:
-                model(input_ids=b, use_cache=False)
-            except _StopForward:
-                pass
+        with torch.no_grad(), placement.quiet():
+            for chunk, kw in [(ids[:1], True)] + [(b, False) for b in batches(ids, batch_size)]:
+                phase["kwargs"] = kw
+                try:
+                    model(input_ids=chunk.to(dev), use_cache=False)
+                except _StopForward:
+                    pass
     finally:
-        h.remove()
+        for layer in layers:
+            del layer.forward
     return inputs, per_layer
 
 
 def _block_out(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class Calibration:
+    """Calibration activations flowing through the decoder, one block at a time (see module doc)."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, batch_size: int = 4,
+                 placement: Placement | None = None) -> None:
+        self.placement = placement or Placement.here(model)
+        _, self.layers = decoder_layers(model)
+        self.inputs, self.kwargs = _capture(model, ids, batch_size, self.placement)
+        self.b = -1
+
+    def blocks(self, progress: Progress | None = None) -> Iterator[tuple[int, nn.Module]]:
+        """Each block in order, on the compute device while the caller works on it."""
+        for b, block in enumerate(self.layers):
+            with self.placement.hold(block):
+                self.b = b
+                yield b, block
+            if progress:
+                progress(b + 1, len(self.layers))
+
+    @torch.no_grad()
+    def forward(self, block: nn.Module, *, advance: bool = False) -> None:
+        """Run the current block over every calibration batch; `advance` replaces its inputs by its outputs
+        (batch by batch, so the old and new activations never coexist in full)."""
+        for j, x in enumerate(self.inputs):
+            y = _block_out(block(x, **self.kwargs[self.b]))
+            if advance:
+                self.inputs[j] = y
+
+
+def _hooks(mods: dict[str, nn.Linear], names: list[str], stat_of: Callable[[torch.Tensor], torch.Tensor],
+           stats: dict[str, torch.Tensor]) -> tuple[list[Any], dict[int, tuple[torch.Tensor, str]]]:
+    """Forward pre-hooks that add stat_of(inputs [tokens, in]) into stats[name] (on the inputs' device).
+
+    q/k/v (and gate/up) share one input tensor: it is reduced once and aliased. The shared map holds the tensor
+    itself, so its id is not reused by a later input within the same forward."""
+    shared: dict[int, tuple[torch.Tensor, str]] = {}
+    handles = []
+    for name in names:
+        def hook(m: nn.Module, args: tuple, name: str = name) -> None:
+            key = id(args[0])
+            seen = shared.get(key)
+            if seen is not None and seen[0] is args[0] and seen[1] != name:
+                if name not in stats:
+                    stats[name] = stats[seen[1]]  # alias: same inputs, same statistics
+                return
+            shared[key] = (args[0], name)
+            stat = stat_of(args[0].detach().reshape(-1, args[0].shape[-1]))
+            if name in stats:
+                stats[name] += stat
+            else:
+                stats[name] = stat
+        handles.append(mods[name].register_forward_pre_hook(hook))
+    return handles, shared
+
+
+def _sq_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.float().pow(2).sum(0).double()  # [in]; the float64 sum keeps long calibrations exact enough
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    return xf.T @ xf  # [in, in] float32 (as the SparseGPT reference accumulates it)
+
+
+@torch.no_grad()
+def activation_norms(model: nn.Module, ids: torch.Tensor, batch_size: int = 4, placement: Placement | None = None,
+                     progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Dense-model input statistics: name -> sum over tokens of x_j^2 ([in] float64, on the CPU).
+
+    Sequential: block b sees the dense outputs of blocks < b, exactly as in one full forward pass."""
+    infos = linear_layers(model)
+    mods = modules_by_name(model, infos)
+    acc: dict[str, torch.Tensor] = {}
+    cal = Calibration(model, ids, batch_size, placement)
+    for b, block in cal.blocks(progress):
+        names = [i.name for i in infos if i.block == b]
+        stats: dict[str, torch.Tensor] = {}
+        handles, shared = _hooks(mods, names, _sq_sum, stats)
+        try:
+            for j in range(len(cal.inputs)):
+                shared.clear()
+                cal.inputs[j] = _block_out(block(cal.inputs[j], **cal.kwargs[b]))
+        finally:
+            for h in handles:
+                h.remove()
+        for name in names:
+            acc[name] = stats[name].cpu() if name in stats else torch.zeros(mods[name].in_features, dtype=torch.float64)
+    return acc
+
+
+def gradient_importance(model: nn.Module, ids: torch.Tensor, batch_size: int = 2) -> dict[str, float]:
+    """Mean |dL/dW| per prunable linear over a few sequences (next-token loss).
+
+    Memory: each weight's gradient is reduced to its mean |.| as soon as it is accumulated and freed at once
+    (post-accumulate-grad hooks), so at most one layer's gradient exists at a time, never a full copy."""
+    infos = linear_layers(model)
+    mods = modules_by_name(model, infos)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    acc = {n: 0.0 for n in mods}
+    handles = []
+    for n, m in mods.items():
+        m.weight.requires_grad_(True)
+        m.weight.grad = None
+
+        def reduce(p: torch.Tensor, n: str = n) -> None:
+            acc[n] += float(p.grad.abs().float().mean())  # type: ignore[union-attr]
+            p.grad = None
+        handles.append(m.weight.register_post_accumulate_grad_hook(reduce))
+    dev = model.get_input_embeddings().weight.device
+    try:
+        with torch.enable_grad():
+            for b in batches(ids, batch_size):
+                b = b.to(dev)
+                loss = model(input_ids=b, labels=b, use_cache=False).loss
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+    steps = max(1, -(-ids.shape[0] // batch_size))
+    return {n: v / steps for n, v in acc.items()}
 
 
 @torch.no_grad()
@@ -169,11 +261,13 @@ def sequential_sparsify(
     method: str = "wanda",
     nm: sp.NM | None = None,
     batch_size: int = 4,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
+    placement: Placement | None = None,
 ) -> dict[str, float]:
     """Prune every linear in `counts` (name -> weights to drop; ignored for N:M) in place, block by block.
 
-    method: magnitude | wanda | sparsegpt. Returns name -> achieved sparsity.
+    method: magnitude | wanda | sparsegpt. Each block is pruned on the outputs of the already-pruned blocks
+    before it (as Wanda/SparseGPT do). Returns name -> achieved sparsity.
     """
     if method not in sp.METHODS:
         raise PlanError(f"the sparsity method must be one of {', '.join(sp.METHODS)}", method,
@@ -186,63 +280,41 @@ def sequential_sparsify(
                         "use names from the sensitivity profile")
     achieved: dict[str, float] = {}
     if method == "magnitude":  # needs no data
-        for name, k in counts.items():
-            w = mods[name].weight
-            mask = sp.magnitude_mask(w, k / w.numel(), nm)
-            w.mul_(mask)
-            achieved[name] = sp.sparsity_of(w)
+        n_blocks = len(decoder_layers(model)[1])
+        for b in range(n_blocks):
+            for info in (i for i in infos if i.block == b and i.name in counts):
+                w = mods[info.name].weight
+                w.mul_(sp.magnitude_mask(w, counts[info.name] / w.numel(), nm))
+                achieved[info.name] = sp.sparsity_of(w)
+            if progress:
+                progress(b + 1, n_blocks)
         return achieved
 
-    _, layers = decoder_layers(model)
-    inputs, kwargs = _capture(model, ids, batch_size)
-    for b, block in enumerate(layers):
+    cal = Calibration(model, ids, batch_size, placement)
+    for b, block in cal.blocks(progress):
         names = [i.name for i in infos if i.block == b and i.name in counts]
         stats: dict[str, torch.Tensor] = {}
-        # input tensor id -> (the tensor, first linear that saw it): q/k/v (and gate/up) share one input.
-        # Holding the tensor keeps its id from being reused by a later input within the same forward.
-        shared: dict[int, tuple[torch.Tensor, str]] = {}
-        hooks = []
-        for name in names:
-            def hook(m: nn.Module, args: tuple, name: str = name) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1])  # [tokens, in]
-                key = id(args[0])
-                seen = shared.get(key)
-                if seen is not None and seen[0] is args[0] and seen[1] != name:
-                    if name not in stats:
-                        stats[name] = stats[seen[1]]  # alias: same inputs, same statistics
-                    return
-                shared[key] = (args[0], name)
-                if method == "wanda":
-                    stat = x.double().pow(2).sum(0)  # [in]
-                else:
-                    xf = x.float()
-                    stat = (xf.T @ xf).double()  # [in, in]
-                if name in stats:
-                    stats[name] += stat
-                else:
-                    stats[name] = stat
-            hooks.append(mods[name].register_forward_pre_hook(hook))
+        handles, shared = _hooks(mods, names, _sq_sum if method == "wanda" else _gram, stats)
         try:
-            for x in inputs:
+            for x in cal.inputs:
                 shared.clear()
-                block(x, **kwargs[b])
+                block(x, **cal.kwargs[b])
         finally:
-            for h in hooks:
+            for h in handles:
                 h.remove()
         for name in names:
             w = mods[name].weight
             ratio = counts[name] / w.numel()
             if name not in stats:  # never reached by the data (e.g. an unused expert)
-                mask = sp.magnitude_mask(w, ratio, nm)
-                w.mul_(mask)
+                w.mul_(sp.magnitude_mask(w, ratio, nm))
             elif method == "wanda":
                 w.mul_(sp.wanda_mask(w, stats[name], ratio, nm))
             else:
                 new, _ = sp.sparsegpt_prune(w, stats[name], ratio, nm)
                 w.copy_(new)
+                del new
             achieved[name] = sp.sparsity_of(w)
+            stats.pop(name, None)  # aliased statistics are freed after their last user
         del stats
-        inputs = [_block_out(block(x, **kwargs[b])) for x in inputs]  # pruned block feeds the next
-        if progress:
-            progress(b + 1, len(layers))
+        cal.forward(block, advance=True)  # the pruned block feeds the next
     return achieved

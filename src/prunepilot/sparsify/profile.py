@@ -10,7 +10,10 @@ depth band) or one decoder block, every other layer at the uniform target.
 from __future__ import annotations
 
 import math
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,14 +34,76 @@ def group_of(info: LinearInfo, n_blocks: int, n_bands: int) -> str:
     return f"{info.kind}@{lo}-{hi}"
 
 
-class WandaBank:
-    """Dense weights and per-row Wanda orders: apply any per-layer sparsity in one pass."""
+class TensorStore:
+    """Tensors written once to an unlinked scratch file and read back on demand, one at a time.
 
-    def __init__(self, model: nn.Module, infos: list[LinearInfo], norms: dict[str, torch.Tensor]) -> None:
+    Reads go through the page cache into a fresh tensor (no mmap), so what is stored never counts towards the
+    process's resident memory: the bank's dense weights and orders cost disk, not RAM."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self._file = tempfile.TemporaryFile(dir=folder, prefix="prunepilot-bank-")
+        self._index: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+        self._end = 0
+        self.nbytes = 0
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.seek(self._end)
+        self._file.write(memoryview(raw))
+        self._index[key] = (self._end, t.dtype, tuple(t.shape))
+        self._end += raw.nbytes
+        self.nbytes += raw.nbytes
+
+    def get(self, key: str) -> torch.Tensor:
+        offset, dtype, shape = self._index[key]
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        buf = torch.empty(n, dtype=torch.uint8)
+        self._file.seek(offset)
+        got = self._file.readinto(memoryview(buf.numpy()))
+        if got != n:
+            raise OSError(f"the Wanda bank's scratch file is short: {got} of {n} bytes for {key}")
+        return buf.view(dtype).reshape(shape)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _Stored(Mapping[str, torch.Tensor]):
+    """A read-only name -> tensor view of one kind of entry in a TensorStore."""
+
+    def __init__(self, store: TensorStore, kind: str, names: list[str]) -> None:
+        self._store, self._kind, self._names = store, kind, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._store.get(f"{self._kind}:{name}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class WandaBank:
+    """Dense weights and per-row Wanda orders: apply any per-layer sparsity in one pass.
+
+    Memory: the dense weights (in the model's dtype) and the orders (int16/int32) live in a scratch file
+    (TensorStore), never beside the model in RAM; `dense[name]` / `order[name]` read one layer back. A layer is
+    rewritten only when its count changes (`applied`)."""
+
+    def __init__(self, model: nn.Module, infos: list[LinearInfo], norms: dict[str, torch.Tensor],
+                 folder: str | Path | None = None) -> None:
         self.infos = infos
         self.mods = modules_by_name(model, infos)
-        self.dense: dict[str, torch.Tensor] = {}
-        self.order: dict[str, torch.Tensor] = {}
+        names = [i.name for i in infos]
+        self.store = TensorStore(folder)
+        self.dense: Mapping[str, torch.Tensor] = _Stored(self.store, "dense", names)
+        self.order: Mapping[str, torch.Tensor] = _Stored(self.store, "order", names)
         self.p10: dict[str, float] = {}
         self.outliers: dict[str, int] = {}
         self.applied: dict[str, int] = {}
@@ -47,20 +112,23 @@ class WandaBank:
         block_n: dict[int, int] = {}
         for info in infos:
             w = self.mods[info.name].weight.detach()
-            col = norms[info.name].float().clamp_min(0).sqrt()  # [in]
+            col = norms[info.name].to(w.device).float().clamp_min(0).sqrt()  # [in]
             block_sum[info.block] = block_sum.get(info.block, 0.0) + float(w.abs().float().sum(0) @ col)
             block_n[info.block] = block_n.get(info.block, 0) + w.numel()
         for info in infos:
             w = self.mods[info.name].weight.detach()
-            self.dense[info.name] = w.clone()
-            score = sp.wanda_score(w, norms[info.name])  # [out, in]
+            self.store.put(f"dense:{info.name}", w)
+            score = sp.wanda_score(w, norms[info.name].to(w.device))  # [out, in]
             self.outliers[info.name] = int((score > OWL_M * block_sum[info.block] / block_n[info.block]).sum())
             sorted_s, order = torch.sort(score, dim=1)  # ascending per row
-            self.order[info.name] = order.to(torch.int16 if info.in_features < 32768 else torch.int32)
+            del score
+            self.store.put(f"order:{info.name}", order.to(torch.int16 if info.in_features < 32768 else torch.int32))
+            del order
             flat = sorted_s.flatten()
             nz = flat[flat > 0]
             sample = nz[:: max(1, nz.numel() // 200_000)]
-            self.p10[info.name] = float(torch.quantile(sample, 0.10)) if sample.numel() else 0.0
+            self.p10[info.name] = float(torch.quantile(sample.float(), 0.10)) if sample.numel() else 0.0
+            del sorted_s, flat, nz
             self.applied[info.name] = 0
 
     @torch.no_grad()
@@ -70,14 +138,18 @@ class WandaBank:
             if self.applied.get(name) == k:
                 continue
             w = self.mods[name].weight
-            if k == 0:
-                w.copy_(self.dense[name])
-            else:
-                w.copy_(self.dense[name] * sp.mask_from_order(self.order[name], k))
+            dense = self.dense[name].to(w.device)
+            if k:
+                dense.mul_(sp.mask_from_order(self.order[name].to(w.device), k))
+            w.copy_(dense)
             self.applied[name] = k
 
     def restore(self) -> None:
-        self.apply({name: 0 for name in self.dense})
+        self.apply({name: 0 for name in self.applied})
+
+    def close(self) -> None:
+        """Free the scratch file (the model keeps whatever allocation was applied last)."""
+        self.store.close()
 
 
 @dataclass

@@ -6,7 +6,6 @@ journal.sqlite (every attempt and LLM call of this run), summary.md, report.html
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import resource
@@ -21,17 +20,21 @@ import torch
 from ..budget import Budget
 from ..engines import sparsity as sp
 from ..errors import PlanError
-from ..evaluate.language import fidelity, knowledge_retention, knowledge_targets, mean_nll
+from ..errors import SourceError
+from ..evaluate.language import dense_reference, fidelity, knowledge_retention, knowledge_targets, mean_nll
 from ..results import build_result, write_json_atomic, write_text_atomic
-from ..sources.llm import load_causal_lm
-from ..sources.text import load_split, token_blocks
+from ..sources.llm import LoadedLM, load_causal_lm
+from ..sources.text import TextSplit, load_split, token_blocks
 from .calibrate import activation_norms, gradient_importance, linear_layers, sequential_sparsify
-from .export import save_and_verify, sparse_size_mb
+from .device import Placement, peak_memory_mb, resolve_device, resolve_dtype, synchronize, weight_bytes
+from .export import FORMATS, folder_mb, save_and_verify
+from .progress import Reporter
 from .loop import Probe, probe_costs
 from .plan import project, resolve
 from .profile import WandaBank, build_profile
 
 ONE_SHOT = ("uniform", "owl")  # allocate once at the target; no loop
+EVOLVE_EVALS = 100  # the evolve search's evaluation budget when --evals is not given
 
 
 @dataclass
@@ -54,14 +57,36 @@ class SparsifyConfig:
     step: float = 0.1
     max_iters: int = 24
     refine_iters: int = 8  # re-allocations tried at the target (the best by probe KL is kept)
+    evals: int | None = None  # evaluation budget of the loop (measured candidates, any probe size); overrides refine_iters
     bands: int = 3
     group_probe: bool = True  # measure each group's and block's marginal cost (sensitivity / LLM agents)
     batch_size: int = 4
     seed: int = 0
     export: bool = True
+    export_format: str = "safetensors"  # safetensors (dense, the checkpoint's dtype) | compressed-tensors
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (the checkpoint's dtype) | float32 | bfloat16 | float16
+    offload: bool | None = None  # CUDA: keep blocks on the CPU, one on the device at a time (None: when it does not fit)
     llm_base_url: str | None = None
     client: Any = None  # an LLMClient to use instead of building one from `agent` (tests, benches)
+    progress: Any = None  # None: a rich progress bar on a terminal, quiet otherwise; False: quiet; or a callable
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+NOT_JOURNALED = ("client", "progress")  # live objects, not configuration
+
+
+@dataclass
+class CalibInput:
+    """Calibration handed in from Python instead of a text spec: documents, or token ids [n, T]."""
+
+    texts: list[str] | None = None
+    ids: torch.Tensor | None = None
+
+    def describe(self) -> str:
+        if self.ids is not None:
+            return f"python:token_ids[{self.ids.shape[0]}x{self.ids.shape[1]}]"
+        return f"python:texts[{len(self.texts or [])}]"
 
 
 def parse_sparsity(text: str) -> tuple[float, sp.NM | None]:
@@ -76,16 +101,41 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _config_json(cfg: SparsifyConfig, out: Path | None, calib_input: CalibInput | None) -> dict[str, Any]:
+    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_JOURNALED}
+    if calib_input is not None:
+        config["calib"] = calib_input.describe()
+    return config | {"out": str(out) if out else None}
+
+
 def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[str], None] = print, *,
-                 run_id: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+                 run_id: str | None = None, overwrite: bool = False, loaded: LoadedLM | None = None,
+                 calib_input: CalibInput | None = None) -> dict[str, Any]:
     """Run one sparsify job (or with `run_id`, continue a journaled one from its last attempt). Every attempt and
     LLM call goes to OUT/journal.sqlite as it happens; the run is marked done or failed there and report.html is
-    rendered. Without `out` the journal lives in a temporary folder and nothing else is written."""
+    rendered. Without `out` the journal lives in a temporary folder and nothing else is written.
+
+    `loaded`: a model and tokenizer already in memory (the Python API); it is sparsified in place and the journal
+    records model="python:<class>", so such a run can only be continued from Python with the same object.
+    `calib_input`: calibration texts or token ids instead of the `cfg.calib` spec."""
     import tempfile
 
     from ..journal import Journal, prepare_out
 
     parse_sparsity(cfg.sparsity)  # a bad target is refused before anything is written
+    if cfg.export_format not in FORMATS:
+        raise PlanError(f"an export format is one of {', '.join(FORMATS)}", cfg.export_format,
+                        "e.g. --format compressed-tensors")
+    resolve_device(cfg.device), resolve_dtype(cfg.dtype)  # bad device/dtype: refused before anything is written
+    if loaded is not None:
+        cfg.model = loaded.spec
+    elif cfg.model.startswith("python:"):
+        raise SourceError("this run's model was handed in from Python, so the journal cannot reload it", cfg.model,
+                          "continue it from Python: prunepilot.sparsify(model, tokenizer, ..., out=OUT) with the same "
+                          "model object and run_id, or start a new run")
+    if calib_input is None and cfg.calib.startswith("python:"):
+        raise SourceError("this run's calibration data was handed in from Python, so the journal cannot reload it",
+                          cfg.calib, "continue it from Python with the same calib, or start a new run")
     tmp = None
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="prunepilot-sparsify-")
@@ -95,15 +145,14 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
         jdir, write = out, True
     journal = Journal(jdir / "journal.sqlite")
     if run_id is None:
-        config = {k: v for k, v in asdict(cfg).items() if k != "client"} | {"out": str(out) if out else None}
-        run_id = journal.start_run("sparsify", config, out or jdir)
+        run_id = journal.start_run("sparsify", _config_json(cfg, out, calib_input), out or jdir)
     else:
         journal.set_status(run_id, "running")
     if write:
         (jdir / "run_id").write_text(run_id)
     say(f"run {run_id} (journal {jdir / 'journal.sqlite'})")
     try:
-        result = _run(cfg, out, say, journal, run_id)
+        result = _run(cfg, out, say, journal, run_id, loaded, calib_input)
     except BaseException as exc:
         journal.finish_run(run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                            {"error": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -119,39 +168,113 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
     return result
 
 
-def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], journal: Any, run_id: str) -> dict[str, Any]:
+def _tokens(cfg: SparsifyConfig, tok: Any, calib_input: CalibInput | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Calibration, probe and evaluation token blocks ([n, T] each), disjoint, and how they were made."""
+    if calib_input is not None and calib_input.ids is not None:
+        ids = calib_input.ids
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.shape[0] < 3:
+            raise SourceError("calibration token ids are an integer tensor [n_seqs, seqlen] with n_seqs >= 3 "
+                              "(calibration, probe and evaluation rows are split from it)",
+                              f"{tuple(ids.shape)} {ids.dtype}", "e.g. tokenizer(texts, return_tensors='pt').input_ids")
+        ids = ids.long().cpu()
+        n = ids.shape[0]
+        n_probe = max(1, n // 10)
+        n_eval = 0 if cfg.eval else max(1, n // 5)
+        calib, probe = ids[: n - n_probe - n_eval], ids[n - n_probe - n_eval : n - n_eval]
+        if n_eval:
+            evalb = ids[n - n_eval :]
+        else:
+            evalb = token_blocks(tok, load_split(cfg.eval, cfg.eval).eval, cfg.eval_seqlen, cfg.eval_seqs)
+        protocol = {"calib_source": calib_input.describe(), "eval_source": cfg.eval or "the last 20% of the token rows",
+                    "calib": f"{calib.shape[0]}x{calib.shape[1]}", "probe": f"{probe.shape[0]}x{probe.shape[1]} (rows after calibration)"}
+    else:
+        if calib_input is not None:  # documents from Python: the last 20% evaluate unless --eval is given
+            docs = [t for t in (calib_input.texts or []) if t and t.strip()]
+            if not docs:
+                raise SourceError("calibration texts must hold some text", len(calib_input.texts or []),
+                                  "pass a list of documents (strings)")
+            if cfg.eval:
+                text = TextSplit("\n\n".join(docs), load_split(cfg.eval, cfg.eval).eval, {"eval_source": cfg.eval})
+            else:
+                joined = "\n\n".join(docs)
+                cut = int(len(joined) * 0.8)
+                cut = joined.rfind(" ", 0, cut) if " " in joined[:cut] else cut
+                text = TextSplit(joined[:cut], joined[cut:], {"eval_source": "the last 20% of the calibration texts"})
+            text.protocol["calib_source"] = calib_input.describe()
+        else:
+            text = load_split(cfg.calib, cfg.eval)
+        cut = int(len(text.calib) * 0.9)  # the probe slice comes from held-out calibration text, never eval
+        calib = token_blocks(tok, text.calib[:cut], cfg.calib_seqlen, cfg.calib_seqs, seed=cfg.seed)
+        probe = token_blocks(tok, text.calib[cut:], cfg.probe_seqlen, cfg.probe_seqs)
+        evalb = token_blocks(tok, text.eval, cfg.eval_seqlen, cfg.eval_seqs)
+        protocol = {**text.protocol, "calib": f"{cfg.calib_seqs}x{cfg.calib_seqlen}",
+                    "probe": f"{cfg.probe_seqs}x{cfg.probe_seqlen} (last 10% of calibration text)"}
+    protocol |= {"eval": f"{evalb.shape[0]}x{evalb.shape[1]}", "eval_tokens": int(evalb.numel()), "seed": cfg.seed,
+                 "fidelity": f"{min(cfg.fidelity_seqs, evalb.shape[0])}x{evalb.shape[1]}"}
+    return calib, probe, evalb, protocol
+
+
+def _checkpoint_mb(lm: LoadedLM) -> float | None:
+    """Bytes of the weight files the model was loaded from (None for a model handed in from Python)."""
+    from .export import files_mb
+
+    spec = lm.spec.strip()
+    if spec.startswith("python:"):
+        return None
+    from ..sources.gguf import ALIASES, cached_model_dir
+
+    if spec.lower() in ALIASES or spec.startswith("gguf:") or spec.lower().endswith(".gguf"):
+        folder = cached_model_dir(spec)  # the float copy actually loaded (the GGUF itself is quantised)
+    else:
+        folder = Path(spec.removeprefix("hf:")).expanduser()
+    return round(files_mb(folder), 3) if folder.is_dir() else None
+
+
+def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], journal: Any, run_id: str,
+         loaded: LoadedLM | None = None, calib_input: CalibInput | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     target, nm = parse_sparsity(cfg.sparsity)
     torch.manual_seed(cfg.seed)
+    device, want_dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    report = Reporter(cfg.progress)
 
     def lap(name: str, t0: float) -> None:
+        synchronize(device)  # CUDA work is asynchronous: time it, not its launch
         timings[name] = round(time.perf_counter() - t0, 2)
 
     t0 = time.perf_counter()
-    lm = load_causal_lm(cfg.model)
+    lm = loaded or load_causal_lm(cfg.model, dtype=want_dtype or "auto")
     model, tok = lm.model, lm.tokenizer
+    if want_dtype is not None and next(model.parameters()).dtype != want_dtype:
+        model.to(want_dtype)
+    placement = Placement.for_model(model, device, cfg.offload)
     infos = linear_layers(model)
+    n_blocks = max(i.block for i in infos) + 1
+    compute_dtype = next(model.parameters()).dtype
+    export_dtype = lm.checkpoint_dtype or compute_dtype  # exports keep the input's dtype
+    memory = {"device": placement.mode, "dtype": str(compute_dtype).removeprefix("torch."),
+              "weights_mb": round(weight_bytes(model) / 2**20, 3)}
     lap("load", t0)
 
     t0 = time.perf_counter()
-    text = load_split(cfg.calib, cfg.eval)
-    cut = int(len(text.calib) * 0.9)  # the probe slice comes from held-out calibration text, never eval
-    calib = token_blocks(tok, text.calib[:cut], cfg.calib_seqlen, cfg.calib_seqs, seed=cfg.seed)
-    probe = token_blocks(tok, text.calib[cut:], cfg.probe_seqlen, cfg.probe_seqs)
-    evalb = token_blocks(tok, text.eval, cfg.eval_seqlen, cfg.eval_seqs)
-    protocol = {**text.protocol, "calib": f"{cfg.calib_seqs}x{cfg.calib_seqlen}", "probe": f"{cfg.probe_seqs}x{cfg.probe_seqlen} (last 10% of calibration text)",
-                "eval": f"{cfg.eval_seqs}x{cfg.eval_seqlen}", "eval_tokens": int(evalb.numel()), "seed": cfg.seed,
-                "fidelity": f"{cfg.fidelity_seqs}x{cfg.eval_seqlen}"}
+    calib, probe, evalb, protocol = _tokens(cfg, tok, calib_input)
     lap("text", t0)
 
-    say(f"{lm.name}: {len(infos)} prunable linears, {sum(i.params for i in infos)/1e6:.1f}M weights; target {cfg.sparsity}")
+    say(f"{lm.name}: {len(infos)} prunable linears, {sum(i.params for i in infos)/1e6:.1f}M weights "
+        f"({memory['dtype']}, {placement.mode}); target {cfg.sparsity}")
     t0 = time.perf_counter()
     dense_nll = mean_nll(model, evalb, cfg.batch_size)
     facts = knowledge_targets(model, tok)
     dense_metrics = {"perplexity": math.exp(dense_nll), "sparsity": 0.0,
                      "knowledge": knowledge_retention(model, tok, facts)}
-    dense_model = copy.deepcopy(model) if cfg.fidelity_seqs else None
+    checkpoint_mb = _checkpoint_mb(lm)
+    if checkpoint_mb is not None:
+        dense_metrics["size_mb"] = checkpoint_mb
+    # fidelity is measured against the dense log-probabilities of a few sequences, not a copy of the model
+    reference = dense_reference(model, evalb[: cfg.fidelity_seqs]) if cfg.fidelity_seqs else None
     lap("dense_eval", t0)
     say(f"dense perplexity {dense_metrics['perplexity']:.2f} on {evalb.numel()} tokens")
 
@@ -170,8 +293,13 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
         counts = project({}, infos, target)
     else:
         t0 = time.perf_counter()
-        norms = activation_norms(model, calib, cfg.batch_size)
-        grads = gradient_importance(model, calib[: cfg.grad_seqs, : min(cfg.calib_seqlen, 256)], 1) if cfg.grad_seqs else {}
+        with report.task("activation norms (block by block)", n_blocks) as bar:
+            norms = activation_norms(model, calib, cfg.batch_size, placement, progress=bar)
+        grads: dict[str, float] = {}
+        if cfg.grad_seqs and placement.offload:
+            say("gradient scores skipped: the model does not fit on the device at once (Wanda scores and probes remain)")
+        elif cfg.grad_seqs:
+            grads = gradient_importance(model, calib[: cfg.grad_seqs, : min(cfg.calib_seqlen, 256)], 1)
         bank = WandaBank(model, infos, norms)
         profile = build_profile(lm.name, target, infos, bank, grads, cfg.bands)
         lap("profile", t0)
@@ -184,15 +312,18 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
             assert plan is not None  # one-shot strategists always answer on the ramp
             counts = project(resolve(plan, infos, profile.groups, {}), infos, target)
         else:
-            counts, loop_info, history = _loop(cfg, model, bank, infos, profile, probe, target, strategist, journal,
-                                               run_id, say, lap)
+            counts, loop_info, history = _loop(cfg, model, bank, infos, profile, probe.to(placement.device), target,
+                                               strategist, journal, run_id, say, lap)
         profile_json = profile.to_json()
         bank.restore()
+        bank.close()
         del bank
 
     # final application: sequential block-by-block calibration with the chosen method
     t0 = time.perf_counter()
-    achieved = sequential_sparsify(model, calib, counts, cfg.method, nm, cfg.batch_size)
+    with report.task(f"{cfg.method} (block by block)", n_blocks) as bar:
+        achieved = sequential_sparsify(model, calib, counts, cfg.method, nm, cfg.batch_size, progress=bar,
+                                       placement=placement)
     lap("apply", t0)
     achieved_global = sum(achieved[i.name] * i.params for i in infos) / total
     if nm is not None and not all(sp.is_nm(m.weight, nm) for m in _mods(model, infos)):
@@ -202,30 +333,42 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
     comp_nll = mean_nll(model, evalb, cfg.batch_size)
     compressed = {"perplexity": math.exp(comp_nll), "sparsity": achieved_global,
                   "knowledge": knowledge_retention(model, tok, facts)}
-    if dense_model is not None:
-        compressed["fidelity"] = fidelity(model, dense_model, evalb[: cfg.fidelity_seqs], 1)
-        del dense_model
+    if reference is not None:
+        compressed["fidelity"] = fidelity(model, reference)
+        del reference
     lap("final_eval", t0)
     say(f"{cfg.method} @ {cfg.sparsity} ({agent_used}): perplexity {compressed['perplexity']:.2f}, sparsity {achieved_global:.4f}")
 
+    kernels: dict[str, Any] = {}
+    if nm is not None and str(nm) == "2:4":
+        from .kernels import semi_structured_speedup
+
+        kernels = semi_structured_speedup(_mods(model, infos), device)
     export_info: dict[str, Any] = {}
-    compressed["sparse_size_mb"] = sparse_size_mb(model, [i.name for i in infos])
     if out and cfg.export:
         t0 = time.perf_counter()
-        export_info = save_and_verify(model, tok, out / "model", evalb[:1, :128])
-        compressed["size_mb"] = export_info["size_mb"]
+        export_info = save_and_verify(model, tok, out / "model", evalb[:1, :128], fmt=cfg.export_format,
+                                      dtype=export_dtype, sparse_names=[i.name for i in infos], nm=nm,
+                                      sparsity=achieved_global)
+        compressed["size_mb"] = export_info["size_mb"]  # bytes of the weight files written
+        if cfg.export_format == "compressed-tensors":
+            compressed["sparse_size_mb"] = export_info["size_mb"]
+        export_info["folder_mb"] = round(folder_mb(out / "model"), 3)
         lap("export", t0)
+    report.close()
 
     budget = Budget.parse(sparsity=f"{target * 100:.6g}%").resolve({})
     err = (achieved_global - target) / target if target else achieved_global
     per_layer = {n: round(v, 6) for n, v in achieved.items()}
     timings["total"] = round(time.perf_counter() - t_start, 2)
+    memory |= {k: round(v, 1) for k, v in peak_memory_mb(device).items()}
     result = build_result(
         kind="sparsify", model=cfg.model, budget=budget.to_json(), dense=dense_metrics, compressed=compressed,
         within_band=budget.within("sparsity", achieved_global), errors={"sparsity": err},
         method=cfg.method, pattern=str(nm) if nm else "unstructured", agent=agent_used, protocol=protocol,
         loop=loop_info, timings_s=timings, peak_rss_mb=_peak_rss_mb(), export=export_info,
-        config={k: v for k, v in asdict(cfg).items() if k != "client"}, run_id=run_id,
+        config=_config_json(cfg, out, calib_input), run_id=run_id, memory=memory,
+        **({"kernels": kernels} if kernels else {}),
     )
     if out:
         groups = profile_json["groups"] if profile_json else []
@@ -244,7 +387,7 @@ def _loop(cfg: SparsifyConfig, model: Any, bank: WandaBank, infos: list, profile
           lap: Callable[[str, float], None]) -> tuple[dict[str, int], dict[str, Any], list[Any]]:
     """Cost probes, then the one Master over the sparsify job (ramp, reference, refine)."""
     from ..jobs.sparsify import RampSettings, SparsifyJob
-    from ..loop import Master
+    from ..loop import LoopLimits, Master
 
     t0 = time.perf_counter()
     probe_set = Probe(model, probe_ids, cfg.batch_size)
@@ -253,14 +396,24 @@ def _loop(cfg: SparsifyConfig, model: Any, bank: WandaBank, infos: list, profile
         lap("group_probe", t0)
         say(f"probed {len(profile.groups)} groups and {len(profile.block_probe)} blocks at the uniform target")
     t0 = time.perf_counter()
+    evals = cfg.evals if cfg.evals is not None else (EVOLVE_EVALS if getattr(strategist, "needs_ramp", True) is False else None)
+    if evals is not None and evals < 1:
+        raise PlanError("the evaluation budget must be at least 1", evals, "e.g. --evals 100")
     rs = RampSettings(target=target, step=cfg.step, threshold=cfg.rollback_threshold, max_iters=cfg.max_iters,
-                      refine_iters=cfg.refine_iters)
+                      refine_iters=evals if evals is not None else cfg.refine_iters, evals=evals,
+                      ramp=getattr(strategist, "needs_ramp", True))
     budget = Budget.parse(sparsity=f"{target * 100:.6g}%").resolve({}).to_json()
     job = SparsifyJob(model, bank, infos, profile, probe_set, rs, budget)
-    Master(job, strategist, journal, run_id, seed=cfg.seed, log=say).run()
+    # cached repeats cost no evaluation but are attempts: leave room for them past the evaluation budget
+    limits = LoopLimits(max_attempts=max(200, 2 * (evals or 0) + rs.max_iters + 10))
+    Master(job, strategist, journal, run_id, seed=cfg.seed, limits=limits, log=say).run()
     history = journal.attempts(run_id)
     counts = job.best_counts(history)
     loop_info = {**job.summary(history), "llm_fallbacks": sum(1 for a in history if a.fallback_reason)}
+    if getattr(strategist, "needs_ramp", True) is False:
+        from ..agents.evolve import evolve_report
+
+        loop_info["search"] = evolve_report(history)
     lap("loop", t0)
     return counts, loop_info, history
 

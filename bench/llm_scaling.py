@@ -1,0 +1,241 @@
+"""How LLM sparsification cost grows with model size: wall time and peak RSS per size, against the memory goal.
+
+    python bench/llm_scaling.py                       # random Llama-style models ~135M..~3B, wanda + sparsegpt
+    python bench/llm_scaling.py --sizes 135m,360m --methods wanda
+    python bench/llm_scaling.py --smollm2 --tag after  # SmolLM2-135M, `prunepilot sparsify` as a user runs it
+
+Scaling mode: each size is a transformers LlamaConfig with random weights, saved once in bf16 safetensors under
+--models-dir and loaded through `hf:DIR` (its checkpoint dtype, bf16). Every (size, method) runs
+`prunepilot sparsify hf:DIR --agent uniform --sparsity 50%` in its own subprocess with small calibration
+(--calib-seqs x --seqlen tokens of the offline pydocs text) and a short evaluation, so each peak RSS is that run's
+own (os.wait4's ru_maxrss). The goal line is 1.3 x the bf16 weights + the calibration activations
+(n_seqs x seqlen x hidden x 2 bytes, block inputs and outputs) + the interpreter's baseline (torch+transformers
+imported, no model: measured once here). Writes bench/results/llm_scaling.json and llm_scaling.png.
+
+SmolLM2 mode: `prunepilot sparsify smollm2 --sparsity 50%` with --agent uniform (defaults otherwise) and with the
+built-in loop (sensitivity: profile, gradient scores, Wanda bank, cost probes, ramp, refine), each in a subprocess;
+writes bench/results/llm_scaling_smollm2_<tag>.json. Run with PYTHONPATH pointing at an older checkout's src to
+measure "before".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+# name -> (hidden, intermediate, layers, heads, kv_heads); vocab 49152 (SmolLM2's), untied lm_head
+SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    "135m": (576, 1536, 30, 9, 3),
+    "360m": (960, 2560, 32, 15, 5),
+    "0.8b": (1536, 4096, 24, 16, 8),
+    "1.7b": (2048, 8192, 24, 32, 32),
+    "3b": (3072, 8192, 28, 24, 8),
+}
+VOCAB = 49152
+
+
+def _config(name: str) -> Any:
+    from transformers import LlamaConfig
+
+    d, ff, n, h, kv = SIZES[name]
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=d, intermediate_size=ff, num_hidden_layers=n,
+                       num_attention_heads=h, num_key_value_heads=kv, max_position_embeddings=2048,
+                       tie_word_embeddings=name == "135m", torch_dtype="bfloat16")
+
+
+def make_model(name: str, root: Path) -> Path:
+    """Random-weight Llama of this size in bf16 safetensors (built once; built layer-free on the meta device
+    first would need accelerate hooks, so it is simply built in bf16: 2 bytes per parameter while saving)."""
+    target = root / f"llama-{name}"
+    if (target / "config.json").is_file():
+        return target
+    code = f"""
+import sys, torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+sys.path.insert(0, {str(ROOT / 'bench')!r})
+from llm_scaling import _config
+torch.manual_seed(0)
+torch.set_default_dtype(torch.bfloat16)
+cfg = _config({name!r})
+model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+with torch.no_grad():  # Llama's init (std 0.02) is fine for random weights; keep norms at one
+    pass
+model.save_pretrained({str(target)!r})
+"""
+    tmp = target.with_name(target.name + ".part")
+    code = code.replace(repr(str(target)), repr(str(tmp)))
+    subprocess.run([sys.executable, "-c", code], check=True)
+    _copy_tokenizer(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def _copy_tokenizer(target: Path) -> None:
+    """SmolLM2's tokenizer (vocab 49152) from the GGUF float cache, so pydocs text tokenizes as for SmolLM2."""
+    code = """
+import sys
+from prunepilot.sources.llm import load_causal_lm
+from prunepilot.sources.gguf import cached_model_dir
+from transformers import AutoTokenizer
+d = cached_model_dir('smollm2')
+if not d.is_dir():
+    load_causal_lm('smollm2')
+AutoTokenizer.from_pretrained(str(d)).save_pretrained(sys.argv[1])
+"""
+    subprocess.run([sys.executable, "-c", code, str(target)], check=True)
+
+
+def baseline_rss_mb() -> float:
+    """Peak RSS of a process that imports torch, transformers and prunepilot's sparsify path, loads no model."""
+    code = "import torch, transformers, prunepilot.sparsify.run, transformers.models.llama.modeling_llama"
+    return run_measured([sys.executable, "-c", code])["peak_rss_mb"]
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one command; its wall time and its own peak RSS (ru_maxrss from wait4)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "tail": out[-1500:]}
+
+
+def _params(name: str) -> dict[str, int]:
+    d, ff, n, h, kv = SIZES[name]
+    hd = d // h
+    block = d * (h * hd) * 2 + d * (kv * hd) * 2 + 3 * d * ff
+    emb = VOCAB * d
+    lm_head = 0 if name == "135m" else VOCAB * d
+    return {"total": n * block + emb + lm_head + (2 * n + 1) * d, "prunable": n * block, "hidden": d, "layers": n}
+
+
+def scaling(args: argparse.Namespace) -> None:
+    root = Path(args.models_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    out_json = RESULTS / "llm_scaling.json"
+    prior = json.loads(out_json.read_text()) if out_json.is_file() and args.keep else {}
+    base = baseline_rss_mb()
+    rows: list[dict[str, Any]] = [r for r in prior.get("runs", []) if r["size"] not in args.sizes.split(",")]
+    for name in args.sizes.split(","):
+        path = make_model(name, root)
+        weights_mb = sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
+        p = _params(name)
+        act_mb = 2 * args.calib_seqs * args.seqlen * p["hidden"] * 2 / 2**20
+        for method in args.methods.split(","):
+            with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
+                cmd = [sys.executable, "-m", "prunepilot.cli", "sparsify", f"hf:{path}", "--sparsity", "50%",
+                       "--agent", "uniform", "--method", method, "--calib-seqs", str(args.calib_seqs),
+                       "--seqlen", str(args.seqlen), "--eval-seqs", "2", "--eval-seqlen", "256",
+                       "--out", f"{tmp}/run", *(["--no-export"] if not args.export else [])]
+                r = run_measured(cmd)
+                res = json.loads((Path(tmp) / "run" / "result.json").read_text()) if r["rc"] == 0 else {}
+            goal = 1.3 * weights_mb + act_mb
+            row = {"size": name, "method": method, "params": p["total"], "prunable": p["prunable"],
+                   "weights_mb": round(weights_mb, 1), "calib_act_mb": round(act_mb, 1), "rc": r["rc"],
+                   "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
+                   "peak_minus_baseline_mb": round(r["peak_rss_mb"] - base, 1),
+                   "goal_mb": round(goal, 1), "goal_plus_baseline_mb": round(goal + base, 1),
+                   "ratio_to_weights": round((r["peak_rss_mb"] - base) / weights_mb, 3),
+                   "timings_s": res.get("timings_s"), "perplexity": res.get("compressed", {}).get("perplexity"),
+                   "sparsity": res.get("compressed", {}).get("sparsity")}
+            if r["rc"] != 0:
+                row["error"] = r["tail"]
+            print(json.dumps({k: v for k, v in row.items() if k != "timings_s"}), flush=True)
+            rows.append(row)
+            _write(out_json, base, args, rows)
+    _plot(rows, base, RESULTS / "llm_scaling.png")
+
+
+def _write(path: Path, base: float, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    from prunepilot.results import environment, write_json_atomic
+
+    write_json_atomic(path, {"environment": environment(), "baseline_rss_mb": base,
+                             "protocol": {"sparsity": "50% unstructured, uniform", "calib": f"{args.calib_seqs}x{args.seqlen} pydocs",
+                                          "eval": "2x256", "dtype": "bfloat16 (checkpoint)", "export": args.export,
+                                          "goal": "peak RSS - baseline <= 1.3 x weights + calibration activations"},
+                             "runs": rows})
+
+
+def _plot(rows: list[dict[str, Any]], base: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, mark in (("wanda", "o"), ("sparsegpt", "s")):
+        rs = sorted((r for r in rows if r["method"] == method and r["rc"] == 0), key=lambda r: r["params"])
+        if not rs:
+            continue
+        x = [r["params"] / 1e9 for r in rs]
+        a1.plot(x, [r["peak_rss_mb"] / 1024 for r in rs], marker=mark, label=f"{method} peak RSS")
+        a2.plot(x, [r["wall_s"] for r in rs], marker=mark, label=method)
+    rs = sorted({r["size"]: r for r in rows}.values(), key=lambda r: r["params"])
+    x = [r["params"] / 1e9 for r in rs]
+    a1.plot(x, [r["goal_plus_baseline_mb"] / 1024 for r in rs], "k--", label="goal: 1.3x weights + act + baseline")
+    a1.plot(x, [r["weights_mb"] / 1024 for r in rs], "k:", label="bf16 weights")
+    a1.set(xlabel="parameters (B)", ylabel="GB", title="peak RSS (CPU)")
+    a2.set(xlabel="parameters (B)", ylabel="s", title="wall time, whole run (CPU, 2 cores)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def smollm2(args: argparse.Namespace) -> None:
+    arms = {"uniform": ["--agent", "uniform"],
+            "loop": ["--agent", "sensitivity", "--bands", "1", "--refine-iters", "2"]}
+    rows = {}
+    base = baseline_rss_mb()
+    for arm, extra in arms.items():
+        with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:
+            cmd = [sys.executable, "-m", "prunepilot.cli", "sparsify", "smollm2", "--sparsity", "50%", *extra,
+                   "--out", f"{tmp}/run", *(["--no-export"] if not args.export else [])]
+            r = run_measured(cmd)
+            res = json.loads((Path(tmp) / "run" / "result.json").read_text()) if r["rc"] == 0 else {}
+        rows[arm] = {"command": " ".join(["prunepilot", *cmd[3:-2]]), **{k: r[k] for k in ("rc", "wall_s", "peak_rss_mb")},
+                     "timings_s": res.get("timings_s"), "perplexity": res.get("compressed", {}).get("perplexity"),
+                     "dense_perplexity": res.get("dense", {}).get("perplexity"), "export": res.get("export")}
+        if r["rc"] != 0:
+            rows[arm]["error"] = r["tail"]
+        print(arm, json.dumps(rows[arm]), flush=True)
+    from prunepilot.results import environment, write_json_atomic
+
+    import prunepilot
+
+    write_json_atomic(RESULTS / f"llm_scaling_smollm2_{args.tag}.json",
+                      {"environment": environment(), "source": str(Path(prunepilot.__file__).parent),
+                       "baseline_rss_mb": base, "model_fp32_mb": 538.1, "arms": rows})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="135m,360m,0.8b,1.7b,3b")
+    ap.add_argument("--methods", default="wanda,sparsegpt")
+    ap.add_argument("--calib-seqs", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "prunepilot-scaling-models"))
+    ap.add_argument("--export", action="store_true", help="also export (save + verify) each sparse model")
+    ap.add_argument("--keep", action="store_true", help="keep earlier rows of other sizes in the JSON")
+    ap.add_argument("--smollm2", action="store_true")
+    ap.add_argument("--tag", default="after")
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    smollm2(args) if args.smollm2 else scaling(args)
+
+
+if __name__ == "__main__":
+    main()
