@@ -1,0 +1,88 @@
+"""The per-device latency model: tables built from real op timings, cached, interpolated, consistent deltas.
+
+No assertion here depends on how fast anything ran (shared machines): only on structure and consistency."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from prunepilot.allocation import Allocation
+from prunepilot.engines.structured import apply_allocation
+from prunepilot.latency import build_latency_model
+from prunepilot.latency.alignment import choose_alignment
+from prunepilot.latency.model import _bilinear, _grid, capture_ops
+from prunepilot.structure import analyse
+
+from tiny_models import DepthwiseCNN, ResidualCNN, tiny_vit
+
+
+def _setup(factory, shape=(1, 3, 32, 32)):
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(*shape)
+    st, _ = analyse(model, x)
+    return model, x, st
+
+
+def _uniform(model, x, st, r):
+    kept = {n: max(1, int(round(g.units * (1 - r)))) for n, g in st.groups.items()}
+    return apply_allocation(copy.deepcopy(model), x, st, Allocation(kept, {})).eval()
+
+
+def test_grid_is_aligned_and_ends_at_dense():
+    g = _grid(256, 8)
+    assert g[-1] == 256 and all(w % 8 == 0 for w in g) and g == sorted(set(g))
+    assert _grid(12, 8) == sorted(set(_grid(12, 8))) and _grid(12, 8)[-1] == 12  # small dims: no alignment
+    assert all(w % 4 == 0 for w in _grid(64, 1, multiple=4))
+
+
+def test_bilinear_is_exact_on_grid_points_and_between_neighbours():
+    gi, go = [8, 16], [8, 24]
+    table = [[1.0, 3.0], [2.0, 6.0]]
+    assert _bilinear(gi, go, table, 8, 8) == 1.0 and _bilinear(gi, go, table, 16, 24) == 6.0
+    mid = _bilinear(gi, go, table, 12, 16)
+    assert 1.0 < mid < 6.0 and mid == pytest.approx((1 + 3 + 2 + 6) / 4)
+    assert _bilinear(gi, go, table, 100, 100) == 6.0  # clamped outside the measured range
+
+
+@pytest.mark.parametrize("factory", [DepthwiseCNN, tiny_vit], ids=["depthwise", "vit"])
+def test_latency_model_tables_cache_and_deltas(tmp_path, factory):
+    model, x, st = _setup(factory)
+    lm = build_latency_model(model, x, st, runs=1, whole_runs=2, cache_dir=tmp_path,
+                             prune_uniform=lambda r: _uniform(model, x, st, r))
+    ops = capture_ops(model, x, st)
+    assert len(lm.ops) == len(ops) > 0 and lm.measured_points > 0 and lm.cached_points >= 0
+    assert all(o.table and len(o.table) == len(o.in_grid) and len(o.table[0]) == len(o.out_grid) for o in lm.ops)
+    assert all(v > 0 for o in lm.ops for row in o.table for v in row)
+    dense = lm.predict({})
+    assert dense == pytest.approx(lm.ops_dense_ms + lm.rest_a + lm.rest_b)
+    # pruning any group never makes the op sum larger, and group_delta agrees with two full predictions
+    frac = {g: 0.6 for g in st.groups}
+    for g in list(st.groups)[:4]:
+        delta = lm.group_delta(frac, g, 0.3)
+        moved = dict(frac, **{g: 0.3})
+        assert delta == pytest.approx(lm.predict(moved) - lm.predict(frac), abs=1e-9)
+    # tables are monotone in width after repair (a noisy spike never makes fewer channels look slower)
+    for o in lm.ops:
+        for row in o.table:
+            assert all(a <= b + 1e-12 for a, b in zip(row, row[1:]))
+        for col in zip(*o.table):
+            assert all(a <= b + 1e-12 for a, b in zip(col, col[1:]))
+    # a second build on the same device measures nothing it measured before
+    again = build_latency_model(model, x, st, runs=1, whole_runs=2, cache_dir=tmp_path)
+    assert again.measured_points == 0 and again.cached_points == lm.measured_points + lm.cached_points
+    js = lm.to_json()
+    assert js["fingerprint"].startswith("cpu|") and js["tables"] >= 1 and "calibration" in js
+
+
+def test_alignment_choice_is_one_of_the_candidates(tmp_path):
+    model, x, st = _setup(ResidualCNN)
+    lm = build_latency_model(model, x, st, runs=1, whole_runs=2, cache_dir=tmp_path)
+    choice = choose_alignment(lm, st, candidates=(1, 8), runs=1)
+    assert choice and set(choice) <= set(st.families)
+    for c in choice.values():
+        assert c.multiple in (1, 8) and set(c.ms_per_channel) <= {1, 8}
+        assert c.to_json()["family"] == c.family
