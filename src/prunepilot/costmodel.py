@@ -41,8 +41,38 @@ class CostModel:
     dense_macs: float
     dense_params: float
 
+    def __post_init__(self) -> None:
+        self._index: dict[str, dict[str, list[_Term]]] = {}
+
     def macs(self, frac: dict[str, float], head_frac: dict[str, float] | None = None) -> float:
         return sum(self._eval(t, frac, head_frac or {}) for t in self.mac_terms)
+
+    def terms_of(self, metric: str, group: str) -> list[_Term]:
+        """The terms a group's width enters (so a one-group move is re-evaluated on those alone)."""
+        if metric not in self._index:
+            idx: dict[str, list[_Term]] = {}
+            for t in self.mac_terms if metric == "macs" else self.param_terms:
+                for g in {*t.in_comp, *t.out_comp, *((t.attn[0],) if t.attn else ())}:
+                    idx.setdefault(g, []).append(t)
+            self._index[metric] = idx
+        return self._index[metric].get(group, [])
+
+    def group_delta(self, metric: str, frac: dict[str, float], head_frac: dict[str, float], group: str,
+                    new_frac: float, new_head: float | None = None) -> float:
+        """metric(frac with frac[group] = new_frac) - metric(frac), from the group's own terms."""
+        terms = self.terms_of(metric, group)
+        old = sum(self._eval(t, frac, head_frac) for t in terms)
+        saved, saved_h = frac.get(group), head_frac.get(group)
+        frac[group] = new_frac
+        if new_head is not None:
+            head_frac[group] = new_head
+        try:
+            new = sum(self._eval(t, frac, head_frac) for t in terms)
+        finally:
+            _restore(frac, group, saved)
+            if new_head is not None:
+                _restore(head_frac, group, saved_h)
+        return new - old
 
     def params(self, frac: dict[str, float], head_frac: dict[str, float] | None = None) -> float:
         return sum(self._eval(t, frac, head_frac or {}) for t in self.param_terms)
@@ -61,30 +91,47 @@ class CostModel:
         q = q0 * frac.get(group, 1.0)
         h = max(1.0, h0 * head_frac.get(group, 1.0))
         flops = n * q + 3 * n * e * q + (3 * n * q if bias else 0) + h * (2 * n * n * (q / h) + n * n) + n * q * (q + 1)
-        return flops
+        return t.coef * flops  # coef: the counter's batch of windows/sequences per sample (1 for a plain ViT)
 
 
-def build_cost_model(model: nn.Module, example_input: torch.Tensor, structure: Structure) -> CostModel:
+def _restore(d: dict[str, float], key: str, value: float | None) -> None:
+    if value is None:
+        d.pop(key, None)
+    else:
+        d[key] = value
+
+
+def build_cost_model(model: nn.Module, example_input, structure: Structure) -> CostModel:
     from torch_pruning.utils.op_counter import count_ops_and_params, is_supported_instance
 
+    from .inputs import call
+    from .structure import detach_caches
+
+    detach_caches(model)  # the counter deep-copies the model
     name_of = {m: n for n, m in model.named_modules()}
     total_macs, total_params, layer_flops, _ = count_ops_and_params(model, example_input, layer_wise=True)
 
     # Execution order, so uncounted-structure ops (activations, pools) inherit the width of what fed them.
     order: list[str] = []
     tokens: dict[str, int] = {}
+    mha_seq: dict[str, tuple[int, int]] = {}  # MultiheadAttention -> (sequence length, batch)
     hooks = []
     for n, m in model.named_modules():
         if is_supported_instance(m) or n in structure.modules:
             def hook(mod, inp, out, n=n):
                 order.append(n)
+                if isinstance(mod, nn.MultiheadAttention) and inp and isinstance(inp[0], torch.Tensor) and inp[0].dim() == 3:
+                    q = inp[0]
+                    mha_seq[n] = (int(q.shape[1]), int(q.shape[0])) if mod.batch_first else (int(q.shape[0]), int(q.shape[1]))
                 if n in structure.attention and inp and isinstance(inp[0], torch.Tensor) and inp[0].dim() == 3:
                     tokens[n] = int(inp[0].shape[1])
             hooks.append(m.register_forward_hook(hook))
-    with torch.no_grad():
-        model(example_input)
-    for h in hooks:
-        h.remove()
+    try:
+        with torch.no_grad():
+            call(model, example_input)
+    finally:
+        for h in hooks:
+            h.remove()
 
     modules = dict(model.named_modules())
     # the counter reports the total per sample but per-layer flops summed over the batch: normalise
@@ -100,19 +147,31 @@ def build_cost_model(model: nn.Module, example_input: torch.Tensor, structure: S
         m = modules[n]
         flops = float(layer_flops.get(m) or 0.0) * per_sample
         d = structure.modules.get(n)
+        if d is not None and d.kind == "attention" and not flops:
+            last_out = (d.out_groups, d.out_dim)  # the counter does not count this attention variant: its Linears are
+            continue
         if d is not None and d.kind == "attention":
             qkv_name, _ = structure.attention[n]
             qd = structure.modules[qkv_name]
             group = next(iter(qd.out_groups), "")
             q0 = m.qkv.out_features // 3
-            mac_terms.append(
-                _Term(flops, "attn", in_comp=qd.in_groups, in_dim=qd.in_dim,
-                      attn=(group, tokens.get(n, 1), m.qkv.in_features, q0, int(m.num_heads), m.qkv.bias is not None))
-            )
-            # sanity: if our formula disagrees with the counter (other attention variant), scale instead
-            calc = CostModel._eval(mac_terms[-1], {}, {})
-            if flops and abs(calc - flops) / flops > 0.02:
-                mac_terms[-1] = _Term(flops, "bilinear", qd.in_groups, qd.out_groups, qd.in_dim, qd.out_dim)
+            term = _Term(1.0, "attn", in_comp=qd.in_groups, in_dim=qd.in_dim,
+                         attn=(group, tokens.get(n, 1), m.qkv.in_features, q0, int(m.num_heads), m.qkv.bias is not None))
+            calc = CostModel._eval(term, {}, {})
+            # the counter multiplies its per-sequence formula by the batch of sequences (windows in Swin)
+            term.coef = flops / calc if calc else 0.0
+            mac_terms.append(term)
+            last_out = (d.out_groups, d.out_dim)
+            continue
+        if d is not None and d.kind == "mha" and flops:
+            # nn.MultiheadAttention as torch-pruning counts it: projections 4*L*E^2 scale with the kept embed
+            # fraction squared, the h*L^2 softmax not at all, the rest (scaling, biases, QK^T, AV) linearly
+            seq, batch = mha_seq.get(n, (1, 1))
+            quad = 4.0 * seq * d.out_dim ** 2 * batch * per_sample
+            const = float(m.num_heads) * seq * seq * batch * per_sample
+            mac_terms.append(_Term(quad, "bilinear", d.out_groups, d.out_groups, d.out_dim, d.out_dim))
+            mac_terms.append(_Term(const, "const"))
+            mac_terms.append(_Term(max(0.0, flops - quad - const), "out", out_comp=d.out_groups, out_dim=d.out_dim))
             last_out = (d.out_groups, d.out_dim)
             continue
         if d is not None:
@@ -147,7 +206,10 @@ def _param_terms(model: nn.Module, structure: Structure, name_of: dict) -> list[
         d = structure.modules.get(mname)
         for pname, p in m.named_parameters(recurse=False):
             n = float(p.numel())
-            if d is None or d.kind == "attention":
+            if d is not None and d.kind == "mha":  # in_proj_weight [3E, E]: both dims are the embed dim
+                terms.append(_Term(n, "bilinear", d.out_groups, d.out_groups, d.out_dim, d.out_dim) if p.dim() == 2
+                             else _Term(n, "out", out_comp=d.out_groups, out_dim=d.out_dim))
+            elif d is None or d.kind == "attention":
                 # unwrapped parameters (cls_token, pos_embed, layer scales) follow their last dim's group
                 comp = structure.param_groups.get(f"{mname}.{pname}" if mname else pname, {})
                 terms.append(_Term(n, "out", out_comp=comp, out_dim=p.shape[-1]) if comp else _Term(n, "const"))

@@ -92,3 +92,27 @@ def to_device(inputs: Any, device: torch.device | str, dtype: torch.dtype | None
 def batch_size(inputs: ExampleInputs) -> int:
     found = tensors(inputs)
     return int(found[0].shape[0]) if found and found[0].dim() else 1
+
+
+def traced_outputs(out: Any) -> list[torch.Tensor]:
+    """The output tensors autograd can trace back (torch-pruning's graph starts from them); integer outputs such
+    as detection labels have no grad_fn and would stop its trace."""
+    return [t for t in tensors(out) if t.grad_fn is not None]
+
+
+def output_signature(out: Any) -> list[tuple[int, ...]]:
+    """Output shapes with data-dependent dims as -1: in a list of per-image dicts (torchvision detection:
+    boxes/scores/labels/masks) the first dim counts detections, which depends on the weights, not the width."""
+    if isinstance(out, (list, tuple)) and out and all(isinstance(o, Mapping) for o in out):
+        return [tuple([-1, *t.shape[1:]]) if t.dim() else () for o in out for t in tensors(o)]
+    return output_shapes(out)
+
+
+def signature_mismatch(expected: list[tuple[int, ...]], got: list[tuple[int, ...]]) -> str | None:
+    """Why two output signatures differ (None when they match; -1 matches any size)."""
+    if len(expected) != len(got):
+        return f"{len(got)} output tensors, the dense model gives {len(expected)}"
+    for i, (e, g) in enumerate(zip(expected, got)):
+        if len(e) != len(g) or any(a != b and a != -1 and b != -1 for a, b in zip(e, g)):
+            return f"output {i} has shape {list(g)}, the dense model's is {list(e)}"
+    return None

@@ -12,22 +12,60 @@ from typing import Any
 import torch
 from torch import nn
 
+from .allocation import Allocation
 from .budget import Budget, ResolvedBudget, format_metric
 from .engines.artifact import export_program, save_pruned, write_atomic
-from .engines.structured import apply_allocation, verify_runs
+from .engines.structured import VerificationError, apply_allocation, verify_runs
+from .errors import BudgetError, PlanError, PrunepilotError
+from .inputs import call, output_signature
 from .evaluate.speed import compare_latency
 from .plan import Plan
 from .profile import build_profile, model_size_mb
 from .projector import STATIC_METRICS, Projection, Projector
 from .results import build_result, write_json_atomic, write_text_atomic
 from .sources.models import LoadedModel
+from .structure import detach_caches, family_of
+
+MAX_ISOLATION_TRIALS = 24  # prune-and-run trials spent finding groups that break the model (bounded work)
 
 
-def count_real(model: nn.Module, example_input: torch.Tensor) -> dict[str, float]:
+def count_real(model: nn.Module, example_input) -> dict[str, float]:
     import torch_pruning as tp
 
+    detach_caches(model)  # the counter deep-copies the model
     macs, params = tp.utils.count_ops_and_params(model, example_input)
     return {"macs": float(macs), "params": float(params)}
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy that works on models holding cached graph tensors (LeViT, EfficientFormer)."""
+    detach_caches(model)
+    return copy.deepcopy(model)
+
+
+class UnappliedGroups(Exception):
+    def __init__(self, groups: list[str]) -> None:
+        super().__init__(f"torch-pruning left {len(groups)} groups whole: {', '.join(groups[:5])}")
+        self.groups = groups
+
+
+def unapplied_groups(model: nn.Module, structure, alloc: Allocation) -> list[str]:
+    """Groups the allocation narrows whose root layer kept its dense width (torch-pruning skipped the group)."""
+    modules = dict(model.named_modules())
+    out = []
+    for name, kept in alloc.kept.items():
+        g = structure.groups.get(name)
+        m = modules.get(name)
+        if g is None or m is None or g.num_heads or kept >= g.units:
+            continue
+        width = getattr(m, "out_channels", getattr(m, "out_features", None))
+        if width == g.width:
+            out.append(name)
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 @dataclass
@@ -40,18 +78,86 @@ class Candidate:
 
 
 class Pruner:
-    """Holds the dense model's analysis once; builds verified candidates for any plan."""
+    """Holds the dense model's analysis once; builds verified candidates for any plan. A family of groups whose
+    pruning breaks the model (a construct torch-pruning cannot follow) is found by bisection, protected with the
+    reason in `structure.ignored`, and the plan re-projected without it."""
 
     def __init__(self, loaded: LoadedModel, *, protected: list[str] | None = None, latency_runs: int = 5) -> None:
         self.loaded = loaded
         self.dense = loaded.module
         self.x = loaded.example_input
-        self.profile, self.structure, self.cost = build_profile(
-            self.dense, self.x, uri=loaded.uri, protected=protected, latency_runs=latency_runs
-        )
+        try:
+            self.profile, self.structure, self.cost = build_profile(
+                self.dense, self.x, uri=loaded.uri, protected=protected, latency_runs=latency_runs
+            )
+        except PrunepilotError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a model torch-pruning cannot trace: one line, not a traceback
+            raise PlanError(f"structural analysis of {loaded.uri or type(self.dense).__name__} failed (torch-pruning "
+                            "could not trace it on the example input)", _one_line(exc),
+                            "check --input-shape / the example input, or protect the layer the error names") from None
         self.projector = Projector(self.structure, self.cost)
         with torch.no_grad():
-            self.out_shape = self.dense(self.x).shape
+            out = call(self.dense, self.x)
+        self.out_signature = output_signature(out)
+        self.out_shape = out.shape if isinstance(out, torch.Tensor) else self.out_signature
+        self.isolation_trials = 0
+
+    def protect_group(self, name: str, reason: str) -> None:
+        if name in self.structure.groups:
+            del self.structure.groups[name]
+            self.structure.ignored[name] = reason
+            self.profile.groups = [g for g in self.profile.groups if g.name != name]
+
+    def protect_family(self, family: str, reason: str) -> list[str]:
+        """Leave a family's groups out of every later projection, with the reason the report shows."""
+        names = [n for n, g in self.structure.groups.items() if g.family == family]
+        for n in names:
+            del self.structure.groups[n]
+            self.structure.ignored[n] = reason
+        self.profile.groups = [g for g in self.profile.groups if g.name not in names]
+        return names
+
+    def _build(self, alloc: Allocation, plan: Plan, calibration) -> nn.Module:
+        model = copy_model(self.dense)
+        apply_allocation(model, self.x, self.structure, alloc, importance=plan.importance, calibration=calibration)
+        model.eval()
+        skipped = unapplied_groups(model, self.structure, alloc)
+        if skipped:
+            raise UnappliedGroups(skipped)
+        verify_runs(model, self.x, self.out_signature)
+        return model
+
+    def _trial(self, alloc: Allocation, families: list[str], plan: Plan, calibration) -> str | None:
+        """Prune only `families` (others kept whole) and run: the failure text, or None when it works."""
+        keep = set(families)
+        st = self.structure
+        sub = Allocation({g: (k if st.groups[g].family in keep else st.groups[g].units) for g, k in alloc.kept.items()},
+                         {g: h for g, h in alloc.heads.items() if st.groups[g].family in keep})
+        self.isolation_trials += 1
+        try:
+            self._build(sub, plan, calibration if plan.importance == "taylor" else None)
+        except Exception as exc:  # noqa: BLE001
+            return _one_line(exc)
+        return None
+
+    def _isolate(self, alloc: Allocation, plan: Plan, calibration, error: str) -> tuple[str, str]:
+        """Bisect the pruned families down to one whose pruning alone breaks the model."""
+        st = self.structure
+        pruned = sorted({st.groups[g].family for g, k in alloc.kept.items() if k < st.groups[g].units}
+                        | {st.groups[g].family for g, h in alloc.heads.items() if h < st.groups[g].num_heads})
+        cands, why = pruned, error
+        while len(cands) > 1 and self.isolation_trials < MAX_ISOLATION_TRIALS:
+            half = cands[: len(cands) // 2]
+            err = self._trial(alloc, half, plan, calibration)
+            if err is not None:
+                cands, why = half, err
+            else:  # the other half holds it (or the failure needs both halves: narrowed further anyway)
+                cands = cands[len(cands) // 2:]
+        if len(cands) > 1:
+            raise VerificationError(f"pruning breaks the model and the {len(cands)} families left could not be told "
+                                    f"apart within {MAX_ISOLATION_TRIALS} trials ({', '.join(cands[:5])}...): {error}")
+        return cands[0], why
 
     def candidate(
         self,
@@ -62,21 +168,30 @@ class Pruner:
         max_corrections: int = 3,
     ) -> Candidate:
         """Project `plan` onto the budget, prune a fresh copy, and verify the real counts (correcting the
-        analytic goal by the measured ratio when the two disagree)."""
+        analytic goal by the measured ratio when the two disagree). A group family that breaks the model is
+        protected (named in `structure.ignored`) and the plan re-projected."""
         # a protected name the structure already left out (Pruner(protected=...)) is known, not a typo
-        structural = [p for p in plan.protected if p in self.structure.ignored or (
-            p.startswith("re:") and any(re.search(p[3:], n) for n in self.structure.ignored))]
-        plan.model_copy(update={"protected": [p for p in plan.protected if p not in structural]}).check_names(
-            list(self.structure.groups), list(self.structure.families))
+        plan = self._known_names(plan)
         goals = dict(budget.goals)
         corrections = 0
         while True:
             rb = ResolvedBudget(goals=goals, band=budget.band, texts=budget.texts)
             proj = self.projector.project(plan, rb)
-            model = copy.deepcopy(self.dense)
-            apply_allocation(model, self.x, self.structure, proj.allocation, importance=plan.importance, calibration=calibration)
-            model.eval()
-            verify_runs(model, self.x, self.out_shape)
+            try:
+                model = self._build(proj.allocation, plan, calibration)
+            except UnappliedGroups as exc:  # torch-pruning silently left them whole: protect them, re-project
+                for g in exc.groups:
+                    self.protect_group(g, "protected: torch-pruning leaves this group unpruned (its channels are coupled "
+                                          "through an operation it cannot split, e.g. an in-place write into a slice)")
+                plan = self._known_names(plan)
+                continue
+            except Exception as exc:  # noqa: BLE001 - find the family that broke it, protect it, re-project
+                if not self.structure.groups or self.isolation_trials >= MAX_ISOLATION_TRIALS:
+                    raise VerificationError(f"the pruned model fails verification: {_one_line(exc)}") from None
+                family, why = self._isolate(proj.allocation, plan, calibration, _one_line(exc))
+                self.protect_family(family, f"protected: pruning it breaks the model ({why[:160]})")
+                plan = self._known_names(plan)
+                continue
             real = count_real(model, self.x)
             static = [m for m in STATIC_METRICS if m in budget.goals]
             off = [m for m in static if abs(budget.error(m, real[m])) > 0.004 and abs(real[m] - proj.predicted[m]) / real[m] > 1e-4]
@@ -85,6 +200,36 @@ class Pruner:
             for m in off:  # analytic and real counts differ slightly (uncounted ops): retarget by the ratio
                 goals[m] = goals[m] * proj.predicted[m] / real[m]
             corrections += 1
+
+    def _known_names(self, plan: Plan) -> Plan:
+        """Drop plan entries for layers the structure left out (protected by the user or after a failed
+        verification): they are known names, not typos; then check the rest."""
+        def known(p: str) -> bool:
+            return p in self.structure.ignored or (p.startswith("re:") and any(re.search(p[3:], n) for n in self.structure.ignored))
+        fams = set(self.structure.families)
+        gone = {n for n in self.structure.ignored} | {family_of(n) for n in self.structure.ignored}
+        ratios = {k: v for k, v in plan.ratios.items() if not (k in gone and k not in self.structure.groups and k not in fams)}
+        if ratios != plan.ratios:
+            plan = plan.model_copy(update={"ratios": ratios})
+        plan.model_copy(update={"protected": [p for p in plan.protected if not known(p)]}).check_names(
+            list(self.structure.groups), list(self.structure.families))
+        return plan
+
+
+def check_reachable(pruner: Pruner, plan: Plan, rb: ResolvedBudget) -> None:
+    """An unreachable budget stops before anything is pruned, with the nearest reachable point."""
+    proj = pruner.projector.project(plan, rb)
+    if not proj.feasible and "unreachable" in proj.reason:
+        raise BudgetError(proj.reason.rstrip("."))
+
+
+def out_of_band_reason(cand: Candidate, rb: ResolvedBudget, comp: dict[str, Any]) -> str:
+    """Why a finished result is outside the band (result.json, summary and the exit code say so)."""
+    parts = [f"{m} {rb.error(m, comp[m]):+.2%} vs the target" for m in rb.goals if comp.get(m) is not None and not rb.within(m, comp[m])]
+    why = cand.projection.reason or (
+        f"the real count differs from the analytic prediction after {cand.corrections} corrections (operations the "
+        "cost model does not follow)")
+    return f"outside the band: {', '.join(parts)}; {why}. Fix: widen --tolerance, protect the layers listed, or give a --plan"
 
 
 def save_model(model: nn.Module, example_input: torch.Tensor, out: Path, *, record: dict[str, Any] | None = None,
@@ -124,6 +269,7 @@ def run_prune(
     profile = pruner.profile
     rb = budget.resolve(profile.dense)
     write_json_atomic(out / "profile.json", profile.to_json())
+    check_reachable(pruner, plan, rb)
     cand = pruner.candidate(plan, rb)
     lat = compare_latency({"dense": pruner.dense, "compressed": cand.model}, pruner.x, rounds=latency_rounds)
     dense_block = measure_block(pruner.dense, pruner.x, {"macs": profile.dense["macs"], "params": profile.dense["params"]}, lat["dense"].median_ms)
@@ -152,6 +298,7 @@ def run_prune(
         skipped=profile.ignored,
         export=export,
         seconds=time.perf_counter() - t0,
+        **({} if within else {"out_of_band_reason": out_of_band_reason(cand, rb, comp_block)}),
     )
     write_json_atomic(out / "result.json", result)
     write_text_atomic(out / "summary.md", summary_markdown(result))
@@ -165,6 +312,8 @@ def summary_markdown(r: dict[str, Any]) -> str:
     parts = [f"{m} {t['text']} (= {format_metric(m, t['goal'])})" for m, t in targets.items()]
     lines.append(f"Budget: {', '.join(parts)}, band +{band['over']:.1%}/-{band['under']:.1%}")
     lines.append(f"Within band: **{'yes' if r['within_band'] else 'no'}**")
+    if not r["within_band"] and r.get("out_of_band_reason"):
+        lines.append(f"Why: {r['out_of_band_reason']}")
     lines.append("")
     lines.append("| metric | dense | compressed | ratio |")
     lines.append("|---|---|---|---|")

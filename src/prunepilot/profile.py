@@ -91,7 +91,7 @@ def model_size_mb(model: nn.Module) -> float:
 
 
 @torch.inference_mode()
-def module_times(model: nn.Module, example_input: torch.Tensor, runs: int = 5) -> dict[str, float]:
+def module_times(model: nn.Module, example_input, runs: int = 5) -> dict[str, float]:
     """Median CPU time per leaf module (ms), from forward pre/post hooks around `record_function` scopes."""
     samples: dict[str, list[float]] = {}
     starts: dict[str, float] = {}
@@ -107,12 +107,14 @@ def module_times(model: nn.Module, example_input: torch.Tensor, runs: int = 5) -
             samples.setdefault(name, []).append((time.perf_counter() - starts[name]) * 1e3)
 
         hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    from .inputs import call
+
     try:
-        model(example_input)  # warm-up
+        call(model, example_input)  # warm-up
         samples.clear()
         for _ in range(runs):
             with torch.profiler.record_function("prunepilot.profile"):
-                model(example_input)
+                call(model, example_input)
     finally:
         for h in hooks:
             h.remove()
@@ -121,7 +123,7 @@ def module_times(model: nn.Module, example_input: torch.Tensor, runs: int = 5) -
 
 def build_profile(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input,
     *,
     uri: str = "",
     structure: Structure | None = None,

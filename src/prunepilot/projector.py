@@ -20,6 +20,7 @@ from .structure import Structure
 
 STATIC_METRICS = ("macs", "params")
 INNER_TOLERANCE = 0.001  # stop refining once every static target is within 0.1%
+REFINE_SECONDS = 10.0  # bound on the greedy rounding pass (a note says when it stopped early)
 
 
 @dataclass
@@ -76,14 +77,32 @@ def plan_shape(plan: Plan, structure: Structure) -> tuple[dict[str, float], list
 
 
 class Projector:
-    def __init__(self, structure: Structure, cost: CostModel) -> None:
+    def __init__(self, structure: Structure, cost: CostModel, *, latency=None,
+                 align: dict[str, int] | None = None) -> None:
+        """`latency`: a latency.LatencyModel, so `latency_ms` goals are projected like MACs; `align`: per-family
+        channel multiples chosen by measurement (they replace the plan's one global `round_to`)."""
         self.structure = structure
         self.cost = cost
+        self.latency = latency
+        self.align = dict(align or {})
+        self.metric_names = STATIC_METRICS + (("latency_ms",) if latency is not None else ())
+        self.last_notes: list[str] = []
 
     def metrics(self, alloc: Allocation) -> dict[str, float]:
         f = alloc.fractions(self.structure)
         h = alloc.head_fractions(self.structure)
-        return {"macs": self.cost.macs(f, h), "params": self.cost.params(f, h)}
+        out = {"macs": self.cost.macs(f, h), "params": self.cost.params(f, h)}
+        if self.latency is not None:
+            out["latency_ms"] = self.latency.predict(f, h)
+        return out
+
+    def _round_to(self, g, plan: Plan) -> int | None:
+        return self.align.get(g.family, plan.round_to)
+
+    def _delta(self, metric: str, frac: dict[str, float], hfrac: dict[str, float], group: str, nf: float) -> float:
+        if metric == "latency_ms":
+            return self.latency.group_delta(frac, group, nf)
+        return self.cost.group_delta(metric, frac, hfrac, group, nf)
 
     def allocation_at(self, shape: dict[str, float], scale: float, plan: Plan) -> Allocation:
         kept: dict[str, int] = {}
@@ -97,7 +116,7 @@ class Projector:
             if r <= 0:  # protected (or asked to keep): rounding must not take channels from it
                 kept[name] = g.units
                 continue
-            q = _rounding_unit(g.units, g.ch_groups, plan.round_to)
+            q = _rounding_unit(g.units, g.ch_groups, self._round_to(g, plan))
             k = g.units - r * g.units
             k = int(round(k / q)) * q
             kept[name] = int(min(g.units, max(q, k)))
@@ -105,8 +124,9 @@ class Projector:
 
     def project(self, plan: Plan, budget: ResolvedBudget, max_refine_steps: int = 400) -> Projection:
         t0 = time.perf_counter()
-        goals = {m: budget.goals[m] for m in STATIC_METRICS if m in budget.goals}
+        goals = {m: budget.goals[m] for m in self.metric_names if m in budget.goals}
         shape, notes = plan_shape(plan, self.structure)
+        self.last_notes = notes
         if not goals:
             alloc = self.allocation_at(shape, 1.0, plan)
             pred = self.metrics(alloc)
@@ -122,6 +142,16 @@ class Projector:
             # squared error, with going over the cap weighted more than staying under it
             return sum((v * 4 if v > 0 else v) ** 2 for v in e.values())
 
+        if not any(v > 0 for v in shape.values()):  # nothing left to prune: every layer is output/protected
+            alloc = self.allocation_at(shape, 0.0, plan)
+            pred = self.metrics(alloc)
+            e = errs(pred)
+            feasible = all(budget.within(m, pred[m]) for m in goals)
+            why = "" if feasible else (
+                f"the budget is unreachable: no prunable group is left (output, protected or unprunable layers: "
+                f"{len(self.structure.ignored)}), so the model stays at {', '.join(f'{m} {e[m]:+.1%} vs the target' for m in goals)}. "
+                "Fix: protect fewer layers, or relax the target.")
+            return Projection(alloc, 0.0, pred, e, feasible, 1, time.perf_counter() - t0, shape, why, notes)
         max_shape = max(shape.values())
         s_hi = MAX_RATIO / max_shape
         iterations = 0
@@ -183,40 +213,56 @@ class Projector:
         )
         return Projection(alloc, scale, pred, e, feasible, iterations, time.perf_counter() - t0, shape, reason, notes)
 
-    def _refine(self, alloc, goals, loss, errs, plan, max_steps) -> tuple[Allocation, int]:
-        """Greedy single-unit moves between groups to close the gap left by step-function rounding."""
+    def _refine(self, alloc, goals, loss, errs, plan, max_steps, max_seconds: float = REFINE_SECONDS) -> tuple[Allocation, int]:
+        """Greedy single-unit moves between groups to close the gap left by step-function rounding. A move is
+        scored from the terms of the one group it touches (exact, and O(group) instead of O(model))."""
         kept = dict(alloc.kept)
         heads = dict(alloc.heads)
-        cur = errs(self.metrics(Allocation(kept, heads)))
+        st = self.structure
+        frac = Allocation(kept, heads).fractions(st)
+        hfrac = Allocation(kept, heads).head_fractions(st)
+        cur_vals = self.metrics(Allocation(kept, heads))
+        cur = errs(cur_vals)
         steps = 0
-        groups = [g for g in self.structure.groups.values() if not (plan.prune_heads and g.num_heads)]
+        t0 = time.perf_counter()
+        groups = [g for g in st.groups.values() if not (plan.prune_heads and g.num_heads)]
         groups = [g for g in groups if not plan.is_protected(g.name, g.family)]
+        metrics = list(goals)
         while steps < max_steps and max(abs(v) for v in cur.values()) > INNER_TOLERANCE:
+            if time.perf_counter() - t0 > max_seconds:
+                self.last_notes.append(f"rounding refinement stopped after {max_seconds:.0f} s ({steps} moves)")
+                break
             best_move = None
             best_loss = loss(cur)
             for g in groups:
-                q = _rounding_unit(g.units, g.ch_groups, plan.round_to)
+                q = _rounding_unit(g.units, g.ch_groups, self._round_to(g, plan))
                 floor = max(q, int(math.ceil(g.units * (1 - MAX_RATIO))))
+                hf = heads.get(g.name, g.num_heads) / g.num_heads if g.name in heads and g.num_heads else 1.0
                 for delta in (-q, q):
                     k = kept[g.name] + delta
                     if k < floor or k > g.units:
                         continue
-                    trial = dict(kept)
-                    trial[g.name] = k
-                    e = errs(self.metrics(Allocation(trial, heads)))
+                    nf = k / g.units * hf
+                    vals = {m: cur_vals[m] + self._delta(m, frac, hfrac, g.name, nf) for m in metrics}
+                    e = errs(vals)
                     lv = loss(e)
                     if lv < best_loss - 1e-15:
-                        best_loss, best_move = lv, (g.name, k, e)
+                        best_loss, best_move = lv, (g.name, k, nf, vals, e)
             steps += 1
             if best_move is None:
                 break
-            kept[best_move[0]] = best_move[1]
-            cur = best_move[2]
+            name, k, nf, cur_vals, cur = best_move
+            kept[name] = k
+            frac[name] = nf
         return Allocation(kept, heads), steps
 
     def _dense(self, metric: str) -> float:
+        if metric == "latency_ms":
+            return self.latency.predict({})
         return self.cost.dense_macs if metric == "macs" else self.cost.dense_params
 
     def _floor(self, metric: str) -> float:
         zero = {g: 1.0 / max(1, self.structure.groups[g].units) for g in self.structure.groups}
+        if metric == "latency_ms":
+            return self.latency.predict(zero)
         return self.cost.macs(zero) if metric == "macs" else self.cost.params(zero)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,7 @@ class Structure:
     ignored: dict[str, str]  # module name -> why it is not pruned
     attention: dict[str, tuple[str, str]]  # attention module -> (qkv module, proj module)
     param_groups: dict[str, dict[str, int]] = field(default_factory=dict)  # unwrapped param -> last-dim groups
+    tables: list[str] = field(default_factory=list)  # parameters read by index (bias tables): never pruned
 
     @property
     def families(self) -> dict[str, list[str]]:
@@ -74,30 +76,252 @@ def _is_timm_attention(m: nn.Module) -> bool:
     return hasattr(m, "qkv") and hasattr(m, "num_heads") and isinstance(getattr(m, "qkv"), nn.Linear) and hasattr(m, "proj")
 
 
-def output_layers(model: nn.Module, example_input: torch.Tensor) -> list[nn.Module]:
-    """Layers whose output channels are the model's output (classifier heads): never pruned."""
-    with torch.no_grad():
-        out = model(example_input)
-    out_dim = out.shape[-1] if isinstance(out, torch.Tensor) else None
-    last = None
-    for m in model.modules():
-        if isinstance(m, ROOT_TYPES):
-            last = m
-    heads = []
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and out_dim is not None and m.out_features == out_dim and m is last:
-            heads.append(m)
-    if last is not None and not heads:
-        heads.append(last)
-    return heads
+# ---------------------------------------------------------------- constructs torch-pruning needs help with
+
+def _is_patch_merging(m: nn.Module) -> bool:
+    """Swin-style 2x2 patch merging (timm v1/v2, torchvision v1/v2): four neighbours' C channels are laid out
+    as [k * C + c] (k = 0..3), normed and reduced by a Linear. torch-pruning cannot follow the reshape/permute."""
+    red = getattr(m, "reduction", None)
+    return ("PatchMerging" in type(m).__name__ and isinstance(red, nn.Linear) and red.in_features % 4 == 0
+            and isinstance(getattr(m, "norm", None), nn.LayerNorm))
 
 
-def build_dependency_graph(model: nn.Module, example_input: torch.Tensor):
+def _prune_layernorm(norm: nn.LayerNorm, keep: torch.Tensor) -> None:
+    if norm.elementwise_affine:
+        norm.weight = nn.Parameter(norm.weight.data[keep].clone())
+        if norm.bias is not None:
+            norm.bias = nn.Parameter(norm.bias.data[keep].clone())
+    norm.normalized_shape = (len(keep),)
+
+
+_PATCH_MERGING_PRUNER = None
+
+
+def patch_merging_pruner():
+    """torch-pruning customized pruner for patch merging: a layer with C input and out_dim output channels
+    (built on first use so importing this module does not import torch_pruning)."""
+    global _PATCH_MERGING_PRUNER
+    if _PATCH_MERGING_PRUNER is not None:
+        return _PATCH_MERGING_PRUNER
+    from torch_pruning.pruner.function import BasePruningFunc
+
+    class PatchMergingPruner(BasePruningFunc):
+        TARGET_MODULES = None
+
+        def prune_in_channels(self, layer: nn.Module, idxs):
+            red = layer.reduction
+            c = red.in_features // 4
+            drop = {k * c + i for k in range(4) for i in idxs}
+            keep = torch.tensor(sorted(set(range(4 * c)) - drop))
+            red.weight = self._prune_parameter_and_grad(red.weight, keep, 1)
+            red.in_features = len(keep)
+            if layer.norm.normalized_shape[-1] == 4 * c:  # pre-norm (v1): the norm is over the 4C concat
+                _prune_layernorm(layer.norm, keep)
+            if hasattr(layer, "dim"):
+                layer.dim = len(keep) // 4
+            return layer
+
+        def prune_out_channels(self, layer: nn.Module, idxs):
+            red = layer.reduction
+            keep = torch.tensor(sorted(set(range(red.out_features)) - set(idxs)))
+            if layer.norm.normalized_shape[-1] == red.out_features:  # post-norm (v2)
+                _prune_layernorm(layer.norm, keep)
+            red.weight = self._prune_parameter_and_grad(red.weight, keep, 0)
+            if red.bias is not None:
+                red.bias = self._prune_parameter_and_grad(red.bias, keep, 0)
+            red.out_features = len(keep)
+            if hasattr(layer, "out_dim"):
+                layer.out_dim = len(keep)
+            return layer
+
+        def get_out_channels(self, layer):
+            return layer.reduction.out_features
+
+        def get_in_channels(self, layer):
+            return layer.reduction.in_features // 4
+
+    _PATCH_MERGING_PRUNER = PatchMergingPruner()
+    return _PATCH_MERGING_PRUNER
+
+
+def customized_children(m: nn.Module) -> dict[str, tuple[int, int]]:
+    """How a customized layer's children are composed of its own channels: child -> (in multiple, out multiple),
+    where a multiple of 0 means "the layer's other side" is not involved (the cost model's compositions)."""
+    if _is_patch_merging(m):
+        pre = m.norm.normalized_shape[-1] == m.reduction.in_features
+        return {"reduction": (4, 1), "norm": (4, 0) if pre else (0, 1)}
+    if isinstance(m, nn.MultiheadAttention):  # torch-pruning prunes its embed dim on both sides of out_proj
+        return {"out_proj": (1, 1)}
+    return {}
+
+
+def tp_options(model: nn.Module) -> dict:
+    """The customized pruners torch-pruning needs for this model. Analysis and the engine build their graphs
+    with the same options, so both see the same groups."""
+    custom = {type(m): patch_merging_pruner() for m in model.modules() if _is_patch_merging(m)}  # keyed by type, as tp expects
+    return {"customized_pruners": custom or None}
+
+
+class _ChannelRegrouping(torch.overrides.TorchFunctionMode):
+    """Records views that split a feature map's channel dim into groups ([N, C, H, W] -> [N, g, C/g, H, W]):
+    the first half of a channel shuffle. torch-pruning maps channels through it as if unpermuted, so a group
+    whose channels pass it would be pruned wrong (silently, when the sizes still divide)."""
+
+    VIEWS = {"view", "reshape", "unflatten"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_fns: set = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        src = args[0] if args else None
+        if name in self.VIEWS and isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            split = (src.dim() == 4 and out.dim() == 5 and out.shape[1] > 1 and out.shape[1] * out.shape[2] == src.shape[1]
+                     and out.shape[3:] == src.shape[2:])
+            merge = (src.dim() == 5 and out.dim() == 4 and src.shape[1] > 1 and out.shape[1] == src.shape[1] * src.shape[2]
+                     and out.shape[2:] == src.shape[3:])
+            if (split or merge) and out.shape[0] == src.shape[0]:
+                self.grad_fns.add(out.grad_fn)
+        return out
+
+
+_TRACING: list[set] = []  # regroupings seen by the graph being built right now (before it can carry them)
+
+
+@contextmanager
+def regroup_tracing():
+    """(forward_fn, grad_fns): a torch-pruning forward_fn that records channel regroupings, active while a
+    DependencyGraph (ours or a pruner's) is built; set `graph._prunepilot_regroup_fns = grad_fns` afterwards."""
+    from .inputs import call
+
+    _patch_reshape_mapping()
+    rg = _ChannelRegrouping()
+    _TRACING.append(rg.grad_fns)
+
+    def forward(m, x):
+        with rg:
+            return call(m, x)
+
+    try:
+        yield forward, rg.grad_fns
+    finally:
+        _TRACING.pop()
+
+
+def _patch_reshape_mapping() -> None:
+    """torch-pruning divides by an inferred channel count that is 0 behind some reshapes (ShuffleNet's channel
+    shuffle): skip the index mapping there; the regrouping guard protects the groups that pass it."""
+    from torch_pruning.dependency import index_mapping
+
+    if getattr(index_mapping.update_reshape_index_mapping, "_prunepilot", False):
+        return
+    original = index_mapping.update_reshape_index_mapping
+
+    def safe(graph, node):
+        fns = getattr(graph, "_prunepilot_regroup_fns", None)
+        if fns is None and _TRACING:
+            fns = _TRACING[-1]
+        if fns and getattr(node, "grad_fn", None) in fns:
+            return None  # a channel regrouping: no flatten mapping (its groups are protected)
+        try:
+            return original(graph, node)
+        except ZeroDivisionError:
+            return None
+
+    safe._prunepilot = True  # type: ignore[attr-defined]
+    index_mapping.update_reshape_index_mapping = safe
+
+
+def build_dependency_graph(model: nn.Module, example_input):
     import torch_pruning as tp
 
-    with warnings.catch_warnings():
+    from .inputs import traced_outputs
+
+    with regroup_tracing() as (forward, regroup_fns), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return tp.DependencyGraph().build_dependency(model, example_input)
+        dg = tp.DependencyGraph().build_dependency(model, example_input, forward_fn=forward, output_transform=traced_outputs,
+                                                   verbose=False, **tp_options(model))
+        dg._prunepilot_regroup_fns = regroup_fns
+    dg._prunepilot_regroup = {n for n in dg.module2node.values() if getattr(n, "grad_fn", None) in regroup_fns}
+    dg._prunepilot_tables = lookup_tables(dg)
+    detach_caches(model)  # the traced forward may have cached graph tensors (LeViT attention biases)
+    return dg
+
+
+def lookup_tables(dg) -> list[nn.Parameter]:
+    """Unwrapped parameters read by index (relative position bias tables, attention biases): their dims are
+    positions or heads, not channels, and torch-pruning's default (prune the last dim) would cut rows."""
+    out = []
+    for p, node in dg.module2node.items():
+        if isinstance(p, nn.Parameter) and any(
+                type(getattr(o, "grad_fn", None)).__name__.startswith(("IndexBackward", "EmbeddingBackward", "GatherBackward"))
+                for o in node.outputs):
+            out.append(p)
+    return out
+
+
+def detach_caches(model: nn.Module) -> None:
+    """Detach tensors a forward cached on modules (outside parameters/buffers): a cached graph tensor makes
+    the model impossible to deepcopy ("Only Tensors created explicitly by the user ... deepcopy")."""
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if k.startswith("_"):
+                continue
+            if isinstance(v, torch.Tensor) and v.grad_fn is not None:
+                setattr(m, k, v.detach())
+            elif isinstance(v, dict):
+                for kk, t in list(v.items()):
+                    if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                        v[kk] = t.detach()
+
+
+def clear_caches(model: nn.Module) -> None:
+    """After pruning, tensors cached from the dense parameters (dicts of tensors on modules, e.g. timm's
+    attention_bias_cache) have stale shapes: drop them so the next forward recomputes them."""
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if not k.startswith("_") and isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
+                v.clear()
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def output_layers(model: nn.Module, example_input, dg=None) -> list[nn.Module]:
+    """Layers whose output channels reach a model output without passing another channel-mixing layer
+    (classifier, detection and segmentation heads, every output of a multi-output model): never pruned."""
+    import torch_pruning as tp
+
+    if dg is None:
+        dg = build_dependency_graph(model, example_input)
+    customized = tp.ops.OPTYPE.CUSTOMIZED
+
+    def mixes(node) -> bool:
+        mod = node.module
+        if _is_depthwise(mod):
+            return False  # keeps channels
+        return isinstance(mod, (*ROOT_TYPES, nn.MultiheadAttention, nn.LSTM)) or node.type == customized
+
+    def reaches_output(node) -> bool:
+        stack, seen = [node], {id(node)}
+        while stack:
+            n = stack.pop()
+            if not n.outputs:  # a sink of the traced graph is a model output
+                return True
+            for o in n.outputs:
+                if id(o) not in seen and not mixes(o):
+                    seen.add(id(o))
+                    stack.append(o)
+        return False
+
+    heads = [mod for mod, node in dg.module2node.items()
+             if isinstance(mod, nn.Module) and mixes(node) and reaches_output(node)]
+    if not heads:  # a model whose output no layer reaches directly (e.g. pooled features): its last layer
+        heads = [m for m in model.modules() if isinstance(m, ROOT_TYPES)][-1:]
+    return heads
 
 
 def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
@@ -105,9 +329,24 @@ def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     return {m.qkv: int(m.num_heads) for m in model.modules() if _is_timm_attention(m)}
 
 
+def hf_attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """query/key/value Linears of Hugging Face self-attention (BERT, ViT, Swin) -> their head count."""
+    out: dict[nn.Module, int] = {}
+    for m in model.modules():
+        heads = getattr(m, "num_attention_heads", None)
+        if isinstance(heads, int) and all(isinstance(getattr(m, k, None), nn.Linear) for k in ("query", "key", "value")):
+            out.update({m.query: heads, m.key: heads, m.value: heads})
+    return out
+
+
+def mha_channel_groups(model: nn.Module) -> dict[nn.Module, int]:
+    """nn.MultiheadAttention's embed dim must stay a multiple of its heads: prune it in head-sized chunks."""
+    return {m: int(m.num_heads) for m in model.modules() if isinstance(m, nn.MultiheadAttention) and m.num_heads > 1}
+
+
 def analyse(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input,
     protected: list[str] | None = None,
     dg=None,
 ) -> tuple[Structure, object]:
@@ -116,9 +355,12 @@ def analyse(
     modules_by_name = dict(model.named_modules())
     ignored: dict[str, str] = {}
     ignored_modules: list[nn.Module] = []
-    for head in output_layers(model, example_input):
-        ignored[name_of[head]] = "output layer: its width is the model's output"
-        ignored_modules.append(head)
+    if dg is None:
+        dg = build_dependency_graph(model, example_input)
+    for head in output_layers(model, example_input, dg):
+        if head in name_of:
+            ignored[name_of[head]] = "output layer: its channels reach the model output"
+            ignored_modules.append(head)
     for p in protected or []:
         hits = [n for n in modules_by_name if n and (n == p or (p.startswith("re:") and re.search(p[3:], n)))]
         if not hits:
@@ -127,9 +369,11 @@ def analyse(
             if isinstance(modules_by_name[n], ROOT_TYPES):
                 ignored[n] = "protected by the plan"
                 ignored_modules.append(modules_by_name[n])
-    if dg is None:
-        dg = build_dependency_graph(model, example_input)
+    regroup = getattr(dg, "_prunepilot_regroup", set())
+    table_ids = {id(p) for p in getattr(dg, "_prunepilot_tables", [])}
     heads_of = attention_heads(model)
+    hf_heads = hf_attention_heads(model)
+    mha_groups = mha_channel_groups(model)
     attention: dict[str, tuple[str, str]] = {}
     for n, m in model.named_modules():
         if _is_timm_attention(m):
@@ -147,10 +391,13 @@ def analyse(
         in_dim, out_dim = _dims(m)
         dims[n] = ModuleDims(n, kind, in_dim=in_dim, out_dim=out_dim)
 
-    for g in dg.get_all_groups(ignored_layers=ignored_modules, root_module_types=list(ROOT_TYPES)):
+    for g in _all_groups(dg, ignored_modules, name_of, ignored):
         root = g[0].dep.target.module
         gname = name_of.get(root)
         if gname is None:
+            continue
+        if regroup and any(item.dep.target in regroup or item.dep.source in regroup for item in g):
+            ignored[gname] = "protected: its channels pass a channel shuffle (a view regrouping channels) that torch-pruning cannot follow"
             continue
         width = len(g[0].idxs)
         members: list[tuple[str, str, int]] = []
@@ -159,6 +406,8 @@ def analyse(
         for item in g:
             dep, idxs = item.dep, item.idxs
             mod = dep.target.module
+            if isinstance(mod, nn.Parameter) and id(mod) in table_ids:
+                continue
             if isinstance(mod, nn.Parameter) and id(mod) in param_name:
                 comp = param_groups.setdefault(param_name[id(mod)], {})
                 comp[gname] = comp.get(gname, 0) + len(idxs)
@@ -171,8 +420,23 @@ def analyse(
             if mname in dims:
                 target = dims[mname].out_groups if side == "out" else dims[mname].in_groups
                 target[gname] = target.get(gname, 0) + len(idxs)
+            for child, (in_mult, out_mult) in customized_children(mod).items():
+                cd = dims.get(f"{mname}.{child}")
+                mult = in_mult if side == "in" else out_mult
+                if cd is None or not mult:
+                    continue
+                # a Linear child's input follows the layer's input side; a norm's single dim follows its side;
+                # MultiheadAttention has one embed dim (its pruning handler is the same for both sides)
+                both = cd.kind == "norm" or isinstance(mod, nn.MultiheadAttention)
+                sides = [cd.in_groups, cd.out_groups] if both else ([cd.in_groups] if side == "in" else [cd.out_groups])
+                for target in sides:
+                    target[gname] = target.get(gname, 0) + mult * len(idxs)
             if side == "out" and mod in heads_of:
                 num_heads = heads_of[mod]
+            if side == "out" and mod in hf_heads:  # head dims are pruned alike in every head
+                ch_groups = max(ch_groups, hf_heads[mod])
+            if mod in mha_groups:
+                ch_groups = max(ch_groups, mha_groups[mod])
             if isinstance(mod, nn.GroupNorm) and side == "out":
                 ch_groups = max(ch_groups, mod.num_groups)
             if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and 1 < mod.groups < mod.in_channels:
@@ -194,7 +458,37 @@ def analyse(
                 for side_map in (d.in_groups, d.out_groups):
                     if old in side_map:
                         side_map[gname] = side_map.pop(old)
-    return Structure(groups, dims, ignored, attention, param_groups), dg
+    tables = [n for n, p in model.named_parameters() if id(p) in table_ids]
+    for n in tables:
+        ignored[n] = "lookup table (read by index: positions/heads, not channels): kept whole"
+    return Structure(groups, dims, ignored, attention, param_groups, tables), dg
+
+
+def _all_groups(dg, ignored_modules: list[nn.Module], name_of: dict, ignored: dict[str, str]):
+    """torch-pruning's get_all_groups, except that a root whose group cannot be built (an index mapping it
+    cannot follow) is protected with the reason instead of ending the analysis."""
+    ignored_set = set(ignored_modules) | set(dg.IGNORED_LAYERS_IN_TRACING)
+    visited: set = set()
+    for m in list(dg.module2node.keys()):
+        if m in ignored_set or not isinstance(m, ROOT_TYPES) or m in visited:
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        try:
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except Exception as exc:  # noqa: BLE001
+            if m in name_of:
+                ignored[name_of[m]] = f"protected: torch-pruning cannot follow its channels ({type(exc).__name__} in its group)"
+            continue
+        prunable = True
+        for dep, _ in group:
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                visited.add(dep.target.module)
+                if dep.target.module in ignored_set:
+                    prunable = False
+        if prunable:
+            yield group
 
 
 def _module_kind(m: nn.Module) -> str | None:
@@ -206,6 +500,8 @@ def _module_kind(m: nn.Module) -> str | None:
         return "norm"
     if _is_timm_attention(m):
         return "attention"
+    if isinstance(m, nn.MultiheadAttention):
+        return "mha"
     if type(m).__name__ == "LayerNorm2d" or (hasattr(m, "normalized_shape") and hasattr(m, "weight")):
         return "norm"
     return None
@@ -225,6 +521,8 @@ def _dims(m: nn.Module) -> tuple[int, int]:
         return c, c
     if _is_timm_attention(m):
         return m.qkv.in_features, m.proj.out_features
+    if isinstance(m, nn.MultiheadAttention):
+        return m.embed_dim, m.embed_dim
     return 0, 0
 
 

@@ -8,7 +8,9 @@ from torch import nn
 
 from ..allocation import Allocation
 from ..errors import PlanError
-from ..structure import ROOT_TYPES, Structure, attention_heads
+from ..inputs import call, output_signature, primary_output, signature_mismatch, traced_outputs
+from ..structure import (ROOT_TYPES, Structure, attention_heads, clear_caches, detach_caches, hf_attention_heads,
+                         mha_channel_groups, regroup_tracing, tp_options)
 
 __all__ = ["Allocation", "apply_allocation", "verify_runs"]
 
@@ -30,6 +32,25 @@ def _importance(name: str):
 def _exact_ratio(kept: int, units: int) -> float:
     # torch-pruning keeps int(units * (1 - ratio)); aim half a unit above so float error can't drop one.
     return 1.0 - (kept + 0.5) / units
+
+
+def repair_metadata(model: nn.Module) -> None:
+    """Widths some architectures keep as plain ints next to their layers (torch-pruning only edits layers)."""
+    fix_timm_attention(model)
+    for m in model.modules():
+        # Hugging Face self-attention: head size and all_head_size follow the pruned query width
+        heads = getattr(m, "num_attention_heads", None)
+        q = getattr(m, "query", None)
+        if isinstance(heads, int) and isinstance(q, nn.Linear) and hasattr(m, "attention_head_size"):
+            m.attention_head_size = q.out_features // heads
+            if hasattr(m, "all_head_size"):
+                m.all_head_size = q.out_features
+            if hasattr(m, "scaling"):
+                m.scaling = m.attention_head_size ** -0.5
+        # torchvision VisionTransformer reshapes its patch embedding with hidden_dim
+        conv = getattr(m, "conv_proj", None)
+        if isinstance(getattr(m, "hidden_dim", None), int) and isinstance(conv, nn.Conv2d):
+            m.hidden_dim = conv.out_channels
 
 
 def fix_timm_attention(model: nn.Module) -> None:
@@ -75,18 +96,27 @@ def apply_allocation(
             # torch-pruning only visits a scope with a positive width ratio; with head-dim pruning off this
             # ratio selects the group without removing any head dims
             ratio_dict.setdefault(modules[gname], 0.5 / g.units)
-    ignored = [modules[n] for n, why in structure.ignored.items() if n in modules and isinstance(modules[n], ROOT_TYPES)]
+    ignored: list = [modules[n] for n, why in structure.ignored.items() if n in modules and isinstance(modules[n], ROOT_TYPES)]
+    params = dict(model.named_parameters())
+    ignored += [params[n] for n in structure.tables if n in params]  # bias tables: torch-pruning must not cut rows
     imp_name = importance
     if importance == "taylor" and not calibration:
         raise PlanError("Taylor importance needs labelled calibration batches (gradients of the loss)", "importance=taylor",
                         "pass --data (the agent loop computes them), or use --importance l2")
     batches = [calibration] if isinstance(calibration, tuple) else list(calibration or [])
-    heads = attention_heads(model)
-    with warnings.catch_warnings():
+    heads = {**attention_heads(model), **hf_attention_heads(model)}
+    mha = mha_channel_groups(model)
+    detach_caches(model)
+    with regroup_tracing() as (forward, regroup_fns), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.BasePruner(
             model,
             example_input,
+            forward_fn=forward,
+            output_transform=traced_outputs,
+            in_channel_groups=dict(mha),
+            out_channel_groups=dict(mha),
+            **tp_options(model),
             importance=_importance(imp_name),
             pruning_ratio=0.0,
             pruning_ratio_dict=ratio_dict,
@@ -98,12 +128,13 @@ def apply_allocation(
             head_pruning_ratio_dict=head_ratio or None,
             global_pruning=False,
         )
+        pruner.DG._prunepilot_regroup_fns = regroup_fns
         if imp_name == "taylor":
             was_training = model.training
             model.eval()  # gradients of the deployed function; BN statistics untouched
             model.zero_grad()
             for x, y in batches:  # gradients accumulate over the batches
-                (nn.functional.cross_entropy(model(x), y) / len(batches)).backward()
+                (nn.functional.cross_entropy(primary_output(call(model, x)), y) / len(batches)).backward()
             model.train(was_training)
         pruner.step()
     if heads:
@@ -111,17 +142,32 @@ def apply_allocation(
             for m in model.modules():
                 if getattr(m, "qkv", None) is qkv:
                     m.num_heads = h
-        fix_timm_attention(model)
+                elif getattr(m, "query", None) is qkv and hasattr(m, "num_attention_heads"):
+                    m.num_attention_heads = h
+    repair_metadata(model)
+    clear_caches(model)
     model.zero_grad(set_to_none=True)
     return model
 
 
-def verify_runs(model: nn.Module, example_input: torch.Tensor, expected_shape: torch.Size) -> torch.Tensor:
-    """A pruned model must run and give finite outputs of the dense model's shape."""
-    with torch.no_grad():
-        out = model(example_input)
-    if out.shape != expected_shape:
-        raise RuntimeError(f"pruned model output shape {tuple(out.shape)} != dense {tuple(expected_shape)}")
-    if not torch.isfinite(out).all():
-        raise RuntimeError("pruned model produced non-finite outputs")
+class VerificationError(PlanError, RuntimeError):
+    """A pruned model does not run, or its outputs lost the dense model's shapes."""
+
+
+def verify_runs(model: nn.Module, example_input, expected_shape) -> object:
+    """A pruned model must run and give finite outputs of the dense model's shapes. `expected_shape` is a
+    torch.Size (one tensor output) or an `inputs.output_signature` of the dense outputs. Returns the output."""
+    expected = [tuple(expected_shape)] if isinstance(expected_shape, torch.Size) else [tuple(e) for e in expected_shape]
+    try:
+        with torch.no_grad():
+            out = call(model, example_input)
+    except Exception as exc:  # noqa: BLE001 - any failure of the pruned forward is a verification failure
+        raise VerificationError(f"the pruned model does not run: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+    why = signature_mismatch(expected, output_signature(out))
+    if why:
+        raise VerificationError(f"pruned model output differs: {why}")
+    from ..inputs import tensors
+
+    if not all(torch.isfinite(t).all() for t in tensors(out) if t.is_floating_point()):
+        raise VerificationError("pruned model produced non-finite outputs")
     return out

@@ -37,9 +37,10 @@ def fixed_threads(threads: int | None) -> Iterator[int]:
 
 def _runner(model: nn.Module | Callable[[], Any], example_input: Any) -> Callable[[], Any]:
     if isinstance(model, nn.Module):
+        from ..inputs import call
+
         model.eval()
-        args = example_input if isinstance(example_input, tuple) else (example_input,)
-        return lambda: model(*args)
+        return lambda: call(model, example_input)  # a tensor, a tuple of positional inputs, or a dict of keywords
     return model  # already a zero-argument callable (e.g. an ONNX Runtime session wrapper)
 
 
