@@ -200,6 +200,10 @@ def load_model(
         model = _load_factory(rest)
     elif scheme == "prunepilot":
         model, input_shape = _embedded(rest, input_shape)
+    elif scheme == "hf-config":  # transformers models from local configs, random weights, keyword example inputs
+        from .hf_models import load_hf_config
+
+        return load_hf_config(rest, uri)
     else:
         raise SourceError(
             "unknown model source",
