@@ -217,3 +217,25 @@ def test_cuda_offload_sequential_sparsify_matches_cpu() -> None:  # pragma: no c
     a = dict(cpu_model.named_parameters())
     for n, p in gpu_model.named_parameters():
         assert torch.equal((p.detach().cpu() == 0), (a[n] == 0)), n
+
+
+def test_upcast_runs_bf16_blocks_in_fp32_one_at_a_time() -> None:
+    model, x = tiny(torch.bfloat16), ids(4, 16, 9)
+    pl = Placement.for_model(model, torch.device("cpu"), upcast=True)
+    assert pl.compute_dtype == torch.float32 and "upcast" in pl.mode
+    assert model.get_input_embeddings().weight.dtype == torch.float32  # small outside part stays fp32 meanwhile
+    seen: list[torch.dtype] = []
+    from prunepilot.sparsify.calibrate import decoder_layers
+
+    _, layers = decoder_layers(model)
+    h = layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+    counts = project({}, linear_layers(model), 0.5)
+    achieved = sequential_sparsify(model, x, counts, "sparsegpt", placement=pl)
+    assert lang.mean_nll(model, x) > 0  # a full forward through the hooks
+    h.remove()
+    pl.detach()
+    assert set(seen) == {torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # at rest and after: the checkpoint dtype
+    assert all(v == pytest.approx(0.5, abs=0.02) for v in achieved.values())
+    assert all(float((m.weight == 0).float().mean()) == pytest.approx(achieved[n])
+               for n, m in modules_by_name(model, linear_layers(model)).items())

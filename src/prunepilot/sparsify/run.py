@@ -67,6 +67,7 @@ class SparsifyConfig:
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (the checkpoint's dtype) | float32 | bfloat16 | float16
     offload: bool | None = None  # CUDA: keep blocks on the CPU, one on the device at a time (None: when it does not fit)
+    upcast: bool | None = None  # CPU: run bf16/fp16 blocks in float32 one at a time (None: when the CPU lacks bf16 units)
     llm_base_url: str | None = None
     client: Any = None  # an LLMClient to use instead of building one from `agent` (tests, benches)
     progress: Any = None  # None: a rich progress bar on a terminal, quiet otherwise; False: quiet; or a callable
@@ -131,8 +132,8 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
         cfg.model = loaded.spec
     elif cfg.model.startswith("python:"):
         raise SourceError("this run's model was handed in from Python, so the journal cannot reload it", cfg.model,
-                          "continue it from Python: prunepilot.sparsify(model, tokenizer, ..., out=OUT) with the same "
-                          "model object and run_id, or start a new run")
+                          "continue it from Python: prunepilot.sparsify(model, tokenizer, ..., out=OUT, resume=True) "
+                          "with the same model object, still dense, or start a new run")
     if calib_input is None and cfg.calib.startswith("python:"):
         raise SourceError("this run's calibration data was handed in from Python, so the journal cannot reload it",
                           cfg.calib, "continue it from Python with the same calib, or start a new run")
@@ -250,12 +251,13 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
     model, tok = lm.model, lm.tokenizer
     if want_dtype is not None and next(model.parameters()).dtype != want_dtype:
         model.to(want_dtype)
-    placement = Placement.for_model(model, device, cfg.offload)
+    model_dtype = next(model.parameters()).dtype
+    placement = Placement.for_model(model, device, cfg.offload, cfg.upcast)
     infos = linear_layers(model)
     n_blocks = max(i.block for i in infos) + 1
-    compute_dtype = next(model.parameters()).dtype
-    export_dtype = lm.checkpoint_dtype or compute_dtype  # exports keep the input's dtype
-    memory = {"device": placement.mode, "dtype": str(compute_dtype).removeprefix("torch."),
+    export_dtype = lm.checkpoint_dtype or model_dtype  # exports keep the input's dtype
+    memory = {"device": placement.mode, "dtype": str(model_dtype).removeprefix("torch."),
+              "compute_dtype": str(placement.compute_dtype or model_dtype).removeprefix("torch."),
               "weights_mb": round(weight_bytes(model) / 2**20, 3)}
     lap("load", t0)
 
@@ -296,27 +298,30 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
         with report.task("activation norms (block by block)", n_blocks) as bar:
             norms = activation_norms(model, calib, cfg.batch_size, placement, progress=bar)
         grads: dict[str, float] = {}
-        if cfg.grad_seqs and placement.offload:
-            say("gradient scores skipped: the model does not fit on the device at once (Wanda scores and probes remain)")
+        if cfg.grad_seqs and placement.active:
+            say("gradient scores skipped: blocks are onloaded/upcast one at a time, a backward pass would hold them "
+                "all (Wanda scores and probes remain)")
         elif cfg.grad_seqs:
             grads = gradient_importance(model, calib[: cfg.grad_seqs, : min(cfg.calib_seqlen, 256)], 1)
         bank = WandaBank(model, infos, norms)
-        profile = build_profile(lm.name, target, infos, bank, grads, cfg.bands)
-        lap("profile", t0)
-        if cfg.agent in ONE_SHOT:
-            from ..agents.context import Context
+        try:
+            profile = build_profile(lm.name, target, infos, bank, grads, cfg.bands)
+            lap("profile", t0)
+            if cfg.agent in ONE_SHOT:
+                from ..agents.context import Context
 
-            ctx = Context("sparsify", profile, {}, [], phase="ramp",
-                          step={"level": target, "target": target, "current": {i.name: 0.0 for i in infos}})
-            plan = strategist.propose(ctx)
-            assert plan is not None  # one-shot strategists always answer on the ramp
-            counts = project(resolve(plan, infos, profile.groups, {}), infos, target)
-        else:
-            counts, loop_info, history = _loop(cfg, model, bank, infos, profile, probe.to(placement.device), target,
-                                               strategist, journal, run_id, say, lap)
-        profile_json = profile.to_json()
-        bank.restore()
-        bank.close()
+                ctx = Context("sparsify", profile, {}, [], phase="ramp",
+                              step={"level": target, "target": target, "current": {i.name: 0.0 for i in infos}})
+                plan = strategist.propose(ctx)
+                assert plan is not None  # one-shot strategists always answer on the ramp
+                counts = project(resolve(plan, infos, profile.groups, {}), infos, target)
+            else:
+                counts, loop_info, history = _loop(cfg, model, bank, infos, profile, probe.to(placement.device),
+                                                   target, strategist, journal, run_id, say, lap)
+            profile_json = profile.to_json()
+        finally:  # also when interrupted: a model handed in from Python is left dense, so the run can resume
+            bank.restore()
+            bank.close()
         del bank
 
     # final application: sequential block-by-block calibration with the chosen method
@@ -339,6 +344,7 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
     lap("final_eval", t0)
     say(f"{cfg.method} @ {cfg.sparsity} ({agent_used}): perplexity {compressed['perplexity']:.2f}, sparsity {achieved_global:.4f}")
 
+    placement.detach()  # hooks off; an upcast model's embeddings/head back in the checkpoint dtype
     kernels: dict[str, Any] = {}
     if nm is not None and str(nm) == "2:4":
         from .kernels import semi_structured_speedup
