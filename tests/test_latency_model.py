@@ -86,3 +86,55 @@ def test_alignment_choice_is_one_of_the_candidates(tmp_path):
     for c in choice.values():
         assert c.multiple in (1, 8) and set(c.ms_per_channel) <= {1, 8}
         assert c.to_json()["family"] == c.family
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One table cache for the tests below (same model and shape): the second build reads, not measures."""
+    path = tmp_path_factory.mktemp("prunepilot-cache") / "latency"  # PRUNEPILOT_CACHE/latency: the default
+    path.mkdir()
+    return path
+
+
+def test_projector_meets_a_latency_goal_on_its_tables(shared_cache):
+    """The projector puts the *predicted* latency inside the band (its guarantee on its own model); measuring
+    the result is the job's business (run_prune_to_latency), checked for shape here, not for speed."""
+    from prunepilot.budget import Budget
+    from prunepilot.latency.job import LatencyTargeting
+    from prunepilot.pipeline import Pruner
+    from prunepilot.plan import Plan
+    from prunepilot.sources.models import LoadedModel
+
+    torch.manual_seed(0)
+    model = ResidualCNN(c=32).eval()
+    x = torch.randn(1, 3, 64, 64)
+    pruner = Pruner(LoadedModel(model, x, "python:ResidualCNN", "tiny"))
+    targeting = LatencyTargeting.enable(pruner, cache_dir=shared_cache, align=True)
+    rb = Budget.parse(latency_ms="80%", tolerance="+3%/-10%").resolve(pruner.profile.dense)
+    proj = pruner.projector.project(Plan(), rb)
+    assert proj.feasible and "latency_ms" in proj.predicted
+    assert rb.within("latency_ms", proj.predicted["latency_ms"])
+    cand = targeting.candidate(pruner, Plan(), rb)
+    assert cand.metrics["latency_ms"] > 0 and cand.metrics["latency_predicted_ms"] > 0
+    js = targeting.to_json()
+    assert js["model"]["ops"] > 0 and set(js["alignment"]) <= set(pruner.structure.families)
+
+
+def test_prune_to_latency_writes_the_latency_story(tmp_path, shared_cache, monkeypatch):
+    from prunepilot.budget import Budget
+    from prunepilot.latency.job import run_prune_to_latency
+    from prunepilot.plan import Plan
+    from prunepilot.sources.models import LoadedModel
+
+    monkeypatch.setenv("PRUNEPILOT_CACHE", str(shared_cache.parent))
+    torch.manual_seed(0)
+    model = ResidualCNN(c=32).eval()
+    x = torch.randn(1, 3, 64, 64)
+    res = run_prune_to_latency(LoadedModel(model, x, "python:ResidualCNN", "tiny"), Budget.parse(latency_ms="70%"),
+                               Plan(), tmp_path / "run", log=lambda _m: None)
+    assert set(res["errors"]) == {"latency_ms"} and res["compressed"]["latency_ms"] > 0
+    assert res["latency"]["model"]["fingerprint"].startswith("cpu|")
+    assert res["within_band"] or res["reason"]  # out of band is never silent
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "Latency model" in summary and "of the MAC ratio became real speed" in summary
+    assert res["compressed"]["files_mb"]["state_dict"] > 0

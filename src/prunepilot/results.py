@@ -78,3 +78,14 @@ def build_result(
         "environment": environment(),
         **extra,
     }
+
+
+def files_on_disk_mb(out, export: dict[str, Any]) -> dict[str, float]:
+    """Sizes of the files an export wrote, measured on disk (MB), by their role in `export`."""
+    from pathlib import Path
+
+    sizes: dict[str, float] = {}
+    for role, name in export.items():
+        if isinstance(name, str) and (Path(out) / name).is_file():
+            sizes[role] = round((Path(out) / name).stat().st_size / 2**20, 4)
+    return sizes

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="Model URI: torchvision:NAME, timm:NAME, file:PATH, py:module:function."),
         target_macs: Optional[str] = typer.Option(None, "--target-macs", help="MACs target: absolute (1.77G) or relative (45%)."),
         target_params: Optional[str] = typer.Option(None, "--target-params", help="Parameter target: absolute (10M) or relative (60%)."),
-        target_latency: Optional[str] = typer.Option(None, "--target-latency", help="CPU latency target measured on this machine: absolute (20ms) or relative (50%); bracketed with real measurements."),
+        target_latency: Optional[str] = typer.Option(None, "--target-latency", help="Latency target on this device (batch of --input-shape): absolute (20ms) or relative (50%); projected on per-op latency tables measured here (cached), verified by a fresh measurement."),
         tolerance: str = typer.Option("+1%/-5%", "--tolerance", help="Band around each target: +OVER%/-UNDER%."),
         out: Path = typer.Option(Path("runs/prune"), "--out", help="Output folder (model, plan.json, result.json, summary.md)."),
         plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON (its ratios are a shape; the projector rescales them)."),
@@ -73,7 +73,10 @@ def register(app: typer.Typer) -> None:
 
         Without --data: one plan (uniform shape, or --plan), projected exactly onto the budget. With --data: the
         agent loop (analyst proposes, projector guarantees, short recovery ranks candidates, best kept on disk),
-        then a final fine-tune, test accuracy, export and report. Every run is journaled in OUT/journal.sqlite."""
+        then a final fine-tune, test accuracy, export and report. Every run is journaled in OUT/journal.sqlite.
+        --target-latency is projected on latency tables measured on this device (cached), with channel multiples
+        chosen per family by measurement unless --round-to is given, and verified by a fresh measurement.
+        Exit code 3: the result was written but lies outside the band (result.json and summary.md say why)."""
         from ..journal import prepare_out
         from ..pipeline import run_prune
 
@@ -94,7 +97,10 @@ def register(app: typer.Typer) -> None:
                             "pass --data, or drop them")
         parse_normalize(normalize, resize=resize, crop=crop)
         loaded = load(model, weights, trust, input_shape, state_dict)
-        if data is not None and target_latency is None:
+        if data is None and agent != "auto":
+            raise PlanError("--agent needs --data: without data there is nothing to score candidates with",
+                            f"--agent {agent}", "pass --data, or drop --agent for one projected plan")
+        if data is not None:
             from ..jobs.prune import PruneRun, PruneSettings, UserConstraints, run_prune_search
 
             user = UserConstraints(protected=tuple(protect), importance=importance, round_to=round_to,
@@ -114,14 +120,11 @@ def register(app: typer.Typer) -> None:
 
             place_loaded(loaded, device, dtype)
             if target_latency is not None:
-                from ..joint import run_compress
+                from ..latency.job import run_prune_to_latency
 
-                # a measured target: bracket the pruning amount with real timings (no quantization)
-                result = run_compress(loaded, budget, out, data_spec=data, plan=plan, quant_options=("none",), log=console.print)
+                # a measured target: the device's latency tables project it, a fresh measurement verifies it
+                result = run_prune_to_latency(loaded, budget, plan, out, align=round_to is None, log=console.print)
             else:
-                if agent != "auto":
-                    raise PlanError("--agent needs --data: without data there is nothing to score candidates with",
-                                    f"--agent {agent}", "pass --data, or drop --agent for one projected plan")
                 with console.status("profiling, projecting, pruning, measuring"):
                     result = run_prune(loaded, budget, plan, out)
             from ..report.render import render_safely
@@ -132,6 +135,10 @@ def register(app: typer.Typer) -> None:
             console.print(f"[bold red]WARNING[/]: {w}", markup=True, highlight=False)
         console.print(f"within band: {'[green]yes' if result['within_band'] else '[red]no'}[/]; "
                       f"errors {', '.join(f'{m} {e:+.3%}' for m, e in result['errors'].items())}")
-        if result.get("speedup"):
+        if result.get("speedup") and result.get("ideal_speedup"):
             console.print(f"CPU speed-up {result['speedup']:.2f}x (MAC ratio {result['ideal_speedup']:.2f}x)")
         console.print(f"written to {out}/ (result.json, plan.json, summary.md, model.safetensors + structure.json)")
+        if not result["within_band"]:
+            why = result.get("reason") or (result.get("projection") or {}).get("reason") or "see summary.md"
+            console.print(f"[red]outside the budget band[/]: {why}", highlight=False)
+            raise typer.Exit(3)

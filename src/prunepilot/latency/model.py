@@ -327,7 +327,7 @@ class TableCache:
 
 
 def build_latency_model(model: nn.Module, example_inputs: Any, structure: Structure, *, step: int = 8,
-                        runs: int = 5, cache_dir: Path | None | bool = True, uniform_ratio: float = 0.5,
+                        runs: int = 3, cache_dir: Path | None | bool = True, uniform_ratio: float = 0.5,
                         whole_runs: int = 7, prune_uniform: Callable[[float], nn.Module] | None = None,
                         log: Callable[[str], None] | None = None) -> LatencyModel:
     """Measure (or read from the cache) every op's table, then calibrate the rest of the network.

@@ -1,0 +1,120 @@
+"""Latency-true pruning on this CPU: latency budgets met by the projector, alignment chosen by measurement.
+
+Per model x target x batch (random weights; latency does not depend on them):
+  * `latency` arm: `prune --target-latency P%` (latency model + per-family alignment + one correction), then a
+    separate fresh measurement (dense and pruned alternated, least disturbed of 3x7 runs): latency error vs target.
+  * `macs` arm: the same MACs as the latency arm reached, targeted as MACs with the global round_to=8 guess: its
+    latency in the same fresh measurement. Ratio = macs-arm latency / latency-arm latency (>1: latency-aware wins).
+And ResNet-50 at the 1.77G MAC target: speed-up / ideal (MAC ratio) with measured alignment vs round_to=8.
+
+    python bench/latency_targets.py [--models resnet50,mobilenet_v3_large,convnext_tiny,deit_small]
+                                    [--targets 0.5,0.7] [--batches 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from prunepilot.budget import Budget
+from prunepilot.latency.job import LatencyTargeting, run_prune_to_latency
+from prunepilot.latency.model import whole_model_ms
+from prunepilot.pipeline import Pruner, count_real
+from prunepilot.plan import Plan
+from prunepilot.sources.models import load_model
+
+URIS = {"resnet50": "torchvision:resnet50", "mobilenet_v3_large": "torchvision:mobilenet_v3_large",
+        "convnext_tiny": "torchvision:convnext_tiny", "deit_small": "timm:deit_small_patch16_224"}
+
+
+def fresh(a: torch.nn.Module, b: torch.nn.Module, x, rounds: int = 3) -> tuple[float, float]:
+    """Both models alternated `rounds` times; the least disturbed measurement of each."""
+    ta, tb = [], []
+    dev = torch.device("cpu")
+    for _ in range(rounds):
+        ta.append(whole_model_ms(a, x, dev))
+        tb.append(whole_model_ms(b, x, dev))
+    return min(ta), min(tb)
+
+
+def macs_arm(loaded, macs: float, round_to: int | None, align: dict[str, int] | None = None):
+    pruner = Pruner(loaded)
+    if align:
+        from prunepilot.projector import Projector
+
+        pruner.projector = Projector(pruner.structure, pruner.cost, align=align)
+    rb = Budget.parse(macs=f"{macs:.6g}").resolve(pruner.profile.dense)
+    return pruner.candidate(Plan(round_to=round_to), rb).model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="resnet50,mobilenet_v3_large,convnext_tiny,deit_small")
+    ap.add_argument("--targets", default="0.5,0.7")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-r50-macs", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/latency_targets.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list[dict] = []
+    prev = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for name in args.models.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            shape = "x".join(map(str, (batch, 3, 224, 224)))
+            for target in (float(t) for t in args.targets.split(",")):
+                loaded = load_model(URIS[name], weights="random", input_shape=tuple(int(v) for v in shape.split("x")))
+                t0 = time.perf_counter()
+                with tempfile.TemporaryDirectory() as tmp:
+                    res, model = run_prune_to_latency(loaded, Budget.parse(latency_ms=f"{target * 100:g}%"),
+                                                      Plan(), Path(tmp), log=print, return_model=True)
+                seconds = time.perf_counter() - t0
+                dense = loaded.module
+                d_ms, l_ms = fresh(dense, model, loaded.example_input)
+                goal = res["budget"]["targets"]["latency_ms"]["goal"]
+                scale = d_ms / res["dense"]["latency_ms"]  # the goal relative to dense in this measurement
+                macs = count_real(model, loaded.example_input)["macs"]
+                m_model = macs_arm(loaded, macs, 8)
+                _, m_ms = fresh(dense, m_model, loaded.example_input)
+                row = {"model": name, "batch": batch, "target": target, "dense_ms": d_ms,
+                       "goal_ms_scaled": goal * scale, "latency_ms": l_ms,
+                       "latency_error": l_ms / (goal * scale) - 1, "in_pm5": abs(l_ms / (goal * scale) - 1) <= 0.05,
+                       "run_within_band": res["within_band"], "run_errors": res["errors"],
+                       "predicted_ms": res["compressed"].get("latency_predicted_ms"),
+                       "macs_ratio": macs / res["dense"]["macs"], "macs_arm_latency_ms": m_ms,
+                       "latency_arm_vs_macs_arm": m_ms / l_ms, "speedup": d_ms / l_ms,
+                       "ideal_speedup": res["dense"]["macs"] / macs,
+                       "latency_model": res["latency"]["model"], "alignment": {
+                           f: a["multiple"] for f, a in res["latency"]["alignment"].items()},
+                       "corrections": res["latency"]["corrections"], "seconds": round(seconds, 1)}
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("latency_model", "alignment")}))
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({**prev, "rows": rows}, indent=2) + "\n")
+    if not args.skip_r50_macs:
+        loaded = load_model(URIS["resnet50"], weights="random")
+        pruner = Pruner(loaded)
+        targeting = LatencyTargeting.enable(pruner, log=print)
+        align = {f: c.multiple for f, c in targeting.alignment.items()}
+        r50 = {}
+        for arm, kw in (("round_to=8", {"round_to": 8}), ("round_to=16", {"round_to": 16}),
+                        ("measured alignment", {"round_to": None, "align": align})):
+            m = macs_arm(loaded, 1.77e9, **kw)
+            d_ms, p_ms = fresh(loaded.module, m, loaded.example_input)
+            macs = count_real(m, loaded.example_input)["macs"]
+            ideal = count_real(loaded.module, loaded.example_input)["macs"] / macs
+            r50[arm] = {"macs": macs, "speedup": d_ms / p_ms, "ideal": ideal, "of_ideal": d_ms / p_ms / ideal}
+            print("resnet50 1.77G", arm, r50[arm])
+        out = json.loads(args.out.read_text()) if args.out.exists() else {}
+        out["resnet50_1.77G"] = {"arms": r50, "alignment": align}
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

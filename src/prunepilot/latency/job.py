@@ -1,0 +1,162 @@
+"""Latency budgets met by the projector: a latency model in the profile, per-family alignment, one correction.
+
+`LatencyTargeting.enable(pruner)` builds the device's latency model for the pruner's dense model (tables
+cached), chooses each family's channel multiple by measurement (unless the user fixed `round_to`), and gives
+the pruner a projector that predicts `latency_ms` like MACs. `candidate` projects a plan onto a budget that has
+a latency goal, builds it, measures it fresh (the tables' statistic: least disturbed of N runs) and, when the
+measurement misses the band, retargets the goal by measured/predicted once and rebuilds.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..allocation import Allocation
+from ..budget import ResolvedBudget
+from ..plan import Plan
+from .alignment import AlignmentChoice, choose_alignment
+from .model import LatencyModel, build_latency_model, whole_model_ms
+
+METRIC = "latency_ms"
+
+
+@dataclass
+class LatencyTargeting:
+    model: LatencyModel
+    alignment: dict[str, AlignmentChoice] = field(default_factory=dict)
+    corrections: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def enable(cls, pruner: Any, *, align: bool = True, cache_dir: Path | None | bool = True,
+               log: Callable[[str], None] | None = None) -> "LatencyTargeting":
+        from ..engines.structured import apply_allocation
+        from ..projector import Projector
+
+        st = pruner.structure
+
+        def uniform(ratio: float) -> torch.nn.Module:
+            kept = {n: max(1, int(round(g.units * (1 - ratio)))) for n, g in st.groups.items()}
+            model = copy.deepcopy(pruner.dense)
+            return apply_allocation(model, pruner.x, st, Allocation(kept, {})).eval()
+
+        lm = build_latency_model(pruner.dense, pruner.x, st, prune_uniform=uniform if st.groups else None,
+                                 cache_dir=cache_dir, log=log)
+        alignment = choose_alignment(lm, st) if align else {}
+        pruner.projector = Projector(st, pruner.cost, latency=lm,
+                                     align={f: c.multiple for f, c in alignment.items()})
+        pruner.profile.dense[METRIC] = lm.dense_ms  # budgets resolve against the tables' own statistic
+        return cls(lm, alignment)
+
+    def measure(self, model: torch.nn.Module, x: Any) -> float:
+        return whole_model_ms(model, x, torch.device(self.model.device))
+
+    def candidate(self, pruner: Any, plan: Plan, budget: ResolvedBudget, **kw: Any):
+        """A verified candidate whose *measured* latency is in the band when the tables allow it."""
+        cand = pruner.candidate(plan, budget, **kw)
+        if METRIC not in budget.goals:
+            return cand
+        measured = self.measure(cand.model, pruner.x)
+        predicted = cand.projection.predicted.get(METRIC, measured)
+        if not budget.within(METRIC, measured) and cand.projection.feasible and predicted > 0:
+            goals = dict(budget.goals)
+            goals[METRIC] = goals[METRIC] * predicted / measured  # the tables' bias on this candidate
+            retry = pruner.candidate(plan, ResolvedBudget(goals=goals, band=budget.band, texts=budget.texts), **kw)
+            m2 = self.measure(retry.model, pruner.x)
+            self.corrections += 1
+            self.notes.append(f"latency correction: predicted {predicted:.2f} ms, measured {measured:.2f} ms; "
+                              f"retargeted and measured {m2:.2f} ms")
+            if abs(budget.error(METRIC, m2)) < abs(budget.error(METRIC, measured)):
+                cand, measured = retry, m2
+        cand.metrics[METRIC] = measured
+        cand.metrics["latency_predicted_ms"] = cand.projection.predicted.get(METRIC, float("nan"))
+        return cand
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model.to_json(), "alignment": {f: c.to_json() for f, c in self.alignment.items()},
+                "corrections": self.corrections, "notes": self.notes}
+
+
+def run_prune_to_latency(loaded: Any, budget: Any, plan: Plan, out: Path, *, align: bool = True,
+                         log: Callable[[str], None] = print, return_model: bool = False,
+                         verify_runs: int = 15) -> Any:
+    """`prunepilot prune MODEL --target-latency 60%` without data: one plan projected onto the measured
+    latency budget (and any MAC/param targets), verified in a separate fresh measurement, saved, reported."""
+    from ..pipeline import Pruner, count_real, measure_block, save_model, summary_markdown
+    from ..results import build_result, files_on_disk_mb, write_json_atomic, write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pruner = Pruner(loaded, protected=plan.protected)
+    targeting = LatencyTargeting.enable(pruner, align=align, log=log)
+    rb = budget.resolve(pruner.profile.dense)
+    write_json_atomic(out / "profile.json", {**pruner.profile.to_json(), "latency_model": targeting.to_json()})
+    cand = targeting.candidate(pruner, plan, rb)
+    # the separate measurement the budget is judged on: dense and pruned alternated, fresh
+    dense_runs, comp_runs = [], []
+    for _ in range(3):
+        dense_runs.append(targeting.measure(pruner.dense, pruner.x))
+        comp_runs.append(targeting.measure(cand.model, pruner.x))
+    dense_ms, comp_ms = min(dense_runs), min(comp_runs)
+    counts = count_real(cand.model, pruner.x)
+    dense_block = measure_block(pruner.dense, pruner.x, {"macs": pruner.profile.dense["macs"],
+                                                        "params": pruner.profile.dense["params"]}, dense_ms)
+    comp_block = measure_block(cand.model, pruner.x, counts, comp_ms)
+    comp_block["latency_predicted_ms"] = cand.metrics.get("latency_predicted_ms")
+    errors = {m: rb.error(m, comp_block[m]) for m in rb.goals if comp_block.get(m) is not None}
+    within = all(rb.within(m, comp_block[m]) for m in errors)
+    alloc = cand.projection.allocation
+    record = {"model": loaded.spec.model_dump() if loaded.spec else None,
+              "allocation": {"kept": alloc.kept, "heads": alloc.heads}, "protected": plan.protected}
+    export = save_model(cand.model, pruner.x, out, record=record)
+    comp_block["files_mb"] = files_on_disk_mb(out, export)
+    projected = plan.model_copy(update={"ratios": cand.projection.ratios(pruner.structure), "default_ratio": 0.0})
+    write_json_atomic(out / "plan.json", {"requested": plan.model_dump(), "projected": projected.model_dump()})
+    reason = "" if within else ("the fresh measurement is outside the band after one correction: "
+                                + ", ".join(f"{m} {e:+.2%}" for m, e in errors.items())
+                                + "; the device is noisy or the target sits on a latency step (retry, or widen --tolerance)")
+    result = build_result(
+        kind="prune", model=loaded.uri, budget=rb.to_json(), dense=dense_block, compressed=comp_block,
+        within_band=within, errors=errors, reason=reason,
+        projection={**cand.projection.to_json(pruner.structure), "corrections": cand.corrections},
+        latency=targeting.to_json(), speedup=dense_ms / comp_ms if comp_ms else None,
+        ideal_speedup=dense_block["macs"] / comp_block["macs"],
+        widths={g: list(w) for g, w in alloc.widths(pruner.structure).items()},
+        skipped=pruner.profile.ignored, export=export, seconds=time.perf_counter() - t0,
+    )
+    write_json_atomic(out / "result.json", result)
+    write_text_atomic(out / "summary.md", summary_markdown(result) + latency_summary(result))
+    return (result, cand.model) if return_model else result
+
+
+def latency_summary(result: dict[str, Any]) -> str:
+    lat = result.get("latency") or {}
+    lm = lat.get("model") or {}
+    if not lm:
+        return ""
+    lines = ["", "## Latency model", "",
+             f"Device: `{lm['fingerprint']}`; {lm['ops']} ops timed in {lm['tables']} tables "
+             f"({lm['measured_points']} points measured, {lm['cached_points']} from the cache) in {lm['seconds']} s.",
+             f"Dense: measured {lm['dense_ms']:.2f} ms, table sum {lm['ops_dense_ms']:.2f} ms "
+             f"(the other {lm['rest_ms']:.2f} ms: norms, activations, pools, adds; calibrated as "
+             f"{lm['rest_model']['a']:.2f} + {lm['rest_model']['b']:.2f} x kept activations)."]
+    c = result["compressed"]
+    if c.get("latency_predicted_ms") is not None and c.get("latency_ms"):
+        lines.append(f"Pruned: predicted {c['latency_predicted_ms']:.2f} ms, measured {c['latency_ms']:.2f} ms "
+                     f"({c['latency_ms'] / c['latency_predicted_ms'] - 1:+.1%}).")
+    if result.get("speedup") and result.get("ideal_speedup"):
+        lines.append(f"Speed-up {result['speedup']:.2f}x of an ideal (MAC ratio) {result['ideal_speedup']:.2f}x: "
+                     f"{result['speedup'] / result['ideal_speedup']:.2f} of the MAC ratio became real speed.")
+    al = lat.get("alignment") or {}
+    if al:
+        lines += ["", "Channel multiple per family, chosen by measured latency per kept channel:", ""]
+        lines += [f"- `{f}`: {a['multiple']} (heaviest op `{a['op']}`)" for f, a in al.items()]
+    for n in lat.get("notes") or []:
+        lines.append(f"- {n}")
+    return "\n".join(lines) + "\n"
