@@ -19,7 +19,9 @@ import argparse
 import json
 import os
 import re
+import select as selectors_mod
 import subprocess
+import tempfile
 import sys
 import time
 import traceback
@@ -53,13 +55,20 @@ CORE = ["torchvision:resnet50", "torchvision:mobilenet_v3_large", "torchvision:v
         "hf-config:bert"]
 
 
+# torchvision models over ~15 GMACs or ~100M parameters: run last (minutes each on a shared CPU)
+HEAVY = re.compile(r"vit_h_|vit_l_|regnet_[xy]_(128|32|16)gf|efficientnet_b[67]|swin_v2_b|swin_b|wide_resnet101|"
+                   r"resnext101|vgg1[69]|convnext_large|maxvit")
+
+
 def zoo_models() -> list[str]:
     import torchvision
 
     tv = [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
     det = [f"tv-det:{n}" for n in torchvision.models.list_models(module=torchvision.models.detection)]
     seg = [f"tv-seg:{n}" for n in torchvision.models.list_models(module=torchvision.models.segmentation)]
-    return tv + det + seg + [f"timm:{n}" for n in TIMM] + HF
+    light = [m for m in tv if not HEAVY.search(m)]
+    heavy = [m for m in tv if HEAVY.search(m)]
+    return light + [f"timm:{n}" for n in TIMM] + HF + det + seg + heavy
 
 
 def family(uri: str) -> str:
@@ -111,9 +120,9 @@ def run_one(uri: str, target: str, rounds: int, threads: int) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     from prunepilot.budget import Budget
-    from prunepilot.errors import PrunepilotError
+    from prunepilot.errors import BudgetError, PrunepilotError
     from prunepilot.evaluate.speed import compare_latency
-    from prunepilot.pipeline import Pruner
+    from prunepilot.pipeline import Pruner, check_reachable
     from prunepilot.plan import Plan
 
     row: dict = {"model": uri, "family": family(uri), "target": target}
@@ -134,7 +143,11 @@ def run_one(uri: str, target: str, rounds: int, threads: int) -> dict:
         stage = "prune"
         rb = Budget.parse(macs=target).resolve(pruner.profile.dense)
         t0 = time.perf_counter()
-        cand = pruner.candidate(Plan(round_to=8), rb)
+        plan = Plan(round_to=8)  # what `prunepilot prune MODEL --target-macs 50%` runs
+        check_reachable(pruner, plan, rb)
+        cand = pruner.candidate(plan, rb)
+        if not cand.projection.feasible and "unreachable" in cand.projection.reason:
+            raise BudgetError(cand.projection.reason.rstrip("."))
         row["prune_s"] = round(time.perf_counter() - t0, 2)
         row["projection_s"] = round(cand.projection.seconds, 3)
         row["corrections"] = cand.corrections
@@ -190,32 +203,61 @@ def save_results(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def drive(models: list[str], target: str, timeout: float, rounds: int, threads: int, out: Path) -> None:
+def drive(models: list[str], target: str, timeout: float, rounds: int, threads: int, out: Path, resume: bool = False) -> None:
+    """One worker process runs the models in turn (imports paid once); a model that gives no result within
+    `timeout` seconds is recorded as a hang, its worker killed, and a fresh worker continues with the rest."""
     data = load_results(out)
     data["command"] = "python " + " ".join(sys.argv)
     data["timeout_s"] = timeout
-    for i, uri in enumerate(models):
-        t0 = time.perf_counter()
-        cmd = [sys.executable, __file__, "--worker", uri, "--target", target, "--rounds", str(rounds), "--threads", str(threads)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ZOO-ROW ")]
-            if lines:
-                row = json.loads(lines[-1][len("ZOO-ROW "):])
-            else:  # the worker died (segfault, out of memory): record what it said
-                tail = " ".join((proc.stderr or "").split()[-60:])
-                row = {"model": uri, "family": family(uri), "target": target, "status": "failed",
-                       "reason": f"worker exited {proc.returncode} without a result: {tail[-400:]}"}
-        except subprocess.TimeoutExpired:
-            row = {"model": uri, "family": family(uri), "target": target, "status": "hang",
-                   "reason": f"no result after {timeout:.0f} s"}
-        row["wall_s"] = round(time.perf_counter() - t0, 1)
-        data["rows"] = [r for r in data["rows"] if not (r["model"] == uri and r["target"] == target)] + [row]
+    done = {r["model"] for r in data["rows"] if r["target"] == target} if resume else set()
+    pending = [m for m in models if m not in done]
+    n_total, n_done = len(pending), 0
+
+    def record(row: dict) -> None:
+        nonlocal n_done
+        n_done += 1
+        data["rows"] = [r for r in data["rows"] if not (r["model"] == row["model"] and r["target"] == target)] + [row]
         save_results(out, data)
         err = f"{row['error']:+.2%}" if row.get("error") is not None else ""
         sp = f"{row['speedup']:.2f}x/{row['ideal_speedup']:.2f}x" if row.get("speedup") else ""
-        print(f"[{i + 1}/{len(models)}] {uri:55s} {row['status']:12s} {err:>8s} {sp:>12s} {row['wall_s']:6.1f}s "
+        print(f"[{n_done}/{n_total}] {row['model']:55s} {row['status']:12s} {err:>8s} {sp:>12s} {row.get('wall_s', 0):6.1f}s "
               f"{row.get('reason', '')[:150]}", flush=True)
+
+    while pending:
+        log = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, __file__, "--worker", ",".join(pending), "--target", target, "--rounds", str(rounds),
+               "--threads", str(threads)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, bufsize=1)
+        current, t0 = pending[0], time.perf_counter()
+        while True:
+            ready, _, _ = selectors_mod.select([proc.stdout], [], [], max(0.0, timeout - (time.perf_counter() - t0)))
+            if not ready:  # no result within the timeout: a hang
+                proc.kill()
+                proc.wait()
+                record({"model": current, "family": family(current), "target": target, "status": "hang",
+                        "reason": f"no result after {timeout:.0f} s", "wall_s": round(time.perf_counter() - t0, 1)})
+                pending.remove(current)
+                break
+            line = proc.stdout.readline()
+            if not line:  # the worker died (segfault, out of memory): record what it said
+                proc.wait()
+                log.seek(0)
+                tail = " ".join(log.read().split()[-60:])
+                if current in pending:
+                    record({"model": current, "family": family(current), "target": target, "status": "failed",
+                            "reason": f"worker exited {proc.returncode} without a result: {tail[-400:]}",
+                            "wall_s": round(time.perf_counter() - t0, 1)})
+                    pending.remove(current)
+                break
+            if line.startswith("ZOO-START "):
+                current, t0 = line.split(" ", 1)[1].strip(), time.perf_counter()
+            elif line.startswith("ZOO-ROW "):
+                row = json.loads(line[len("ZOO-ROW "):])
+                row["wall_s"] = round(time.perf_counter() - t0, 1)
+                record(row)
+                if row["model"] in pending:
+                    pending.remove(row["model"])
+        log.close()
 
 
 def table(data: dict) -> str:
@@ -269,11 +311,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/zoo.json, zoo_30.json at 30%%)")
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    ap.add_argument("--resume", action="store_true", help="skip models that already have a row at this target")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        row = run_one(args.worker, args.target, args.rounds, args.threads)
-        print("ZOO-ROW " + json.dumps(row, default=float), flush=True)
+        import gc
+
+        for uri in args.worker.split(","):
+            print(f"ZOO-START {uri}", flush=True)
+            row = run_one(uri, args.target, args.rounds, args.threads)
+            print("ZOO-ROW " + json.dumps(row, default=float), flush=True)
+            gc.collect()
         return
     out = args.out or RESULTS / ("zoo.json" if args.target == "50%" else f"zoo_{args.target.rstrip('%')}.json")
     if args.table:
@@ -282,7 +330,7 @@ def main() -> None:
     models = CORE if args.subset == "core" else zoo_models()
     if args.family:
         models = [m for m in models if m.startswith(args.family + ":")]
-    drive(select(models, args.only), args.target, args.timeout, args.rounds, args.threads, out)
+    drive(select(models, args.only), args.target, args.timeout, args.rounds, args.threads, out, args.resume)
 
 
 if __name__ == "__main__":

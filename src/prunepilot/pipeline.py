@@ -271,6 +271,9 @@ def run_prune(
     write_json_atomic(out / "profile.json", profile.to_json())
     check_reachable(pruner, plan, rb)
     cand = pruner.candidate(plan, rb)
+    if not cand.projection.feasible and "unreachable" in cand.projection.reason:
+        # groups protected on the way (they broke the model) left too little to prune
+        raise BudgetError(cand.projection.reason.rstrip("."))
     lat = compare_latency({"dense": pruner.dense, "compressed": cand.model}, pruner.x, rounds=latency_rounds)
     dense_block = measure_block(pruner.dense, pruner.x, {"macs": profile.dense["macs"], "params": profile.dense["params"]}, lat["dense"].median_ms)
     comp_block = measure_block(cand.model, pruner.x, cand.metrics, lat["compressed"].median_ms)
@@ -298,7 +301,7 @@ def run_prune(
         skipped=profile.ignored,
         export=export,
         seconds=time.perf_counter() - t0,
-        **({} if within else {"out_of_band_reason": out_of_band_reason(cand, rb, comp_block)}),
+        **({} if within else {"reason": out_of_band_reason(cand, rb, comp_block)}),  # commands/prune exits 3 with it
     )
     write_json_atomic(out / "result.json", result)
     write_text_atomic(out / "summary.md", summary_markdown(result))
@@ -312,8 +315,8 @@ def summary_markdown(r: dict[str, Any]) -> str:
     parts = [f"{m} {t['text']} (= {format_metric(m, t['goal'])})" for m, t in targets.items()]
     lines.append(f"Budget: {', '.join(parts)}, band +{band['over']:.1%}/-{band['under']:.1%}")
     lines.append(f"Within band: **{'yes' if r['within_band'] else 'no'}**")
-    if not r["within_band"] and r.get("out_of_band_reason"):
-        lines.append(f"Why: {r['out_of_band_reason']}")
+    if not r["within_band"] and r.get("reason"):
+        lines.append(f"Why: {r['reason']}")
     lines.append("")
     lines.append("| metric | dense | compressed | ratio |")
     lines.append("|---|---|---|---|")

@@ -329,13 +329,29 @@ def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     return {m.qkv: int(m.num_heads) for m in model.modules() if _is_timm_attention(m)}
 
 
+HF_PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+
+
+def hf_projections(m: nn.Module) -> tuple[int, list[nn.Linear]] | None:
+    """(heads, [q, k, v]) of a Hugging Face self-attention module (BERT-style query/key/value or the newer
+    q_proj/k_proj/v_proj), else None."""
+    heads = getattr(m, "num_attention_heads", None)
+    if not isinstance(heads, int):
+        return None
+    for names in HF_PROJECTIONS:
+        lins = [getattr(m, k, None) for k in names]
+        if all(isinstance(x, nn.Linear) for x in lins):
+            return heads, lins  # type: ignore[return-value]
+    return None
+
+
 def hf_attention_heads(model: nn.Module) -> dict[nn.Module, int]:
-    """query/key/value Linears of Hugging Face self-attention (BERT, ViT, Swin) -> their head count."""
+    """q/k/v Linears of Hugging Face self-attention (BERT, ViT, Swin) -> their head count."""
     out: dict[nn.Module, int] = {}
     for m in model.modules():
-        heads = getattr(m, "num_attention_heads", None)
-        if isinstance(heads, int) and all(isinstance(getattr(m, k, None), nn.Linear) for k in ("query", "key", "value")):
-            out.update({m.query: heads, m.key: heads, m.value: heads})
+        found = hf_projections(m)
+        if found:
+            out.update({lin: found[0] for lin in found[1]})
     return out
 
 
@@ -458,6 +474,26 @@ def analyse(
                 for side_map in (d.in_groups, d.out_groups):
                     if old in side_map:
                         side_map[gname] = side_map.pop(old)
+    # Hugging Face self-attention reshapes q, k and v with one head size: when torch-pruning gives them separate
+    # groups (it does not couple them through the attention matmuls), widths could diverge, so keep them whole
+    owner = {mn: gname for gname, g in groups.items() for mn, side, _ in g.members if side == "out"}
+    for m in model.modules():
+        found = hf_projections(m)
+        if found:
+            names = [name_of[lin] for lin in found[1]]
+            if len({owner.get(n) for n in names}) > 1:
+                for n in names:
+                    gname = owner.get(n)
+                    if gname in groups:
+                        del groups[gname]
+                    ignored[n] = "protected: query/key/value share one head size and torch-pruning prunes them apart"
+    # every layer is accounted for: a root torch-pruning put in no group is listed, never silently skipped
+    covered = {mn for g in groups.values() for mn, side, _ in g.members if side == "out"} | set(groups)
+    for n, m in model.named_modules():
+        if isinstance(m, ROOT_TYPES) and n not in covered and n not in ignored:
+            traced = m in dg.module2node
+            ignored[n] = ("not prunable: torch-pruning found no channel group it can cut for it" if traced else
+                          "not traced: the example forward does not reach it through autograd (unused, or detached)")
     tables = [n for n, p in model.named_parameters() if id(p) in table_ids]
     for n in tables:
         ignored[n] = "lookup table (read by index: positions/heads, not channels): kept whole"

@@ -10,7 +10,7 @@ from ..allocation import Allocation
 from ..errors import PlanError
 from ..inputs import call, output_signature, primary_output, signature_mismatch, traced_outputs
 from ..structure import (ROOT_TYPES, Structure, attention_heads, clear_caches, detach_caches, hf_attention_heads,
-                         mha_channel_groups, regroup_tracing, tp_options)
+                         hf_projections, mha_channel_groups, regroup_tracing, tp_options)
 
 __all__ = ["Allocation", "apply_allocation", "verify_runs"]
 
@@ -38,15 +38,16 @@ def repair_metadata(model: nn.Module) -> None:
     """Widths some architectures keep as plain ints next to their layers (torch-pruning only edits layers)."""
     fix_timm_attention(model)
     for m in model.modules():
-        # Hugging Face self-attention: head size and all_head_size follow the pruned query width
-        heads = getattr(m, "num_attention_heads", None)
-        q = getattr(m, "query", None)
-        if isinstance(heads, int) and isinstance(q, nn.Linear) and hasattr(m, "attention_head_size"):
-            m.attention_head_size = q.out_features // heads
-            if hasattr(m, "all_head_size"):
+        # Hugging Face self-attention: the head size follows the pruned query width (the logit scaling stays
+        # the dense one, so kept head dims compute what they did)
+        found = hf_projections(m)
+        if found:
+            heads, (q, _, _) = found
+            for attr in ("attention_head_size", "head_dim"):
+                if isinstance(getattr(m, attr, None), int):
+                    setattr(m, attr, q.out_features // heads)
+            if isinstance(getattr(m, "all_head_size", None), int):
                 m.all_head_size = q.out_features
-            if hasattr(m, "scaling"):
-                m.scaling = m.attention_head_size ** -0.5
         # torchvision VisionTransformer reshapes its patch embedding with hidden_dim
         conv = getattr(m, "conv_proj", None)
         if isinstance(getattr(m, "hidden_dim", None), int) and isinstance(conv, nn.Conv2d):
@@ -142,7 +143,7 @@ def apply_allocation(
             for m in model.modules():
                 if getattr(m, "qkv", None) is qkv:
                     m.num_heads = h
-                elif getattr(m, "query", None) is qkv and hasattr(m, "num_attention_heads"):
+                elif hf_projections(m) and hf_projections(m)[1][0] is qkv:
                     m.num_attention_heads = h
     repair_metadata(model)
     clear_caches(model)
