@@ -138,3 +138,18 @@ def test_prune_to_latency_writes_the_latency_story(tmp_path, shared_cache, monke
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "Latency model" in summary and "of the MAC ratio became real speed" in summary
     assert res["compressed"]["files_mb"]["state_dict"] > 0
+
+
+def test_sensitivity_strategist_trades_against_measured_latency_under_a_latency_budget():
+    from prunepilot.agents.context import Context
+    from prunepilot.agents.strategists import SensitivityStrategist
+
+    fams = [{"family": "a", "macs_share": 0.8, "latency_share": 0.1, "sensitivity_z": 0.0},
+            {"family": "b", "macs_share": 0.2, "latency_share": 0.9, "sensitivity_z": 0.0}]
+    profile = {"families": fams, "groups": ["a", "b"]}
+    s = SensitivityStrategist()
+    by_macs = s.propose(Context("prune", profile, {"targets": {"macs": {}}}, []))
+    by_latency = s.propose(Context("prune", profile, {"targets": {"latency_ms": {}}}, []))
+    assert by_macs.ratios["a"] > by_macs.ratios["b"]  # MAC-heavy family loses more
+    assert by_latency.ratios["b"] > by_latency.ratios["a"]  # latency-heavy family loses more
+    assert "measured latency" in by_latency.rationale

@@ -20,7 +20,7 @@ def _accuracy(a: Attempt) -> float | None:
 
 
 class UniformStrategist:
-    """Every group loses the same fraction; the projector finds the fraction. Importance varies by round."""
+    """Every group loses the same fraction (L2 importance); the projector finds the fraction."""
 
     name = "uniform"
     kinds = ("prune",)
@@ -44,9 +44,10 @@ class GridStrategist:
 
 
 class SensitivityStrategist:
-    """Prune where it is cheap: families whose measured sensitivity is low and whose MAC share is high lose more.
+    """Prune where it is cheap: families whose measured sensitivity is low and whose cost share is high lose more.
 
-    shape_f = exp(-alpha * z_sens_f) * (macs_share_f / mean share)^beta, with (alpha, beta) walked from history:
+    shape_f = exp(-alpha * z_sens_f) * (share_f / mean share)^beta, with (alpha, beta) walked from history, where
+    the share is of MACs, or of measured latency (the device's latency tables) when the budget targets latency:
     round 0 uses a moderate setting; later rounds move alpha towards the setting of the best attempt so far
     and probe around it (a deterministic 1-D line search on how strongly to trust the sensitivity profile).
     """
@@ -60,7 +61,8 @@ class SensitivityStrategist:
         alpha, beta, importance = self._setting(ctx.history)
         if not fams:
             return Plan(default_ratio=0.5, round_to=8, importance=importance, rationale="no family profile: uniform")
-        shares = [max(1e-6, f.get("macs_share", 0.0)) for f in fams]
+        by = "latency_share" if "latency_ms" in (ctx.budget.get("targets") or {}) else "macs_share"
+        shares = [max(1e-6, f.get(by, 0.0)) for f in fams]
         mean_share = sum(shares) / len(shares)
         raw = {}
         for f, share in zip(fams, shares):
@@ -73,7 +75,8 @@ class SensitivityStrategist:
             default_ratio=0.0,
             round_to=8,
             importance=importance,
-            rationale=f"sensitivity-weighted shape (alpha={alpha}, beta={beta}): insensitive, MAC-heavy families lose more",
+            rationale=f"sensitivity-weighted shape (alpha={alpha}, beta={beta}): insensitive families heavy in "
+                      f"{'measured latency' if by == 'latency_share' else 'MACs'} lose more",
             params={"alpha": alpha, "beta": beta},
         )
 
@@ -115,7 +118,12 @@ class OptunaStrategist:
         for a in history:
             ratios = (a.plan or {}).get("ratios", {})
             params = {f: min(MAX_RATIO, max(0.05, float(ratios.get(f, 0.5)))) for f in fams}
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=float(_accuracy(a) or 0.0)))
+            score = _accuracy(a)
+            if score is None:  # failed or outside the band: a failed trial, not a zero score that skews TPE
+                study.add_trial(optuna.trial.create_trial(params=params, distributions=dist,
+                                                          state=optuna.trial.TrialState.FAIL))
+            else:
+                study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=float(score)))
         trial = study.ask(dist)
         ratios = {f: round(trial.params[f], 4) for f in fams}
         return Plan(ratios=ratios, default_ratio=0.0, round_to=8, importance="l2",

@@ -52,6 +52,12 @@ class LatencyTargeting:
         pruner.projector = Projector(st, pruner.cost, latency=lm,
                                      align={f: c.multiple for f, c in alignment.items()})
         pruner.profile.dense[METRIC] = lm.dense_ms  # budgets resolve against the tables' own statistic
+        # what strategists and the analyst read as each group's latency: the time the tables say it saves
+        # (a 50% cut, doubled), so "value per latency" is measured on this device, not inferred from MACs
+        for g in pruner.profile.groups:
+            if g.name in st.groups:
+                g.latency_ms = max(0.0, 2 * -lm.group_delta({}, g.name, 0.5))
+        pruner.profile.dense["module_ms"] = lm.dense_ms
         return cls(lm, alignment)
 
     def measure(self, model: torch.nn.Module, x: Any) -> float:
