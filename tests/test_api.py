@@ -69,6 +69,10 @@ def test_agent_loop_on_user_dataloaders_with_evaluate(tmp_path, fmnist_loaders):
     # the final score is the user's metric on the returned model
     assert res.metrics["score"] == pytest.approx(evaluate(res.model.eval()), abs=1e-6)
     assert len(calls) > 3  # dense, sensitivity, candidates, final
+    from prunepilot.journal import Journal
+
+    verdicts = [a.verdict for a in Journal(res.out / "journal.sqlite").attempts(res.run_id)]
+    assert verdicts == ["best", "repeat"]  # uniform proposes the same allocation again: not measured twice
     # a random-weight model is near chance on real data: the run says so loudly
     assert any("near chance" in w for w in res.raw["warnings"])
 
@@ -93,9 +97,9 @@ class TwoInputNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.a = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
-        self.b = nn.Sequential(nn.Linear(6, 32), nn.ReLU())
-        self.head = nn.Linear(32, 3)
+        self.a = nn.Sequential(nn.Linear(12, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU())
+        self.b = nn.Sequential(nn.Linear(6, 128), nn.ReLU())
+        self.head = nn.Linear(128, 3)
 
     def forward(self, image_feats, meta):
         return {"logits": self.head(self.a(image_feats) + self.b(meta))}
@@ -208,3 +212,44 @@ def test_quantize_api_returns_the_quantized_module():
     assert res.out is None and res.metrics["size_mb"] < res.dense["size_mb"]
     assert torch.allclose(res.model(x), model(x), atol=0.2)
     assert any("Quantized" in type(m).__name__ or "quantized" in type(m).__module__ for m in res.model.modules())
+
+
+def _hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                    image_size=32, patch_size=8, num_channels=3, num_labels=5)
+    torch.manual_seed(0)
+    return ViTForImageClassification(cfg).eval()
+
+
+def _hf_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=256, max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def test_hf_vit_from_config_with_dict_batches(tmp_path):
+    """A Hugging Face ViT: keyword inputs (pixel_values), a ModelOutput with .logits, dict batches."""
+    model = _hf_vit()
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(96, 3, 32, 32, generator=g), torch.randint(0, 5, (96,), generator=g)
+    batches = DataLoader([{"pixel_values": xs[i], "labels": ys[i]} for i in range(96)], batch_size=32)
+    example = {"pixel_values": xs[:1]}
+    res = prunepilot.prune(model, example, target_macs=0.6, train=batches, val=batches, agent="uniform", rounds=1,
+                           finetune_steps=2, finetune_epochs=0.34, history=False, out=tmp_path / "vit", log=None)
+    assert res.within_band, res.raw["errors"]
+    assert res.model(**example).logits.shape == (1, 5)
+
+
+def test_hf_bert_encoder_with_token_inputs():
+    """A BERT-style encoder: integer input_ids + attention_mask passed as keywords; one projected plan."""
+    model = _hf_bert()
+    ids = torch.randint(0, 512, (1, 16))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    res = prunepilot.prune(model, example, target_params=0.7, log=None)
+    assert res.within_band, res.raw["errors"]
+    assert res.model(**example).logits.shape == (1, 2)

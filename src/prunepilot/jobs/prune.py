@@ -138,23 +138,31 @@ class PruneJob:
         return self.pruner.candidate(plan, self.budget, calibration=calibration)
 
     def evaluate(self, cand: Candidate, step: Step, history: list[Attempt]) -> Outcome:
+        allocation = {**cand.projection.allocation.to_json(), "importance": cand.plan.importance if cand.plan else None}
+        same = next((a for a in history if a.allocation == allocation and a.metrics and a.verdict != "failed"), None)
         metrics = dict(cand.metrics)
-        metrics.update(self.evaluator.score(cand.model, self.settings.finetune_steps))
+        if same is not None:  # the same model again: its measurement stands, no second recovery is paid for
+            metrics.update({k: v for k, v in same.metrics.items() if k not in metrics})
+        else:
+            metrics.update(self.evaluator.score(cand.model, self.settings.finetune_steps))
         goals = [m for m in self.budget.goals if m in metrics]
         return Outcome(
-            allocation={**cand.projection.allocation.to_json(), "importance": cand.plan.importance if cand.plan else None},
+            allocation=allocation,
             projected=cand.projection.ratios(self.pruner.structure),
             metrics=metrics,
             errors={m: self.budget.error(m, metrics[m]) for m in goals},
             within_band=all(self.budget.within(m, metrics[m]) for m in goals),
             candidate=cand,
             extra={"predicted": cand.projection.predicted, "projection_reason": cand.projection.reason,
-                   "corrections": cand.corrections},
+                   "corrections": cand.corrections, **({"repeat_of": same.index} if same is not None else {})},
         )
 
     def judge(self, step: Step, outcome: Outcome, history: list[Attempt]) -> Judgement:
         acc = quality_of(outcome.metrics)
         prev = best_feasible(history)
+        if "repeat_of" in outcome.extra:
+            return Judgement("repeat", acc, f"the same allocation as attempt {outcome.extra['repeat_of']}: not measured "
+                             "again; propose a different shape (or importance) to learn something new")
         if not outcome.within_band:
             return Judgement("infeasible", acc, "outside the budget band: " + ", ".join(f"{m} {e:+.2%}" for m, e in outcome.errors.items()))
         better = prev is None or (acc or 0.0) > (prev.score or 0.0)
