@@ -250,6 +250,6 @@ def test_hf_bert_encoder_with_token_inputs():
     model = _hf_bert()
     ids = torch.randint(0, 512, (1, 16))
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    res = prunepilot.prune(model, example, target_params=0.7, log=None)
+    res = prunepilot.prune(model, example, target_macs=0.6, log=None)
     assert res.within_band, res.raw["errors"]
     assert res.model(**example).logits.shape == (1, 2)

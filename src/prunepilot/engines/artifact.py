@@ -42,7 +42,10 @@ def export_program(model: nn.Module, example_input: torch.Tensor, out: Path) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(model, (example_input,))
+            from ..inputs import as_args_kwargs
+
+            args, kwargs = as_args_kwargs(example_input)  # a tensor, positional tensors, or keyword inputs
+            ep = torch.export.export(model, args, kwargs)
             write_atomic(out / PROGRAM, lambda p: torch.export.save(ep, p))
         return {"exported_program": PROGRAM, "export_error": None}
     except Exception as exc:  # some architectures do not export; say so instead of failing the run
@@ -91,7 +94,9 @@ def save_pruned(model: nn.Module, example_input: torch.Tensor, out_dir: str | Pa
         info["rebuild"] = ("load_pruned cannot rebuild this model: it was handed in from Python, so no source is "
                            "recorded; load model.pt2, or rebuild the module and load model.safetensors")
     full = {**record, "format": FORMAT, "params": sum(p.numel() for p in model.parameters()),
-            "input_shape": list(example_input.shape), "state_dict_sha256": file_sha256(out / STATE_DICT),
+            # a tensor input's shape rebuilds the model; other inputs (dicts, token ids) come from the source again
+            "input_shape": list(example_input.shape) if isinstance(example_input, torch.Tensor) else None,
+            "state_dict_sha256": file_sha256(out / STATE_DICT),
             "files": {k: info[k] for k in ("state_dict", "exported_program", "module")}}
     write_json_atomic(out / STRUCTURE, full)
     return info
