@@ -3,6 +3,14 @@ at 50% unstructured and 2:4, on the same calibration / evaluation text (Python d
 
     python bench/llm_sparsity.py                      # all variants, writes bench/results/llm_sparsity.json
     python bench/llm_sparsity.py --variants u50,owl50,agent50 --eval-seqs 8
+    # the allocation-search table (issue 12): one evaluation budget for every loop arm
+    python bench/llm_sparsity.py --variants u50,owl50,agent50,evo50,evollm50,u70,owl70,agent70,evo70 \
+        --evals 100 --out bench/results/llm_sparsity_evolve.json
+
+Search arms (agent*, evo*, evollm*) share one evaluation budget (--evals: candidates measured on the probe,
+any probe size; evolve's screens on 1 or 2 of the 4 probe sequences count as full evaluations, so the
+comparison is conservative for evolve; `probe_cost` reports the cost in whole-probe equivalents). The
+sensitivity loop ramps to the target and stops when its line search converges, usually well under budget.
 
 Shares one model load, one dense evaluation and one sensitivity profile across variants; every variant
 restores the dense weights first. Allocations are made as `prunepilot sparsify` makes them (sparsify/run.py):
@@ -31,9 +39,10 @@ from prunepilot.agents.registry import make_builtin, make_strategist
 from prunepilot.budget import Budget
 from prunepilot.engines import sparsity as sp
 from prunepilot.evaluate.language import fidelity, knowledge_retention, knowledge_targets, mean_nll
-from prunepilot.jobs.sparsify import RampSettings, SparsifyJob
+from prunepilot.agents.evolve import evolve_report
+from prunepilot.jobs.sparsify import RampSettings, SparsifyJob, measured
 from prunepilot.journal import Journal, prepare_out
-from prunepilot.loop import Master
+from prunepilot.loop import LoopLimits, Master
 from prunepilot.results import environment, write_json_atomic
 from prunepilot.sources.llm import load_causal_lm
 from prunepilot.sources.text import load_split, token_blocks
@@ -54,7 +63,15 @@ VARIANTS: dict[str, tuple[str, str, str]] = {
     "sgpt24": ("2:4", "sparsegpt", "uniform"),
     "mag24": ("2:4", "magnitude", "uniform"),
     "llm50": ("50%", "wanda", "llm:local"),
+    "evo50": ("50%", "wanda", "evolve"),
+    "evollm50": ("50%", "wanda", "evolve+local"),
+    "evo50_sgpt": ("50%", "sparsegpt", "evolve"),
 }
+for _lvl in ("60", "70"):
+    VARIANTS |= {f"u{_lvl}": (f"{_lvl}%", "wanda", "uniform"), f"owl{_lvl}": (f"{_lvl}%", "wanda", "owl"),
+                 f"agent{_lvl}": (f"{_lvl}%", "wanda", "agent"), f"evo{_lvl}": (f"{_lvl}%", "wanda", "evolve"),
+                 f"evollm{_lvl}": (f"{_lvl}%", "wanda", "evolve+local")}
+LOOP = ("agent", "evolve", "evolve+local")  # allocations searched by the one loop (the rest are one-shot)
 
 
 def rss_mb() -> float:
@@ -75,6 +92,9 @@ def main() -> None:
     ap.add_argument("--step", type=float, default=0.1)
     ap.add_argument("--refine-iters", type=int, default=8)
     ap.add_argument("--llm-iters", type=int, default=6, help="ramp iterations at most for the LLM arm")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared machine)")
+    ap.add_argument("--evals", type=int, default=None,
+                    help="one evaluation budget for every search arm (default: the arms' own limits, as before)")
     ap.add_argument("--out", default="bench/results/llm_sparsity.json")
     ap.add_argument("--runs-dir", default="runs/bench_llm", help="one journal per loop variant (<dir>/<variant>/journal.sqlite)")
     ap.add_argument("--no-dense-eval", action="store_true", help="skip the dense perplexity (another process measures it)")
@@ -84,6 +104,8 @@ def main() -> None:
     if args.merge:
         return merge([Path(p) for p in args.merge], out)
     t_all = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_all:7.1f}s] {msg}", flush=True)
@@ -102,7 +124,8 @@ def main() -> None:
         "model": args.model, "environment": environment(),
         "protocol": {**text.protocol, "calib": f"{args.calib_seqs}x{args.seqlen}", "eval": f"{args.eval_seqs}x{args.eval_seqlen}",
                      "eval_tokens": int(evalb.numel()), "probe": f"{args.probe_seqs}x{args.probe_seqlen} (held-out calibration text)",
-                     "fidelity": f"1x{args.eval_seqlen}", "rollback_threshold": args.threshold, "step": args.step},
+                     "fidelity": f"1x{args.eval_seqlen}", "rollback_threshold": args.threshold, "step": args.step,
+                     "evals": args.evals, "threads": torch.get_num_threads()},
         "variants": {},
     }
 
@@ -119,18 +142,22 @@ def main() -> None:
     profile: Any = None
     probe_set: Any = None
 
-    def need_profile() -> None:
-        nonlocal bank, profile, probe_set
-        if profile is not None:
-            return
-        t0 = time.perf_counter()
-        probe_set = Probe(model, probe)
-        norms = activation_norms(model, calib)
-        grads = gradient_importance(model, calib[:2, :256], 1)
-        bank = WandaBank(model, infos, norms)
-        profile = build_profile(lm.name, 0.5, infos, bank, grads, 3)
-        report["profile_s"] = time.perf_counter() - t0
-        log(f"profile {report['profile_s']:.0f}s")
+    grads: dict[str, float] = {}
+    profiles: dict[float, Any] = {}  # target -> profile (its measured group costs are taken at that target)
+
+    def need_profile(target: float = 0.5) -> None:
+        nonlocal bank, profile, probe_set, grads
+        if bank is None:
+            t0 = time.perf_counter()
+            probe_set = Probe(model, probe)
+            norms = activation_norms(model, calib)
+            grads = gradient_importance(model, calib[:2, :256], 1)
+            bank = WandaBank(model, infos, norms)
+            report["profile_s"] = time.perf_counter() - t0
+            log(f"profile {report['profile_s']:.0f}s")
+        if target not in profiles:
+            profiles[target] = build_profile(lm.name, target, infos, bank, grads, 3)
+        profile = profiles[target]
     agent_counts: dict[str, int] | None = None
     agent_info: dict[str, Any] = {}
 
@@ -143,7 +170,8 @@ def main() -> None:
 
     for name in [v for v in args.variants.split(",") if v]:
         sparsity, method, alloc = VARIANTS[name]
-        target, nm = (0.5, sp.parse_nm(sparsity))
+        nm = sp.parse_nm(sparsity)
+        target = nm.sparsity if nm is not None else float(sparsity.rstrip("%")) / 100
         restore()
         t0 = time.perf_counter()
         info: dict[str, Any] = {"sparsity": sparsity, "method": method, "allocation": alloc}
@@ -152,21 +180,23 @@ def main() -> None:
                 counts = project({}, infos, target)
                 info.update(attempts=0, loop_s=0.0)
             elif alloc == "owl":  # one-shot, as `prunepilot sparsify --agent owl`
-                need_profile()
+                need_profile(target)
                 ctx = Context("sparsify", profile, {}, [], phase="ramp",
                               step={"level": target, "target": target, "current": {i.name: 0.0 for i in infos}})
                 plan = make_builtin("owl", "sparsify").propose(ctx)
                 assert plan is not None  # one-shot strategists always answer on the ramp
                 counts = project(resolve(plan, infos, profile.groups, {}), infos, target)
                 info.update(attempts=0, loop_s=0.0)
-            elif alloc == "agent" and agent_counts is not None:
+            elif alloc == "agent" and target == 0.5 and agent_counts is not None:
                 counts = agent_counts
                 info.update(agent_info, reused_allocation_from="agent50")
             else:
-                need_profile()
+                need_profile(target)
                 agent, max_iters = "sensitivity", 24
                 if alloc.startswith("llm:"):
                     agent, max_iters = alloc[4:], args.llm_iters
+                elif alloc != "agent":
+                    agent = alloc
                 strategist, resolved = make_strategist(agent, "sparsify", say=log)
                 tp = time.perf_counter()
                 if not profile.group_probe:
@@ -174,7 +204,8 @@ def main() -> None:
                 probe_s = time.perf_counter() - tp
                 # the loop exactly as sparsify/run.py::_loop wires it (the probe and its costs are shared)
                 rs = RampSettings(target=target, step=args.step, threshold=args.threshold, max_iters=max_iters,
-                                  refine_iters=args.refine_iters)
+                                  refine_iters=args.evals or args.refine_iters, evals=args.evals,
+                                  ramp=getattr(strategist, "needs_ramp", True))
                 budget = Budget.parse(sparsity=f"{target * 100:.6g}%").resolve({}).to_json()
                 job = SparsifyJob(model, bank, infos, profile, probe_set, rs, budget)
                 jdir = Path(args.runs_dir) / name
@@ -183,13 +214,17 @@ def main() -> None:
                 run_id = journal.start_run("sparsify", {"bench": "llm_sparsity", "variant": name, "model": args.model,
                                                         "sparsity": sparsity, "agent": agent, "ramp": vars(rs)}, jdir)
                 tl = time.perf_counter()
-                Master(job, strategist, journal, run_id, seed=0, log=lambda m, n=name: log(f"  {n} {m}")).run()
+                limits = LoopLimits(max_attempts=max(200, 2 * (args.evals or 0) + max_iters + 10))
+                Master(job, strategist, journal, run_id, seed=0, limits=limits,
+                       log=lambda m, n=name: log(f"  {n} {m}")).run()
                 loop_s = time.perf_counter() - tl
                 history = journal.attempts(run_id)
                 counts = job.best_counts(history)
                 restore()
                 journal.finish_run(run_id, "done", {"counts": counts})
+                full = probe_set.n_seqs
                 loop_info = {"group_probe_s": probe_s, **job.summary(history), "attempts": len(history), "loop_s": loop_s,
+                             "probe_cost": sum(a.metrics.get("probe_seqs", full) / full for a in history if measured(a)),
                              "strategist": resolved, "run_id": run_id,
                              "failed": sum(1 for a in history if a.verdict == "failed"),
                              "trajectory": [{"iteration": a.index + 1, "phase": a.phase,
@@ -197,13 +232,15 @@ def main() -> None:
                                              "probe_ppl": a.metrics.get("probe_ppl"), "probe_kl": a.metrics.get("probe_kl"),
                                              "rise": a.metrics.get("rise"), "verdict": a.verdict, "strategist": a.strategist,
                                              "params": a.plan_params} for a in history]}
+                if getattr(strategist, "needs_ramp", True) is False:
+                    loop_info["search"] = evolve_report(history)
                 calls = journal.llm_calls(run_id)
                 if calls:
                     loop_info["llm_calls"] = len(calls)
                     loop_info["llm_fallbacks"] = sum(1 for a in history if a.fallback_reason)
                     loop_info["llm_latency_s"] = sum(c.get("latency_s", 0.0) for c in calls)
                 info.update(loop_info)
-                if alloc == "agent":
+                if alloc == "agent" and target == 0.5:
                     agent_counts, agent_info = counts, loop_info
             achieved = sequential_sparsify(model, calib, counts, method, nm)
             info["compress_s"] = time.perf_counter() - t0
@@ -223,9 +260,34 @@ def main() -> None:
         report["variants"][name] = info
         report["wall_s"] = time.perf_counter() - t_all
         write_json_atomic(out, report)
+        report["table"] = table(report)
+        write_json_atomic(out, report)
         log(f"{name}: ppl {info.get('perplexity', float('nan')):.2f} sparsity {info.get('achieved_sparsity', 0):.4f} "
             f"compress {info.get('compress_s', 0):.0f}s {info.get('error', '')}")
     log("done")
+
+
+def table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per variant: perplexity, its degradation over dense as a share of uniform's at the same level and method
+    (the issue's yardstick), the change vs uniform, KL, evaluations and wall time."""
+    dense = (report.get("dense") or {}).get("perplexity")
+    vs = report["variants"]
+    rows = []
+    for name, v in vs.items():
+        if "perplexity" not in v:
+            continue
+        uni = next((u for u in vs.values() if u.get("allocation") == "uniform" and u.get("sparsity") == v["sparsity"]
+                    and u.get("method") == v["method"] and "perplexity" in u), None)
+        row = {"variant": name, "sparsity": v["sparsity"], "method": v["method"], "allocation": v["allocation"],
+               "perplexity": round(v["perplexity"], 3), "kl": round(v["fidelity"]["kl"], 4) if "fidelity" in v else None,
+               "evals": v.get("evals", 0), "probe_cost": round(v.get("probe_cost", 0.0), 2),
+               "loop_s": round(v.get("loop_s", 0.0), 1), "compress_s": round(v.get("compress_s", 0.0), 1)}
+        if uni is not None:
+            row["ppl_vs_uniform"] = round(v["perplexity"] / uni["perplexity"] - 1, 4)
+            if dense:
+                row["degradation_share_of_uniform"] = round((v["perplexity"] - dense) / (uni["perplexity"] - dense), 4)
+        rows.append(row)
+    return rows
 
 
 def merge(paths: list[Path], out: Path) -> None:
@@ -243,6 +305,7 @@ def merge(paths: list[Path], out: Path) -> None:
     d = merged.get("dense", {}).get("perplexity")
     if d:
         merged["degradation"] = {k: v["perplexity"] / d - 1 for k, v in merged["variants"].items() if "perplexity" in v}
+    merged["table"] = table(merged)
     write_json_atomic(out, merged)
 
 
