@@ -90,9 +90,9 @@ def main() -> None:
                        "macs_ratio": macs / res["dense"]["macs"], "macs_arm_latency_ms": m_ms,
                        "latency_arm_vs_macs_arm": m_ms / l_ms, "speedup": d_ms / l_ms,
                        "ideal_speedup": res["dense"]["macs"] / macs,
-                       "latency_model": res["latency"]["model"], "alignment": {
-                           f: a["multiple"] for f, a in res["latency"]["alignment"].items()},
-                       "corrections": res["latency"]["corrections"], "seconds": round(seconds, 1)}
+                       "latency_model": res["latency_targeting"]["model"], "alignment": {
+                           f: a["multiple"] for f, a in res["latency_targeting"]["alignment"].items()},
+                       "corrections": res["latency_targeting"]["corrections"], "seconds": round(seconds, 1)}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("latency_model", "alignment")}))
                 args.out.parent.mkdir(parents=True, exist_ok=True)

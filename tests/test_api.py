@@ -73,6 +73,11 @@ def test_agent_loop_on_user_dataloaders_with_evaluate(tmp_path, fmnist_loaders):
 
     verdicts = [a.verdict for a in Journal(res.out / "journal.sqlite").attempts(res.run_id)]
     assert verdicts == ["best", "repeat"]  # uniform proposes the same allocation again: not measured twice
+    shares = res.raw["time_shares"]
+    assert set(shares) == {"prunable_ops", "kept_whole", "other_modules", "outside_modules"}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+    assert "of the MAC ratio became real speed-up" in res.raw["speed_explanation"]
+    assert "of the MAC ratio became real speed-up" in (res.out / "summary.md").read_text()
     # a random-weight model is near chance on real data: the run says so loudly
     assert any("near chance" in w for w in res.raw["warnings"])
 

@@ -133,7 +133,7 @@ def test_prune_to_latency_writes_the_latency_story(tmp_path, shared_cache, monke
     res = run_prune_to_latency(LoadedModel(model, x, "python:ResidualCNN", "tiny"), Budget.parse(latency_ms="70%"),
                                Plan(), tmp_path / "run", log=lambda _m: None)
     assert set(res["errors"]) == {"latency_ms"} and res["compressed"]["latency_ms"] > 0
-    assert res["latency"]["model"]["fingerprint"].startswith("cpu|")
+    assert res["latency_targeting"]["model"]["fingerprint"].startswith("cpu|")
     assert res["within_band"] or res["reason"]  # out of band is never silent
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "Latency model" in summary and "of the MAC ratio became real speed" in summary

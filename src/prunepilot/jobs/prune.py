@@ -481,6 +481,11 @@ def finish(job: PruneJob, best: Attempt, history: list[Attempt], loaded, run: Pr
     comp_block = measure_block(model, pruner.x, count_real(model, pruner.x), comp_ms)
     comp_block.update(comp_q)
     errors = {m: rb.error(m, comp_block[m]) for m in rb.goals}
+    from ..latency.explain import explain_speedup, time_breakdown
+
+    shares = time_breakdown(pruner.dense, pruner.x, pruner.structure, dense_ms)
+    speed_story = explain_speedup(dense_ms / comp_ms if comp_ms else None,
+                                  dense_block["macs"] / comp_block["macs"], shares)
     record = {"model": loaded.spec.model_dump() if loaded.spec else None, "allocation": best.allocation,
               "protected": list(run.user.protected), "run_id": run_id}
     export = save_model(model, pruner.x, out, record=record)
@@ -497,12 +502,13 @@ def finish(job: PruneJob, best: Attempt, history: list[Attempt], loaded, run: Pr
         skipped=pruner.profile.ignored, export=export,
         recovery={"final_epochs": s.finetune_epochs, "kd": s.kd, "in_loop_steps": s.finetune_steps},
         run_id=run_id, seconds=time.perf_counter() - t0, score_metric=job.evaluator.metric,
-        latency=job.latency.to_json() if job.latency is not None else None,
+        latency_targeting=job.latency.to_json() if job.latency is not None else None,
+        time_shares=shares, speed_explanation=speed_story,
         warnings=list(warnings or []), device=str(next(model.parameters()).device),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
     write_json_atomic(out / "result.json", result)
-    summary = summary_markdown(result)
+    summary = summary_markdown(result) + (f"\n{speed_story}\n" if speed_story else "")
     if job.latency is not None:
         from ..latency.job import latency_summary
 

@@ -131,7 +131,7 @@ def run_prune_to_latency(loaded: Any, budget: Any, plan: Plan, out: Path, *, ali
         kind="prune", model=loaded.uri, budget=rb.to_json(), dense=dense_block, compressed=comp_block,
         within_band=within, errors=errors, reason=reason,
         projection={**cand.projection.to_json(pruner.structure), "corrections": cand.corrections},
-        latency=targeting.to_json(), speedup=dense_ms / comp_ms if comp_ms else None,
+        latency_targeting=targeting.to_json(), speedup=dense_ms / comp_ms if comp_ms else None,
         ideal_speedup=dense_block["macs"] / comp_block["macs"],
         widths={g: list(w) for g, w in alloc.widths(pruner.structure).items()},
         skipped=pruner.profile.ignored, export=export, seconds=time.perf_counter() - t0,
@@ -142,7 +142,7 @@ def run_prune_to_latency(loaded: Any, budget: Any, plan: Plan, out: Path, *, ali
 
 
 def latency_summary(result: dict[str, Any]) -> str:
-    lat = result.get("latency") or {}
+    lat = result.get("latency_targeting") or {}
     lm = lat.get("model") or {}
     if not lm:
         return ""

@@ -333,6 +333,8 @@ def compare_section(r: dict[str, Any]) -> dict[str, Any]:
         if sp is not None and ideal:
             parts.append(f"{100 * sp / ideal:.0f}% of the MAC ratio realised")
         speed = "; ".join(parts)
+        if isinstance(r.get("speed_explanation"), str) and r["speed_explanation"]:
+            speed += ". " + r["speed_explanation"]
     timings = []
     lat = r.get("latency")
     for name, t in (lat.items() if isinstance(lat, dict) else []):
