@@ -116,7 +116,8 @@ def prune(
     """Prune `model` so its MACs / params (or measured latency) land inside the budget band.
 
     Budgets: `target_macs=0.5` (a fraction of the dense model), `"1.77G"`, `"45%"`; `target_latency="50%"` or
-    milliseconds. Without data: one plan (uniform, or `plan`) projected exactly onto the budget. With `train`
+    milliseconds (measured on `device`: per-op latency tables, cached, then a fresh measurement). Without data:
+    one plan (uniform, or `plan`) projected exactly onto the budget. With `train`
     (and `val` or `evaluate`): the agent loop ranks candidates after an equal short recovery, then the winner
     is fine-tuned for `finetune_epochs` and tested on `test` (else `val`). Batches are the user's own:
     `(inputs, target)` pairs, `(x1, x2, target)`, or dicts (label keys `labels`/`label`/`y`/`target`).
@@ -137,7 +138,7 @@ def prune(
     has_data = train is not None or val is not None or evaluate is not None
     if resume and out is None:
         raise PrunepilotError("resume needs the run folder", "resume=True without out=", "pass out=<the run's folder>")
-    if has_data and not _has(budget, "latency_ms"):
+    if has_data:
         from ..sources.user_data import UserData
 
         if train is None and finetune_steps > 0:
@@ -174,10 +175,10 @@ def prune(
         prepare_out(folder, overwrite=overwrite)
         place_loaded(loaded, _text(device), _text(dtype))
         if _has(budget, "latency_ms"):
-            from ..joint import run_compress
+            from ..latency.job import run_prune_to_latency
 
-            raw, pruned = run_compress(loaded, budget, folder, plan=one, quant_options=("none",), log=logger,
-                                       return_model=True)
+            raw, pruned = run_prune_to_latency(loaded, budget, one, folder, align=round_to is None, log=logger,
+                                               return_model=True)
         else:
             from ..pipeline import run_prune
 
