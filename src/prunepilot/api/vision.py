@@ -141,13 +141,13 @@ def prune(
     if has_data:
         from ..sources.user_data import UserData
 
-        if train is None and finetune_steps > 0:
+        if train is None and (finetune_steps > 0 or finetune_epochs > 0):  # never fine-tune on the scoring data
             raise PrunepilotError("recovery needs training batches", "val/evaluate without train=",
                                   "pass train=, or finetune_steps=0 and finetune_epochs=0 to score without training")
         if val is None and evaluate is None:
             raise PrunepilotError("candidates need a score", "train= without val= or evaluate=",
                                   "pass val= (labelled batches) or evaluate=lambda model: ...")
-        data = UserData(train if train is not None else val, val, test)
+        data = UserData(train if train is not None else val, val, test)  # without train: BN statistics from val
         settings = PruneSettings(rounds=rounds, finetune_steps=finetune_steps, eval_limit=eval_limit,
                                  finetune_epochs=finetune_epochs, kd=kd, seed=seed)
         constraints = UserConstraints(protected=tuple(protect), importance=importance, round_to=round_to,
