@@ -29,7 +29,7 @@ from prunepilot.pipeline import Pruner, count_real
 from prunepilot.plan import Plan
 from prunepilot.sources.models import load_model
 
-URIS = {"resnet50": "torchvision:resnet50", "mobilenet_v3_large": "torchvision:mobilenet_v3_large",
+URIS = {"resnet18": "torchvision:resnet18", "resnet50": "torchvision:resnet50", "mobilenet_v3_large": "torchvision:mobilenet_v3_large",
         "convnext_tiny": "torchvision:convnext_tiny", "deit_small": "timm:deit_small_patch16_224"}
 
 
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--targets", default="0.5,0.7")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", type=int, default=224, help="input resolution (smaller only to smoke-test the script)")
     ap.add_argument("--skip-r50-macs", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench/results/latency_targets.json"))
     args = ap.parse_args()
@@ -67,7 +68,7 @@ def main() -> None:
     prev = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            shape = "x".join(map(str, (batch, 3, 224, 224)))
+            shape = "x".join(map(str, (batch, 3, args.size, args.size)))
             for target in (float(t) for t in args.targets.split(",")):
                 loaded = load_model(URIS[name], weights="random", input_shape=tuple(int(v) for v in shape.split("x")))
                 t0 = time.perf_counter()

@@ -109,7 +109,7 @@ def test_projector_meets_a_latency_goal_on_its_tables(shared_cache):
     model = ResidualCNN(c=32).eval()
     x = torch.randn(1, 3, 64, 64)
     pruner = Pruner(LoadedModel(model, x, "python:ResidualCNN", "tiny"))
-    targeting = LatencyTargeting.enable(pruner, cache_dir=shared_cache, align=True)
+    targeting = LatencyTargeting.enable(pruner, cache_dir=shared_cache, align=True, runs=1)
     rb = Budget.parse(latency_ms="80%", tolerance="+3%/-10%").resolve(pruner.profile.dense)
     proj = pruner.projector.project(Plan(), rb)
     assert proj.feasible and "latency_ms" in proj.predicted

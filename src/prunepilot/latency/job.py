@@ -34,7 +34,7 @@ class LatencyTargeting:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def enable(cls, pruner: Any, *, align: bool = True, cache_dir: Path | None | bool = True,
+    def enable(cls, pruner: Any, *, align: bool = True, cache_dir: Path | None | bool = True, runs: int = 3,
                log: Callable[[str], None] | None = None) -> "LatencyTargeting":
         from ..engines.structured import apply_allocation
         from ..projector import Projector
@@ -47,8 +47,8 @@ class LatencyTargeting:
             return apply_allocation(model, pruner.x, st, Allocation(kept, {})).eval()
 
         lm = build_latency_model(pruner.dense, pruner.x, st, prune_uniform=uniform if st.groups else None,
-                                 cache_dir=cache_dir, log=log)
-        alignment = choose_alignment(lm, st) if align else {}
+                                 cache_dir=cache_dir, runs=runs, log=log)
+        alignment = choose_alignment(lm, st, runs=runs) if align else {}
         pruner.projector = Projector(st, pruner.cost, latency=lm,
                                      align={f: c.multiple for f, c in alignment.items()})
         pruner.profile.dense[METRIC] = lm.dense_ms  # budgets resolve against the tables' own statistic
