@@ -102,6 +102,7 @@ def prune(
     plan: Plan | dict | None = None,
     importance: str | None = None,
     round_to: int | None = None,
+    align: bool = False,
     finetune_steps: int = 60,
     finetune_epochs: float = 1.0,
     kd: bool = True,
@@ -124,7 +125,8 @@ def prune(
     `evaluate(model) -> float` (higher is better) replaces top-1 as the ranking score; `loss(model, batch)`
     replaces the built-in objective (cross-entropy, MSE for float targets, distillation without labels).
     `device`/`dtype`: "auto" (CUDA when available, the model's own dtype), "cpu", "cuda:0", "bfloat16"...;
-    the model is moved there in place. `out`: the run folder (journal, report, model files); None = a
+    the model is moved there in place. `align=True`: channel multiples per family chosen by measured latency
+    (always on for a latency budget unless `round_to` is given). `out`: the run folder (journal, report, model files); None = a
     temporary one. `resume=True` continues the run journaled in `out` (the same model, unchanged).
     """
     from ..jobs.prune import PruneRun, PruneSettings, UserConstraints, place_loaded, run_prune_search
@@ -156,7 +158,7 @@ def prune(
             run = PruneRun(budget, data, folder, agent=agent, settings=settings, user=constraints,
                            history_path=Path(history) if isinstance(history, (str, Path)) else None,
                            use_history=history is not False, device=_text(device), dtype=_text(dtype),
-                           evaluate=evaluate, loss_fn=loss)
+                           evaluate=evaluate, loss_fn=loss, align=align)
             run_id = _resume_id(folder, loaded) if resume else None
             raw, pruned = run_prune_search(loaded, run, run_id=run_id, overwrite=overwrite, client=client, log=logger,
                                            return_model=True)
@@ -174,11 +176,11 @@ def prune(
     with _folder(out) as (folder, keep):
         prepare_out(folder, overwrite=overwrite)
         place_loaded(loaded, _text(device), _text(dtype))
-        if _has(budget, "latency_ms"):
+        if _has(budget, "latency_ms") or align:
             from ..latency.job import run_prune_to_latency
 
-            raw, pruned = run_prune_to_latency(loaded, budget, one, folder, align=round_to is None, log=logger,
-                                               return_model=True)
+            raw, pruned = run_prune_to_latency(loaded, budget, one, folder, align=align or round_to is None,
+                                               log=logger, return_model=True)
         else:
             from ..pipeline import run_prune
 

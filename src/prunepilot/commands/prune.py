@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON (its ratios are a shape; the projector rescales them)."),
         importance: Optional[str] = typer.Option(None, "--importance", help="Channel importance: l1, l2, taylor (gradients on calibration batches; needs --data), random. Default: l2, or the strategist's choice in the agent loop."),
         round_to: Optional[int] = typer.Option(None, "--round-to", help="Keep widths multiples of this (CPU/GPU kernels prefer 8/16); 1 = no rounding. Default: 8, or the strategist's choice in the agent loop."),
+        align: bool = typer.Option(False, "--align", help="Choose each family's channel multiple by measuring latency per kept channel on this device (builds per-op latency tables, cached); on by default with --target-latency unless --round-to is given."),
         prune_heads: bool = typer.Option(False, "--prune-heads", help="For ViTs: remove whole attention heads instead of head dims."),
         protect: list[str] = typer.Option([], "--protect", help="Module name or re:regex never to prune (repeatable)."),
         data: Optional[str] = typer.Option(None, "--data", help="Labelled data for the agent loop: fashion-mnist[:DIR], imagefolder:DIR, hf:NAME. Without it: one projected plan, no accuracy."),
@@ -110,7 +111,7 @@ def register(app: typer.Typer) -> None:
                                      finetune_epochs=finetune_epochs, kd=kd, seed=seed)
             run = PruneRun(budget, data, out, agent=agent, settings=settings, user=user, history_path=history,
                            use_history=not no_history, base_url=llm_base_url, normalize=normalize, resize=resize,
-                           crop=crop, device=device, dtype=dtype)
+                           crop=crop, device=device, dtype=dtype, align=align)
             result = run_prune_search(loaded, run, overwrite=overwrite, log=console.print)
         else:
             plan = load_plan(plan_file, importance=importance, round_to=None if round_to == 1 else (round_to or 8),
@@ -119,11 +120,12 @@ def register(app: typer.Typer) -> None:
             from ..jobs.prune import place_loaded
 
             place_loaded(loaded, device, dtype)
-            if target_latency is not None:
+            if target_latency is not None or align:
                 from ..latency.job import run_prune_to_latency
 
                 # a measured target: the device's latency tables project it, a fresh measurement verifies it
-                result = run_prune_to_latency(loaded, budget, plan, out, align=round_to is None, log=console.print)
+                result = run_prune_to_latency(loaded, budget, plan, out, align=align or round_to is None,
+                                              log=console.print)
             else:
                 with console.status("profiling, projecting, pruning, measuring"):
                     result = run_prune(loaded, budget, plan, out)

@@ -259,6 +259,7 @@ class PruneRun:
     crop: int | None = None
     device: str = "auto"
     dtype: str = "auto"
+    align: bool = False  # channel multiples per family by measurement (always on for a latency budget)
     evaluate: Callable[[torch.nn.Module], float] | None = field(default=None, repr=False)
     loss_fn: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
 
@@ -276,7 +277,7 @@ class PruneRun:
                 "user": self.user.to_json(), "out": str(self.out),
                 "history": str(self.history_path) if self.history_path else None, "use_history": self.use_history,
                 "normalize": self.normalize, "resize": self.resize, "crop": self.crop, "device": self.device,
-                "dtype": self.dtype, "evaluate": _callable_name(self.evaluate), "loss": _callable_name(self.loss_fn)}
+                "dtype": self.dtype, "align": self.align, "evaluate": _callable_name(self.evaluate), "loss": _callable_name(self.loss_fn)}
 
     @classmethod
     def from_config(cls, c: dict[str, Any], *, agent: str | None = None) -> "PruneRun":
@@ -295,7 +296,7 @@ class PruneRun:
                    history_path=Path(c["history"]) if c.get("history") else None,
                    use_history=c.get("use_history", True), normalize=c.get("normalize") or "auto",
                    resize=c.get("resize"), crop=c.get("crop"), device=c.get("device") or "auto",
-                   dtype=c.get("dtype") or "auto")
+                   dtype=c.get("dtype") or "auto", align=bool(c.get("align")))
 
 
 def _callable_name(fn: Any) -> str | None:
@@ -355,11 +356,11 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
             data = run.data
         pruner = Pruner(loaded, protected=list(run.user.protected))
         latency = None
-        if any(t.metric == "latency_ms" for t in run.budget.targets):
+        if run.align or any(t.metric == "latency_ms" for t in run.budget.targets):
             from ..latency.job import LatencyTargeting
 
             log("measuring the latency model of this device (cached per device)")
-            latency = LatencyTargeting.enable(pruner, align=run.user.round_to is None, log=log)
+            latency = LatencyTargeting.enable(pruner, align=run.align or run.user.round_to is None, log=log)
         rb = run.budget.resolve(pruner.profile.dense)
         evaluator = Evaluator(data, pruner.dense, s.scoring(), evaluate=run.evaluate, loss_fn=run.loss_fn)
         warnings = [w for w in [dense_sanity(evaluator)] if w]
