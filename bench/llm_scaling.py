@@ -127,17 +127,19 @@ def scaling(args: argparse.Namespace) -> None:
     out_json = RESULTS / "llm_scaling.json"
     prior = json.loads(out_json.read_text()) if out_json.is_file() and args.keep else {}
     base = baseline_rss_mb()
-    rows: list[dict[str, Any]] = [r for r in prior.get("runs", []) if r["size"] not in args.sizes.split(",")]
+    todo = {(z, m) for z in args.sizes.split(",") for m in args.methods.split(",")}
+    rows: list[dict[str, Any]] = [r for r in prior.get("runs", []) if (r["size"], r["method"]) not in todo]
     for name in args.sizes.split(","):
         path = make_model(name, root)
         weights_mb = sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
         p = _params(name)
-        act_mb = 2 * args.calib_seqs * args.seqlen * p["hidden"] * 2 / 2**20
+        # block inputs + outputs, float32 (blocks run upcast on a CPU without bf16 units)
+        act_mb = 2 * args.calib_seqs * args.seqlen * p["hidden"] * 4 / 2**20
         for method in args.methods.split(","):
             with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
                 cmd = [sys.executable, "-m", "prunepilot.cli", "sparsify", f"hf:{path}", "--sparsity", "50%",
                        "--agent", "uniform", "--method", method, "--calib-seqs", str(args.calib_seqs),
-                       "--seqlen", str(args.seqlen), "--eval-seqs", "2", "--eval-seqlen", "256",
+                       "--seqlen", str(args.seqlen), "--eval-seqs", "1", "--eval-seqlen", "128",
                        "--out", f"{tmp}/run", *(["--no-export"] if not args.export else [])]
                 r = run_measured(cmd)
                 res = json.loads((Path(tmp) / "run" / "result.json").read_text()) if r["rc"] == 0 else {}
@@ -163,7 +165,7 @@ def _write(path: Path, base: float, args: argparse.Namespace, rows: list[dict[st
 
     write_json_atomic(path, {"environment": environment(), "baseline_rss_mb": base,
                              "protocol": {"sparsity": "50% unstructured, uniform", "calib": f"{args.calib_seqs}x{args.seqlen} pydocs",
-                                          "eval": "2x256", "dtype": "bfloat16 (checkpoint)", "export": args.export,
+                                          "eval": "1x128", "dtype": "bfloat16 (checkpoint)", "export": args.export,
                                           "goal": "peak RSS - baseline <= 1.3 x weights + calibration activations"},
                              "runs": rows})
 
@@ -195,12 +197,20 @@ def _plot(rows: list[dict[str, Any]], base: float, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+SMOLLM2_ARMS = {
+    "uniform": ["--agent", "uniform"],  # every other setting at its default (32x512 calibration, 16x1024 eval)
+    "loop_light": ["--agent", "sensitivity", "--bands", "1", "--refine-iters", "1", "--calib-seqs", "8",
+                   "--seqlen", "256", "--eval-seqs", "4", "--probe-seqs", "2", "--probe-seqlen", "128"],
+}
+
+
 def smollm2(args: argparse.Namespace) -> None:
-    arms = {"uniform": ["--agent", "uniform"],
-            "loop": ["--agent", "sensitivity", "--bands", "1", "--refine-iters", "2"]}
-    rows = {}
+    path = RESULTS / f"llm_scaling_smollm2_{args.tag}.json"
+    prior = json.loads(path.read_text()) if path.is_file() else {}
+    rows = prior.get("arms", {})
     base = baseline_rss_mb()
-    for arm, extra in arms.items():
+    for arm in args.arms.split(","):
+        extra = SMOLLM2_ARMS[arm]
         with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:
             cmd = [sys.executable, "-m", "prunepilot.cli", "sparsify", "smollm2", "--sparsity", "50%", *extra,
                    "--out", f"{tmp}/run", *(["--no-export"] if not args.export else [])]
@@ -212,26 +222,26 @@ def smollm2(args: argparse.Namespace) -> None:
         if r["rc"] != 0:
             rows[arm]["error"] = r["tail"]
         print(arm, json.dumps(rows[arm]), flush=True)
-    from prunepilot.results import environment, write_json_atomic
+        from prunepilot.results import environment, write_json_atomic
 
-    import prunepilot
+        import prunepilot
 
-    write_json_atomic(RESULTS / f"llm_scaling_smollm2_{args.tag}.json",
-                      {"environment": environment(), "source": str(Path(prunepilot.__file__).parent),
-                       "baseline_rss_mb": base, "model_fp32_mb": 538.1, "arms": rows})
+        write_json_atomic(path, {"environment": environment(), "source": str(Path(prunepilot.__file__).parent),
+                                 "baseline_rss_mb": base, "model_fp32_mb": 538.1, "arms": rows})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="135m,360m,0.8b,1.7b,3b")
     ap.add_argument("--methods", default="wanda,sparsegpt")
-    ap.add_argument("--calib-seqs", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--calib-seqs", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "prunepilot-scaling-models"))
     ap.add_argument("--export", action="store_true", help="also export (save + verify) each sparse model")
     ap.add_argument("--keep", action="store_true", help="keep earlier rows of other sizes in the JSON")
     ap.add_argument("--smollm2", action="store_true")
     ap.add_argument("--tag", default="after")
+    ap.add_argument("--arms", default="uniform,loop_light", help=f"SmolLM2 arms: {', '.join(SMOLLM2_ARMS)}")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     smollm2(args) if args.smollm2 else scaling(args)

@@ -68,12 +68,12 @@ def _can_split(model: nn.Module) -> bool:
 
 
 def logit_chunks(model: nn.Module, ids: torch.Tensor, chunk: int = TOKEN_CHUNK) -> Iterator[torch.Tensor]:
-    """Next-token logits [b, <=chunk, V] float32 for successive position chunks of ids [b, T]: the decoder's
-    hidden states once, then lm_head per chunk, so a [batch, T, vocab] float32 tensor (805 MB for SmolLM2 at
-    4 x 1024) never exists."""
+    """Next-token logits [b, <=chunk/b, V] float32 for successive position chunks of ids [b, T] (about `chunk`
+    tokens each): the decoder's hidden states once, then lm_head per chunk, so a [batch, T, vocab] float32
+    tensor (805 MB for SmolLM2 at 4 x 1024) never exists; a chunk is ~100 MB at SmolLM2's vocabulary."""
     with torch.no_grad():
         if _can_split(model):
-            yield from _split_logits(model, ids, chunk)
+            yield from _split_logits(model, ids, max(1, chunk // ids.shape[0]))  # chunk tokens over the batch
         else:
             yield model(input_ids=ids, use_cache=False).logits.float()
 
