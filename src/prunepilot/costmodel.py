@@ -40,6 +40,7 @@ class CostModel:
     param_terms: list[_Term]
     dense_macs: float
     dense_params: float
+    module_macs: dict[str, float] = field(default_factory=dict)  # dense MACs of each conv/linear (for diagnosis)
 
     def __post_init__(self) -> None:
         self._index: dict[str, dict[str, list[_Term]]] = {}
@@ -188,7 +189,9 @@ def build_cost_model(model: nn.Module, example_input, structure: Structure) -> C
             mac_terms.append(_Term(flops, "out", out_comp=last_out[0], out_dim=last_out[1]))
 
     param_terms = _param_terms(model, structure, name_of)
-    return CostModel(mac_terms, param_terms, float(total_macs), float(total_params))
+    module_macs = {n: float(layer_flops.get(m) or 0.0) * per_sample for n, m in modules.items()
+                   if n in structure.modules and structure.modules[n].kind in ("conv", "linear", "depthwise")}
+    return CostModel(mac_terms, param_terms, float(total_macs), float(total_params), module_macs)
 
 
 def _bias_flops(m: nn.Module, flops: float, per_sample: float) -> float:

@@ -64,6 +64,28 @@ def unapplied_groups(model: nn.Module, structure, alloc: Allocation) -> list[str
     return out
 
 
+def inconsistent_groups(model: nn.Module, example_input, structure, cost, alloc: Allocation, tol: float = 0.05) -> list[str]:
+    """Groups touching a conv/linear whose realised MACs differ from what the allocation predicts for it."""
+    from torch_pruning.utils.op_counter import count_ops_and_params
+
+    from .costmodel import _phi
+
+    detach_caches(model)
+    _, _, layer, _ = count_ops_and_params(model, example_input, layer_wise=True)
+    real = {n: float(layer.get(m) or 0.0) for n, m in model.named_modules()}
+    frac = alloc.fractions(structure)
+    total = sum(real.get(n, 0.0) for n in cost.module_macs) or 1.0
+    per_sample = sum(cost.module_macs.values()) / total if total else 1.0
+    bad: set[str] = set()
+    for n, dense in cost.module_macs.items():
+        d = structure.modules[n]
+        want = dense * _phi(d.in_groups, d.in_dim, frac) * (_phi(d.out_groups, d.out_dim, frac) if d.kind != "depthwise" else 1.0)
+        got = real.get(n, 0.0) * per_sample
+        if dense and abs(got - want) > tol * max(want, got) and abs(got - want) > 1e-4 * cost.dense_macs:
+            bad |= {g for g in (*d.in_groups, *d.out_groups) if g in structure.groups and (alloc.kept.get(g, 0) < structure.groups[g].units)}
+    return sorted(bad)
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
@@ -193,6 +215,14 @@ class Pruner:
                 plan = self._known_names(plan)
                 continue
             real = count_real(model, self.x)
+            if "macs" in budget.goals and abs(real["macs"] - proj.predicted["macs"]) > 0.02 * real["macs"]:
+                bad = inconsistent_groups(model, self.x, self.structure, self.cost, proj.allocation)
+                if bad:  # torch-pruning cut these groups differently from the plan: protect them, re-project
+                    for g in bad:
+                        self.protect_group(g, "protected: torch-pruning prunes this group inconsistently (realised "
+                                              "layer widths differ from the plan; coupled through ops it cannot split)")
+                    plan = self._known_names(plan)
+                    continue
             static = [m for m in STATIC_METRICS if m in budget.goals]
             off = [m for m in static if abs(budget.error(m, real[m])) > 0.004 and abs(real[m] - proj.predicted[m]) / real[m] > 1e-4]
             if not off or corrections >= max_corrections or not proj.feasible:

@@ -3,6 +3,7 @@ module's input/output dimensions are composed of group channels (what the analyt
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from contextlib import contextmanager
@@ -144,6 +145,52 @@ def patch_merging_pruner():
     return _PATCH_MERGING_PRUNER
 
 
+def _is_functional_attention(m: nn.Module) -> bool:
+    """torchvision Swin's ShiftedWindowAttention(V2): it reads qkv/proj weights in a functional call, so the
+    Linears never run as modules and torch-pruning would see bare parameters. Pruned as one layer instead:
+    input channels (qkv's in) and output channels (proj's out); heads and head dims stay whole."""
+    return ("WindowAttention" in type(m).__name__ and isinstance(getattr(m, "qkv", None), nn.Linear)
+            and isinstance(getattr(m, "proj", None), nn.Linear) and type(m).__module__.startswith("torchvision"))
+
+
+_ATTENTION_LAYER_PRUNER = None
+
+
+def attention_layer_pruner():
+    global _ATTENTION_LAYER_PRUNER
+    if _ATTENTION_LAYER_PRUNER is not None:
+        return _ATTENTION_LAYER_PRUNER
+    from torch_pruning.pruner.function import BasePruningFunc
+
+    class AttentionLayerPruner(BasePruningFunc):
+        TARGET_MODULES = None
+
+        def prune_in_channels(self, layer: nn.Module, idxs):
+            qkv = layer.qkv
+            keep = torch.tensor(sorted(set(range(qkv.in_features)) - set(idxs)))
+            qkv.weight = self._prune_parameter_and_grad(qkv.weight, keep, 1)
+            qkv.in_features = len(keep)
+            return layer
+
+        def prune_out_channels(self, layer: nn.Module, idxs):
+            proj = layer.proj
+            keep = torch.tensor(sorted(set(range(proj.out_features)) - set(idxs)))
+            proj.weight = self._prune_parameter_and_grad(proj.weight, keep, 0)
+            if proj.bias is not None:
+                proj.bias = self._prune_parameter_and_grad(proj.bias, keep, 0)
+            proj.out_features = len(keep)
+            return layer
+
+        def get_out_channels(self, layer):
+            return layer.proj.out_features
+
+        def get_in_channels(self, layer):
+            return layer.qkv.in_features
+
+    _ATTENTION_LAYER_PRUNER = AttentionLayerPruner()
+    return _ATTENTION_LAYER_PRUNER
+
+
 def customized_children(m: nn.Module) -> dict[str, tuple[int, int]]:
     """How a customized layer's children are composed of its own channels: child -> (in multiple, out multiple),
     where a multiple of 0 means "the layer's other side" is not involved (the cost model's compositions)."""
@@ -152,6 +199,8 @@ def customized_children(m: nn.Module) -> dict[str, tuple[int, int]]:
         return {"reduction": (4, 1), "norm": (4, 0) if pre else (0, 1)}
     if isinstance(m, nn.MultiheadAttention):  # torch-pruning prunes its embed dim on both sides of out_proj
         return {"out_proj": (1, 1)}
+    if _is_functional_attention(m):
+        return {"qkv": (1, 0), "proj": (0, 1)}
     return {}
 
 
@@ -159,6 +208,7 @@ def tp_options(model: nn.Module) -> dict:
     """The customized pruners torch-pruning needs for this model. Analysis and the engine build their graphs
     with the same options, so both see the same groups."""
     custom = {type(m): patch_merging_pruner() for m in model.modules() if _is_patch_merging(m)}  # keyed by type, as tp expects
+    custom.update({type(m): attention_layer_pruner() for m in model.modules() if _is_functional_attention(m)})
     return {"customized_pruners": custom or None}
 
 
@@ -172,11 +222,14 @@ class _ChannelRegrouping(torch.overrides.TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.grad_fns: set = set()
+        self.reshapes: dict = {}  # grad_fn of every view/reshape/flatten output -> (input shape, output shape)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
         src = args[0] if args else None
+        if name in self.VIEWS | {"flatten"} and isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            self.reshapes[out.grad_fn] = (tuple(src.shape), tuple(out.shape))
         if name in self.VIEWS and isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             split = (src.dim() == 4 and out.dim() == 5 and out.shape[1] > 1 and out.shape[1] * out.shape[2] == src.shape[1]
                      and out.shape[3:] == src.shape[2:])
@@ -187,25 +240,32 @@ class _ChannelRegrouping(torch.overrides.TorchFunctionMode):
         return out
 
 
-_TRACING: list[set] = []  # regroupings seen by the graph being built right now (before it can carry them)
+def _is_channel_flatten(src: tuple[int, ...], out: tuple[int, ...]) -> bool:
+    """[N, C, *S] -> [N, C * prod(S)] or back: the one reshape torch-pruning's flatten index mapping describes."""
+    def folds(a, b):
+        return len(a) >= 3 and len(b) == 2 and a[0] == b[0] and b[1] == math.prod(a[1:])
+    return folds(src, out) or folds(out, src)
+
+
+_TRACING: list = []  # regroupings seen by the graph being built right now (before it can carry them)
 
 
 @contextmanager
 def regroup_tracing():
     """(forward_fn, grad_fns): a torch-pruning forward_fn that records channel regroupings, active while a
-    DependencyGraph (ours or a pruner's) is built; set `graph._prunepilot_regroup_fns = grad_fns` afterwards."""
+    DependencyGraph (ours or a pruner's) is built; set `graph._prunepilot_regroup = recorder` afterwards."""
     from .inputs import call
 
     _patch_reshape_mapping()
     rg = _ChannelRegrouping()
-    _TRACING.append(rg.grad_fns)
+    _TRACING.append(rg)
 
     def forward(m, x):
         with rg:
             return call(m, x)
 
     try:
-        yield forward, rg.grad_fns
+        yield forward, rg
     finally:
         _TRACING.pop()
 
@@ -220,11 +280,16 @@ def _patch_reshape_mapping() -> None:
     original = index_mapping.update_reshape_index_mapping
 
     def safe(graph, node):
-        fns = getattr(graph, "_prunepilot_regroup_fns", None)
-        if fns is None and _TRACING:
-            fns = _TRACING[-1]
-        if fns and getattr(node, "grad_fn", None) in fns:
-            return None  # a channel regrouping: no flatten mapping (its groups are protected)
+        rg = getattr(graph, "_prunepilot_regroup", None)
+        if rg is None and _TRACING:
+            rg = _TRACING[-1]
+        if rg is not None:
+            fn = getattr(node, "grad_fn", None)
+            if fn in rg.grad_fns:
+                return None  # a channel regrouping: no flatten mapping (its groups are protected)
+            shapes = rg.reshapes.get(fn)
+            if shapes is not None and not _is_channel_flatten(*shapes):
+                return None  # windows/tokens reshapes keep channels last: a flatten mapping there is wrong (and explodes)
         try:
             return original(graph, node)
         except ZeroDivisionError:
@@ -239,12 +304,12 @@ def build_dependency_graph(model: nn.Module, example_input):
 
     from .inputs import traced_outputs
 
-    with regroup_tracing() as (forward, regroup_fns), warnings.catch_warnings():
+    with regroup_tracing() as (forward, regroup), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dg = tp.DependencyGraph().build_dependency(model, example_input, forward_fn=forward, output_transform=traced_outputs,
                                                    verbose=False, **tp_options(model))
-        dg._prunepilot_regroup_fns = regroup_fns
-    dg._prunepilot_regroup = {n for n in dg.module2node.values() if getattr(n, "grad_fn", None) in regroup_fns}
+        dg._prunepilot_regroup = regroup
+    dg._prunepilot_regroup_nodes = {n for n in dg.module2node.values() if getattr(n, "grad_fn", None) in regroup.grad_fns}
     dg._prunepilot_tables = lookup_tables(dg)
     detach_caches(model)  # the traced forward may have cached graph tensors (LeViT attention biases)
     return dg
@@ -385,7 +450,7 @@ def analyse(
             if isinstance(modules_by_name[n], ROOT_TYPES):
                 ignored[n] = "protected by the plan"
                 ignored_modules.append(modules_by_name[n])
-    regroup = getattr(dg, "_prunepilot_regroup", set())
+    regroup = getattr(dg, "_prunepilot_regroup_nodes", set())
     table_ids = {id(p) for p in getattr(dg, "_prunepilot_tables", [])}
     heads_of = attention_heads(model)
     hf_heads = hf_attention_heads(model)
@@ -411,6 +476,10 @@ def analyse(
         root = g[0].dep.target.module
         gname = name_of.get(root)
         if gname is None:
+            continue
+        if any(isinstance(item.dep.target.module, nn.Module) and _is_functional_attention(item.dep.target.module) for item in g):
+            ignored[gname] = ("protected: these channels feed torchvision's functional window attention, whose head size "
+                              "follows its input width (pruning them needs head-dim pruning inside it)")
             continue
         if regroup and any(item.dep.target in regroup or item.dep.source in regroup for item in g):
             ignored[gname] = "protected: its channels pass a channel shuffle (a view regrouping channels) that torch-pruning cannot follow"
@@ -489,6 +558,9 @@ def analyse(
                     ignored[n] = "protected: query/key/value share one head size and torch-pruning prunes them apart"
     # every layer is accounted for: a root torch-pruning put in no group is listed, never silently skipped
     covered = {mn for g in groups.values() for mn, side, _ in g.members if side == "out"} | set(groups)
+    custom_types = tuple((tp_options(model)["customized_pruners"] or {}).keys())
+    covered |= {f"{n}.{c}" for n, m in model.named_modules() if custom_types and isinstance(m, custom_types)
+                for c, _ in m.named_modules() if c}
     for n, m in model.named_modules():
         if isinstance(m, ROOT_TYPES) and n not in covered and n not in ignored:
             traced = m in dg.module2node
@@ -498,6 +570,35 @@ def analyse(
     for n in tables:
         ignored[n] = "lookup table (read by index: positions/heads, not channels): kept whole"
     return Structure(groups, dims, ignored, attention, param_groups, tables), dg
+
+
+GROUP_SECONDS = 10.0  # bound on building one dependency group (analysis stays bounded on any model)
+
+
+class _GroupTimeout(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """SIGALRM-based bound (main thread on Unix; elsewhere unbounded)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def fire(signum, frame):
+        raise _GroupTimeout()
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def _all_groups(dg, ignored_modules: list[nn.Module], name_of: dict, ignored: dict[str, str]):
@@ -512,7 +613,12 @@ def _all_groups(dg, ignored_modules: list[nn.Module], name_of: dict, ignored: di
         if pruner is None or pruner.get_out_channels(m) is None:
             continue
         try:
-            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            with _time_limit(GROUP_SECONDS):
+                group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except _GroupTimeout:
+            if m in name_of:
+                ignored[name_of[m]] = f"protected: its dependency group took over {GROUP_SECONDS:.0f} s to build (index mappings that multiply)"
+            continue
         except Exception as exc:  # noqa: BLE001
             if m in name_of:
                 ignored[name_of[m]] = f"protected: torch-pruning cannot follow its channels ({type(exc).__name__} in its group)"

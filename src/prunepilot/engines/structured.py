@@ -108,7 +108,7 @@ def apply_allocation(
     heads = {**attention_heads(model), **hf_attention_heads(model)}
     mha = mha_channel_groups(model)
     detach_caches(model)
-    with regroup_tracing() as (forward, regroup_fns), warnings.catch_warnings():
+    with regroup_tracing() as (forward, regroup), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.BasePruner(
             model,
@@ -129,7 +129,7 @@ def apply_allocation(
             head_pruning_ratio_dict=head_ratio or None,
             global_pruning=False,
         )
-        pruner.DG._prunepilot_regroup_fns = regroup_fns
+        pruner.DG._prunepilot_regroup = regroup
         if imp_name == "taylor":
             was_training = model.training
             model.eval()  # gradients of the deployed function; BN statistics untouched
