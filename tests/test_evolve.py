@@ -284,3 +284,28 @@ def envs() -> dict[str, Any]:
 
 class TestEvolveConformance(tm.TestStrategistConformance):
     """evolve (plain and LLM-steered) passes the same conformance class as every other strategist."""
+
+
+def test_constrained_local_decoder_answers_the_sparsify_schema_on_a_grid(env: dict[str, Any]) -> None:
+    """A constrained decoder gets a 0.05 grid per group: short, always-complete answers (free numbers let SmolLM2
+    write '0.000000' per group and run out of tokens in the bench)."""
+    from prunepilot.agents.llm.local import LocalClient
+    from prunepilot.agents.sparsify_prompts import SparsifyPrompts
+    from test_llm_local import tiny_loader
+
+    ctx = Context("sparsify", env["profile"], {}, [], phase="evolve",
+                  step={"level": TARGET, "target": TARGET, "current": {i.name: TARGET for i in env["infos"]}})
+    kit = SparsifyPrompts()
+    schema = kit.schema(ctx, True)
+    assert all("enum" in v for v in schema["properties"]["ratios"]["properties"].values())
+    assert "enum" not in json.dumps(kit.schema(ctx, False))
+    schema["properties"]["rationale"]["maxLength"] = schema["properties"]["reflection"]["maxLength"] = 8
+    client = LocalClient("tiny", loader=tiny_loader(), max_new_tokens=1600)  # one token per character
+    reply = client.complete([Message("system", "JSON only."), Message("user", "sparsity?")], schema)
+    import re
+
+    # random weights may end the object badly after the ratios; every group's number is on the grid
+    values = dict(re.findall(r'"([^"]+@[0-9-]+)"\s*:\s*([0-9.]+)', reply.text))
+    assert set(values) == set(env["profile"].groups), reply.text
+    grid = schema["properties"]["ratios"]["properties"][next(iter(values))]["enum"]
+    assert all(float(v) in grid for v in values.values())

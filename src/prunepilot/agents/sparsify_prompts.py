@@ -63,12 +63,16 @@ class SparsifyPrompts:
 
         groups = list(ctx.profile.groups)
         # every group required: a small constrained model must then write a number for each (no empty '{}');
-        # short strings keep a local model's decode inside its token budget
+        # short strings keep a local model's decode inside its token budget. A constrained decoder gets a 0.05
+        # grid: free numbers let SmolLM2 write "0.000000" for each of 21 groups and run out of tokens (measured,
+        # bench/results/llm_sparsity_evolve.json); the projector rescales the shape onto the level anyway.
+        number: dict[str, Any] = ({"type": "number", "enum": [round(i * 0.05, 2) for i in range(1, round(MAX_RATIO / 0.05) + 1)]}
+                                  if constrained else {"type": "number", "minimum": 0, "maximum": MAX_RATIO})
         return {
             "type": "object",
             "properties": {
                 "ratios": {"type": "object", "additionalProperties": False, "required": groups,
-                           "properties": {g: {"type": "number", "minimum": 0, "maximum": MAX_RATIO} for g in groups}},
+                           "properties": {g: number for g in groups}},
                 "rationale": {"type": "string", "maxLength": 160},
                 "reflection": {"type": "string", "maxLength": 160},
             },
