@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--agent", default="sensitivity")
+    ap.add_argument("--train-size", type=int, default=50000, help="training images (of the 60k; the rest: val)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/api_end_to_end.json"))
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/bench-api"))
     args = ap.parse_args()
@@ -69,7 +70,7 @@ def main() -> None:
     train_ds, test_ds = fashion_mnist()
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(train_ds), generator=g)
-    train = DataLoader(torch.utils.data.Subset(train_ds, perm[:50000].tolist()), batch_size=128, shuffle=True,
+    train = DataLoader(torch.utils.data.Subset(train_ds, perm[:args.train_size].tolist()), batch_size=128, shuffle=True,
                        generator=torch.Generator().manual_seed(0))
     val = DataLoader(torch.utils.data.Subset(train_ds, perm[50000:52000].tolist()), batch_size=256)
     test = DataLoader(test_ds, batch_size=512)
@@ -104,6 +105,7 @@ def main() -> None:
     pruned_acc = accuracy(res.model, test)
     row = {
         "model": "UserCNN (6 conv blocks, 48-192 channels), trained by the user's own loop",
+        "train_images": args.train_size,
         "data": "Fashion-MNIST, user DataLoaders, pixels in [0, 1] (no normalisation)",
         "train_epochs": args.epochs, "train_seconds": round(train_s, 1),
         "target_macs": args.target, "agent": args.agent, "rounds": args.rounds,
