@@ -32,6 +32,9 @@ class LatencyTargeting:
     alignment: dict[str, AlignmentChoice] = field(default_factory=dict)
     corrections: int = 0
     notes: list[str] = field(default_factory=list)
+    # a relative target ("60%") is a ratio to the dense model: measured against dense timed alongside, so a
+    # machine that got slower or faster since the tables were built does not count as a budget error
+    relative: bool = False
 
     @classmethod
     def enable(cls, pruner: Any, *, align: bool = True, cache_dir: Path | None | bool = True, runs: int = 3,
@@ -63,18 +66,30 @@ class LatencyTargeting:
     def measure(self, model: torch.nn.Module, x: Any) -> float:
         return whole_model_ms(model, x, torch.device(self.model.device))
 
+    def measure_against(self, dense: torch.nn.Module, model: torch.nn.Module, x: Any, rounds: int = 3) -> tuple[float, float]:
+        """(dense ms, model ms), alternated `rounds` times, least disturbed of each."""
+        pairs = [(self.measure(dense, x), self.measure(model, x)) for _ in range(rounds)]
+        return min(p[0] for p in pairs), min(p[1] for p in pairs)
+
+    def _measured(self, pruner: Any, model: torch.nn.Module) -> float:
+        """The candidate's latency in the frame the goal was resolved in (the tables' dense measurement)."""
+        if not self.relative:
+            return self.measure(model, pruner.x)
+        d, m = self.measure_against(pruner.dense, model, pruner.x, rounds=2)
+        return m * self.model.dense_ms / d
+
     def candidate(self, pruner: Any, plan: Plan, budget: ResolvedBudget, **kw: Any):
         """A verified candidate whose *measured* latency is in the band when the tables allow it."""
         cand = pruner.candidate(plan, budget, **kw)
         if METRIC not in budget.goals:
             return cand
-        measured = self.measure(cand.model, pruner.x)
+        measured = self._measured(pruner, cand.model)
         predicted = cand.projection.predicted.get(METRIC, measured)
         if not budget.within(METRIC, measured) and cand.projection.feasible and predicted > 0:
             goals = dict(budget.goals)
             goals[METRIC] = goals[METRIC] * predicted / measured  # the tables' bias on this candidate
             retry = pruner.candidate(plan, ResolvedBudget(goals=goals, band=budget.band, texts=budget.texts), **kw)
-            m2 = self.measure(retry.model, pruner.x)
+            m2 = self._measured(pruner, retry.model)
             self.corrections += 1
             self.notes.append(f"latency correction: predicted {predicted:.2f} ms, measured {measured:.2f} ms; "
                               f"retargeted and measured {m2:.2f} ms")
@@ -101,15 +116,14 @@ def run_prune_to_latency(loaded: Any, budget: Any, plan: Plan, out: Path, *, ali
     t0 = time.perf_counter()
     pruner = Pruner(loaded, protected=plan.protected)
     targeting = LatencyTargeting.enable(pruner, align=align, log=log)
+    targeting.relative = any(t.metric == METRIC and t.relative for t in budget.targets)
     rb = budget.resolve(pruner.profile.dense)
     write_json_atomic(out / "profile.json", {**pruner.profile.to_json(), "latency_model": targeting.to_json()})
     cand = targeting.candidate(pruner, plan, rb)
     # the separate measurement the budget is judged on: dense and pruned alternated, fresh
-    dense_runs, comp_runs = [], []
-    for _ in range(3):
-        dense_runs.append(targeting.measure(pruner.dense, pruner.x))
-        comp_runs.append(targeting.measure(cand.model, pruner.x))
-    dense_ms, comp_ms = min(dense_runs), min(comp_runs)
+    dense_ms, comp_ms = targeting.measure_against(pruner.dense, cand.model, pruner.x)
+    if targeting.relative:  # judged as a ratio to the dense model timed alongside it
+        rb = budget.resolve({**pruner.profile.dense, METRIC: dense_ms})
     counts = count_real(cand.model, pruner.x)
     dense_block = measure_block(pruner.dense, pruner.x, {"macs": pruner.profile.dense["macs"],
                                                         "params": pruner.profile.dense["params"]}, dense_ms)
