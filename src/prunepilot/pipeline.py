@@ -7,7 +7,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from .evaluate.speed import compare_latency
 from .plan import Plan
 from .profile import build_profile, model_size_mb
 from .projector import STATIC_METRICS, Projection, Projector
-from .results import build_result, write_json_atomic, write_text_atomic
+from .results import build_result, files_on_disk_mb, write_json_atomic, write_text_atomic
 from .sources.models import LoadedModel
 from .structure import detach_caches, family_of
 
@@ -305,8 +305,23 @@ def run_prune(
         # groups protected on the way (they broke the model) left too little to prune
         raise BudgetError(cand.projection.reason.rstrip("."))
     lat = compare_latency({"dense": pruner.dense, "compressed": cand.model}, pruner.x, rounds=latency_rounds)
-    dense_block = measure_block(pruner.dense, pruner.x, {"macs": profile.dense["macs"], "params": profile.dense["params"]}, lat["dense"].median_ms)
-    comp_block = measure_block(cand.model, pruner.x, cand.metrics, lat["compressed"].median_ms)
+    result = write_candidate(loaded, pruner, plan, cand, rb, out, lat["dense"].median_ms, lat["compressed"].median_ms,
+                             cand.metrics, t0)
+    return (result, cand.model) if return_model else result
+
+
+def write_candidate(loaded: LoadedModel, pruner: Pruner, plan: Plan, cand: Candidate, rb: ResolvedBudget, out: Path,
+                    dense_ms: float, comp_ms: float, counts: dict[str, float], t0: float, *,
+                    reason: str | None = None, summary_extra: Callable[[dict[str, Any]], str] | None = None,
+                    **extra: Any) -> dict[str, Any]:
+    """Judge one measured candidate against the budget, save it (safetensors + structure.json + pt2), and write
+    plan.json, result.json and summary.md. `reason` replaces the default out-of-band explanation (the errors are
+    appended to it)."""
+    profile = pruner.profile
+    dense_block = measure_block(pruner.dense, pruner.x, {"macs": profile.dense["macs"], "params": profile.dense["params"]}, dense_ms)
+    comp_block = measure_block(cand.model, pruner.x, counts, comp_ms)
+    if "latency_predicted_ms" in cand.metrics:  # a latency-targeted candidate: what its tables predicted
+        comp_block["latency_predicted_ms"] = cand.metrics["latency_predicted_ms"]
     errors = {m: rb.error(m, comp_block[m]) for m in rb.goals if comp_block.get(m) is not None}
     within = all(rb.within(m, comp_block[m]) for m in errors)
     alloc = cand.projection.allocation
@@ -314,8 +329,12 @@ def run_prune(
     record = {"model": loaded.spec.model_dump() if loaded.spec else None,
               "allocation": {"kept": alloc.kept, "heads": alloc.heads}, "protected": plan.protected}
     export = save_model(cand.model, pruner.x, out, record=record)
+    comp_block["files_mb"] = files_on_disk_mb(out, export)
     projected = plan.model_copy(update={"ratios": cand.projection.ratios(pruner.structure), "default_ratio": 0.0})
     write_json_atomic(out / "plan.json", {"requested": plan.model_dump(), "projected": projected.model_dump()})
+    if not within:  # commands/prune exits 3 with it
+        extra["reason"] = (f"{reason} ({', '.join(f'{m} {e:+.2%}' for m, e in errors.items())})" if reason
+                           else out_of_band_reason(cand, rb, comp_block))
     result = build_result(
         kind="prune",
         model=loaded.uri,
@@ -327,15 +346,15 @@ def run_prune(
         projection={**cand.projection.to_json(pruner.structure), "corrections": cand.corrections},
         speedup=dense_block["latency_ms"] / comp_block["latency_ms"] if comp_block["latency_ms"] else None,
         ideal_speedup=dense_block["macs"] / comp_block["macs"],
-        widths={g: list(w) for g, w in cand.projection.allocation.widths(pruner.structure).items()},
+        widths={g: list(w) for g, w in alloc.widths(pruner.structure).items()},
         skipped=profile.ignored,
         export=export,
         seconds=time.perf_counter() - t0,
-        **({} if within else {"reason": out_of_band_reason(cand, rb, comp_block)}),  # commands/prune exits 3 with it
+        **extra,
     )
     write_json_atomic(out / "result.json", result)
-    write_text_atomic(out / "summary.md", summary_markdown(result))
-    return (result, cand.model) if return_model else result
+    write_text_atomic(out / "summary.md", summary_markdown(result) + (summary_extra(result) if summary_extra else ""))
+    return result
 
 
 def summary_markdown(r: dict[str, Any]) -> str:

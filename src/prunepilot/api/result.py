@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -27,3 +31,22 @@ class Result:
         shown = {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}
         return (f"Result(within_band={self.within_band}, run_id={self.run_id!r}, metrics={shown}, "
                 f"out={str(self.out) if self.out else None!r})")
+
+
+@contextmanager
+def run_folder(out: str | Path | None, prefix: str = "prunepilot-") -> Iterator[tuple[Path, bool]]:
+    """(folder, keep): the caller's `out`, or a temporary folder deleted when the call returns."""
+    if out is not None:
+        yield Path(out), True
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp) / "run", False
+
+
+def option_text(value: str | torch.device | torch.dtype | None) -> str:
+    """A device/dtype given as text, torch.device or torch.dtype, as the jobs' options spell it (None: auto)."""
+    if value is None:
+        return "auto"
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return str(value)

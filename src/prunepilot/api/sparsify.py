@@ -6,9 +6,7 @@ in `out` when it is given, in a temporary folder (deleted afterwards, nothing ex
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import PlanError, PrunepilotError, SourceError
-from .result import Result
+from .result import Result, option_text, run_folder
 
 # SparsifyConfig fields the API sets itself (the rest may be passed as **options)
 _OWN = {"model", "sparsity", "method", "agent", "calib", "device", "dtype", "seed", "client", "progress"}
@@ -51,23 +49,6 @@ def _calib(calib: Any) -> tuple[str | None, Any]:
     raise SourceError("calib is a list of strings, a token-id tensor [n, T], a datasets Dataset with a 'text' "
                       "column, a text spec string, or None", type(calib).__name__,
                       "e.g. calib=['first document ...', 'second ...']")
-
-
-def _text(value: str | torch.device | torch.dtype | None) -> str:
-    if value is None:
-        return "auto"
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    return str(value)
-
-
-@contextmanager
-def _folder(out: str | Path | None) -> Iterator[tuple[Path, bool]]:
-    if out is not None:
-        yield Path(out), True
-        return
-    with tempfile.TemporaryDirectory(prefix="prunepilot-sparsify-") as tmp:
-        yield Path(tmp) / "run", False
 
 
 def sparsify(
@@ -114,15 +95,15 @@ def sparsify(
         raise PrunepilotError("resume needs the run folder", "resume=True without out=", "pass out=<the run's folder>")
     spec, calib_input = _calib(calib)
     if isinstance(model, str):
-        loaded = load_causal_lm(model, dtype=_text(dtype))
+        loaded = load_causal_lm(model, dtype=option_text(dtype))
     else:
         loaded = LoadedLM.from_objects(model, tokenizer)
     options.setdefault("export", out is not None)
     cfg = SparsifyConfig(model=loaded.spec, sparsity=_sparsity(sparsity), method=method, agent=agent,
-                         calib=spec or "pydocs", device=_text(device), dtype=_text(dtype), seed=seed, client=client,
+                         calib=spec or "pydocs", device=option_text(device), dtype=option_text(dtype), seed=seed, client=client,
                          progress=progress, **options)
     say = log or (lambda _msg: None)
-    with _folder(out) as (folder, keep):
+    with run_folder(out, "prunepilot-sparsify-") as (folder, keep):
         run_id = _resume_id(folder) if resume else None
         raw = run_sparsify(cfg, folder, say, run_id=run_id, overwrite=overwrite, loaded=loaded,
                            calib_input=calib_input)

@@ -6,11 +6,9 @@ a temporary folder (deleted afterwards) when it is not.
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +17,7 @@ from ..budget import Budget
 from ..errors import PlanError, PrunepilotError
 from ..inputs import ExampleInputs, tensors
 from ..plan import Plan
-from .result import Result
+from .result import Result, option_text, run_folder
 
 BudgetValue = str | float | int | None
 
@@ -59,15 +57,6 @@ def _loaded(model: nn.Module, example_inputs: ExampleInputs):
     model.eval()
     return LoadedModel(model, example_inputs, f"python:{type(model).__name__}",
                        f"{type(model).__name__} handed in from Python")
-
-
-@contextmanager
-def _folder(out: str | Path | None) -> Iterator[tuple[Path, bool]]:
-    if out is not None:
-        yield Path(out), True
-        return
-    with tempfile.TemporaryDirectory(prefix="prunepilot-") as tmp:
-        yield Path(tmp) / "run", False
 
 
 def _result(raw: dict[str, Any], model: nn.Module, out: Path, keep: bool) -> Result:
@@ -154,10 +143,10 @@ def prune(
                                  finetune_epochs=finetune_epochs, kd=kd, seed=seed)
         constraints = UserConstraints(protected=tuple(protect), importance=importance, round_to=round_to,
                                       plan=user_plan)
-        with _folder(out) as (folder, keep):
+        with run_folder(out) as (folder, keep):
             run = PruneRun(budget, data, folder, agent=agent, settings=settings, user=constraints,
                            history_path=Path(history) if isinstance(history, (str, Path)) else None,
-                           use_history=history is not False, device=_text(device), dtype=_text(dtype),
+                           use_history=history is not False, device=option_text(device), dtype=option_text(dtype),
                            evaluate=evaluate, loss_fn=loss, align=align)
             run_id = _resume_id(folder, loaded) if resume else None
             raw, pruned = run_prune_search(loaded, run, run_id=run_id, overwrite=overwrite, client=client, log=logger,
@@ -173,9 +162,9 @@ def prune(
                           "round_to": None if round_to == 1 else (round_to or 8)}.items() if v is not None})
     if round_to == 1:
         one = one.model_copy(update={"round_to": None})
-    with _folder(out) as (folder, keep):
+    with run_folder(out) as (folder, keep):
         prepare_out(folder, overwrite=overwrite)
-        place_loaded(loaded, _text(device), _text(dtype))
+        place_loaded(loaded, option_text(device), option_text(dtype))
         if _has(budget, "latency_ms") or align:
             from ..latency.job import run_prune_to_latency
 
@@ -219,7 +208,7 @@ def compress(
 
     budget = _budget(target_macs, target_params, target_latency, tolerance, target_memory)
     loaded = _loaded(model, example_inputs)
-    dev = _text(device)
+    dev = option_text(device)
     if "int8_dynamic" in quantization and dev not in (None, "auto", "cpu"):
         raise PrunepilotError("eager dynamic int8 runs on the CPU only", f"device={dev!r}",
                               "pass device='cpu', or quantization=('none',) to prune only")
@@ -228,7 +217,7 @@ def compress(
         from ..sources.user_data import UserData
 
         data = UserData(train if train is not None else val, val)
-    with _folder(out) as (folder, keep):
+    with run_folder(out) as (folder, keep):
         prepare_out(folder, overwrite=overwrite)
         place_loaded(loaded, dev if dev not in (None, "auto") or "int8_dynamic" not in quantization else "cpu", None)
         raw, best = run_compress(loaded, budget, folder, data_spec=data, plan=_plan(plan),
@@ -250,7 +239,7 @@ def quantize(
     """Per-layer quantization chosen from measured latency shares (see `prunepilot quantize --help`)."""
     from ..jobs.quantize import quantize as run
 
-    with _folder(out) as (folder, keep):
+    with run_folder(out) as (folder, keep):
         raw = run(model, example_input, out=folder, layers=layers, backend=backend, scheme=scheme, **options)
         compressed = _load_quantized(folder, raw)
         return _result(raw, compressed, folder, keep)
@@ -273,14 +262,6 @@ def _plan(plan: Plan | dict | None) -> Plan | None:
     if isinstance(plan, dict):
         return Plan.from_json_text(json.dumps(plan))
     raise PlanError("plan is a prunepilot.Plan or a dict", type(plan).__name__, "e.g. plan={'ratios': {...}}")
-
-
-def _text(value: str | torch.device | torch.dtype | None) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    return str(value)
 
 
 def _resume_id(folder: Path, loaded) -> str:

@@ -9,7 +9,6 @@ measurement misses the band, retargets the goal by measured/predicted once and r
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +39,14 @@ class LatencyTargeting:
     def enable(cls, pruner: Any, *, align: bool = True, cache_dir: Path | None | bool = True, runs: int = 3,
                log: Callable[[str], None] | None = None) -> "LatencyTargeting":
         from ..engines.structured import apply_allocation
+        from ..pipeline import copy_model
         from ..projector import Projector
 
         st = pruner.structure
 
         def uniform(ratio: float) -> torch.nn.Module:
             kept = {n: max(1, int(round(g.units * (1 - ratio)))) for n, g in st.groups.items()}
-            model = copy.deepcopy(pruner.dense)
+            model = copy_model(pruner.dense)  # detaches cached graph tensors a plain deepcopy chokes on
             return apply_allocation(model, pruner.x, st, Allocation(kept, {})).eval()
 
         lm = build_latency_model(pruner.dense, pruner.x, st, prune_uniform=uniform if st.groups else None,
@@ -105,12 +105,11 @@ class LatencyTargeting:
 
 
 def run_prune_to_latency(loaded: Any, budget: Any, plan: Plan, out: Path, *, align: bool = True,
-                         log: Callable[[str], None] = print, return_model: bool = False,
-                         verify_runs: int = 15) -> Any:
+                         log: Callable[[str], None] = print, return_model: bool = False) -> Any:
     """`prunepilot prune MODEL --target-latency 60%` without data: one plan projected onto the measured
     latency budget (and any MAC/param targets), verified in a separate fresh measurement, saved, reported."""
-    from ..pipeline import Pruner, count_real, measure_block, save_model, summary_markdown
-    from ..results import build_result, files_on_disk_mb, write_json_atomic, write_text_atomic
+    from ..pipeline import Pruner, count_real, write_candidate
+    from ..results import write_json_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -124,34 +123,10 @@ def run_prune_to_latency(loaded: Any, budget: Any, plan: Plan, out: Path, *, ali
     dense_ms, comp_ms = targeting.measure_against(pruner.dense, cand.model, pruner.x)
     if targeting.relative:  # judged as a ratio to the dense model timed alongside it
         rb = budget.resolve({**pruner.profile.dense, METRIC: dense_ms})
-    counts = count_real(cand.model, pruner.x)
-    dense_block = measure_block(pruner.dense, pruner.x, {"macs": pruner.profile.dense["macs"],
-                                                        "params": pruner.profile.dense["params"]}, dense_ms)
-    comp_block = measure_block(cand.model, pruner.x, counts, comp_ms)
-    comp_block["latency_predicted_ms"] = cand.metrics.get("latency_predicted_ms")
-    errors = {m: rb.error(m, comp_block[m]) for m in rb.goals if comp_block.get(m) is not None}
-    within = all(rb.within(m, comp_block[m]) for m in errors)
-    alloc = cand.projection.allocation
-    record = {"model": loaded.spec.model_dump() if loaded.spec else None,
-              "allocation": {"kept": alloc.kept, "heads": alloc.heads}, "protected": plan.protected}
-    export = save_model(cand.model, pruner.x, out, record=record)
-    comp_block["files_mb"] = files_on_disk_mb(out, export)
-    projected = plan.model_copy(update={"ratios": cand.projection.ratios(pruner.structure), "default_ratio": 0.0})
-    write_json_atomic(out / "plan.json", {"requested": plan.model_dump(), "projected": projected.model_dump()})
-    reason = "" if within else ("the fresh measurement is outside the band after one correction: "
-                                + ", ".join(f"{m} {e:+.2%}" for m, e in errors.items())
-                                + "; the device is noisy or the target sits on a latency step (retry, or widen --tolerance)")
-    result = build_result(
-        kind="prune", model=loaded.uri, budget=rb.to_json(), dense=dense_block, compressed=comp_block,
-        within_band=within, errors=errors, reason=reason,
-        projection={**cand.projection.to_json(pruner.structure), "corrections": cand.corrections},
-        latency_targeting=targeting.to_json(), speedup=dense_ms / comp_ms if comp_ms else None,
-        ideal_speedup=dense_block["macs"] / comp_block["macs"],
-        widths={g: list(w) for g, w in alloc.widths(pruner.structure).items()},
-        skipped=pruner.profile.ignored, export=export, seconds=time.perf_counter() - t0,
-    )
-    write_json_atomic(out / "result.json", result)
-    write_text_atomic(out / "summary.md", summary_markdown(result) + latency_summary(result))
+    reason = ("the fresh measurement is outside the band after one correction; the device is noisy or the target "
+              "sits on a latency step (retry, or widen --tolerance)")
+    result = write_candidate(loaded, pruner, plan, cand, rb, out, dense_ms, comp_ms, count_real(cand.model, pruner.x),
+                             t0, reason=reason, summary_extra=latency_summary, latency_targeting=targeting.to_json())
     return (result, cand.model) if return_model else result
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..costmodel import _phi  # a dimension's kept fraction, as the cost model computes it
 from ..inputs import call
 from ..structure import ModuleDims, Structure
 
@@ -124,13 +125,6 @@ class Op:
         if self.kind == "attn":
             phi_in = 1.0
         return _bilinear(self.in_grid, self.out_grid, self.table, phi_in * self.dense_in, phi_out * self.dense_out)
-
-
-def _phi(comp: dict[str, int], dim: int, frac: dict[str, float]) -> float:
-    if not comp or dim <= 0:
-        return 1.0
-    fixed = dim - sum(comp.values())
-    return (fixed + sum(n * frac.get(g, 1.0) for g, n in comp.items())) / dim
 
 
 def _interp1(grid: list[int], x: float) -> tuple[int, int, float]:
