@@ -146,7 +146,9 @@ def build_cost_model(model: nn.Module, example_input, structure: Structure) -> C
             continue
         seen.add(n)
         m = modules[n]
-        flops = float(layer_flops.get(m) or 0.0) * per_sample
+        # only modules the counter hooks count themselves: for any other module it reports the sum of its
+        # children (a BEiT/EVA attention's proj), which the children's own terms already cover
+        flops = float(layer_flops.get(m) or 0.0) * per_sample if is_supported_instance(m) else 0.0
         d = structure.modules.get(n)
         if d is not None and d.kind == "attention" and not flops:
             last_out = (d.out_groups, d.out_dim)  # the counter does not count this attention variant: its Linears are
@@ -190,7 +192,8 @@ def build_cost_model(model: nn.Module, example_input, structure: Structure) -> C
 
     param_terms = _param_terms(model, structure, name_of)
     module_macs = {n: float(layer_flops.get(m) or 0.0) * per_sample for n, m in modules.items()
-                   if n in structure.modules and structure.modules[n].kind in ("conv", "linear", "depthwise")}
+                   if n in structure.modules and structure.modules[n].kind in ("conv", "linear", "depthwise")
+                   and is_supported_instance(m)}
     return CostModel(mac_terms, param_terms, float(total_macs), float(total_params), module_macs)
 
 

@@ -66,20 +66,25 @@ def unapplied_groups(model: nn.Module, structure, alloc: Allocation) -> list[str
 
 def inconsistent_groups(model: nn.Module, example_input, structure, cost, alloc: Allocation, tol: float = 0.05) -> list[str]:
     """Groups touching a conv/linear whose realised MACs differ from what the allocation predicts for it."""
-    from torch_pruning.utils.op_counter import count_ops_and_params
+    from torch_pruning.utils.op_counter import count_ops_and_params, is_supported_instance
 
     from .costmodel import _phi
 
     detach_caches(model)
-    _, _, layer, _ = count_ops_and_params(model, example_input, layer_wise=True)
+    total, _, layer, _ = count_ops_and_params(model, example_input, layer_wise=True)
     real = {n: float(layer.get(m) or 0.0) for n, m in model.named_modules()}
     frac = alloc.fractions(structure)
-    total = sum(real.get(n, 0.0) for n in cost.module_macs) or 1.0
-    per_sample = sum(cost.module_macs.values()) / total if total else 1.0
+    # the counter's layer flops are summed over the batch, its total is per sample: the same normalisation
+    # as the cost model's (a ratio of dense to pruned totals here would flag every pruned group)
+    raw = sum(float(layer.get(m) or 0.0) for m in model.modules() if is_supported_instance(m))
+    per_sample = float(total) / raw if raw else 1.0
     bad: set[str] = set()
     for n, dense in cost.module_macs.items():
         d = structure.modules[n]
-        want = dense * _phi(d.in_groups, d.in_dim, frac) * (_phi(d.out_groups, d.out_dim, frac) if d.kind != "depthwise" else 1.0)
+        if d.kind == "depthwise":  # one kernel per output channel: its cost follows the output width
+            want = dense * (_phi(d.out_groups, d.out_dim, frac) if d.out_groups else _phi(d.in_groups, d.in_dim, frac))
+        else:
+            want = dense * _phi(d.in_groups, d.in_dim, frac) * _phi(d.out_groups, d.out_dim, frac)
         got = real.get(n, 0.0) * per_sample
         if dense and abs(got - want) > tol * max(want, got) and abs(got - want) > 1e-4 * cost.dense_macs:
             bad |= {g for g in (*d.in_groups, *d.out_groups) if g in structure.groups and (alloc.kept.get(g, 0) < structure.groups[g].units)}
@@ -263,12 +268,12 @@ def out_of_band_reason(cand: Candidate, rb: ResolvedBudget, comp: dict[str, Any]
 
 
 def save_model(model: nn.Module, example_input: torch.Tensor, out: Path, *, record: dict[str, Any] | None = None,
-               pickle_module: bool = False) -> dict[str, Any]:
+               pickle_module: bool = False, program: nn.Module | None = None) -> dict[str, Any]:
     """With a `record` (see engines.artifact.save_pruned): model.safetensors + structure.json + model.pt2, no
     pickle unless `pickle_module`. Without one (a caller that cannot describe the structure yet): the pickled
     full module model.pt (reload with prunepilot or weights_only=False) and model.pt2 where torch.export works."""
     if record is not None:
-        return save_pruned(model, example_input, out, record=record, pickle_module=pickle_module)
+        return save_pruned(model, example_input, out, record=record, pickle_module=pickle_module, program=program)
     write_atomic(out / "model.pt", lambda p: torch.save(model, p))
     return {"module": "model.pt", **export_program(model, example_input, out)}
 

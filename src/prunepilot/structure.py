@@ -223,11 +223,18 @@ class _ChannelRegrouping(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.grad_fns: set = set()
         self.reshapes: dict = {}  # grad_fn of every view/reshape/flatten output -> (input shape, output shape)
+        self.cats: dict = {}  # grad_fn of every torch.cat output -> the inputs' sizes along the cat dim
+
+    CATS = {"cat", "concat", "concatenate"}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
         src = args[0] if args else None
+        if name in self.CATS and isinstance(out, torch.Tensor) and out.grad_fn is not None and isinstance(src, (list, tuple)):
+            dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else 0)
+            if isinstance(dim, int):
+                self.cats[out.grad_fn] = [int(t.shape[dim]) for t in src if isinstance(t, torch.Tensor)]
         if name in self.VIEWS | {"flatten"} and isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             self.reshapes[out.grad_fn] = (tuple(src.shape), tuple(out.shape))
         if name in self.VIEWS and isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
@@ -257,6 +264,7 @@ def regroup_tracing():
     from .inputs import call
 
     _patch_reshape_mapping()
+    _patch_concat_mapping()
     rg = _ChannelRegrouping()
     _TRACING.append(rg)
 
@@ -268,6 +276,34 @@ def regroup_tracing():
         yield forward, rg
     finally:
         _TRACING.pop()
+
+
+def _patch_concat_mapping() -> None:
+    """torch-pruning maps channels through every concat as if it joined channels; a concat of tokens
+    (ViT/PiT/CaiT cls tokens joined to patch tokens on dim 1 of [B, N, C]) joins positions: when the inputs'
+    real sizes along the cat dim are not their channel counts, leave the channels unmapped (shared by all)."""
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    if getattr(index_mapping.update_concat_index_mapping, "_prunepilot", False):
+        return
+    original = index_mapping.update_concat_index_mapping
+
+    def safe(graph, node):
+        rg = getattr(graph, "_prunepilot_regroup", None)
+        if rg is None and _TRACING:
+            rg = _TRACING[-1]
+        sizes = rg.cats.get(getattr(node, "grad_fn", None)) if rg is not None else None
+        if sizes is not None and getattr(node.module, "concat_sizes", None) is None:
+            try:
+                chs = [shape_infer.infer_channels_between(graph, n, node) for n in node.inputs]
+            except Exception:  # noqa: BLE001 - no channel count: torch-pruning would not map it either
+                chs = None
+            if chs is None or None in chs or len(chs) != len(sizes) or list(chs) != list(sizes):
+                return None  # not a channel concat
+        return original(graph, node)
+
+    safe._prunepilot = True  # type: ignore[attr-defined]
+    index_mapping.update_concat_index_mapping = safe
 
 
 def _patch_reshape_mapping() -> None:
@@ -349,6 +385,21 @@ def clear_caches(model: nn.Module) -> None:
         for k, v in list(vars(m).items()):
             if not k.startswith("_") and isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
                 v.clear()
+
+
+def _protect_group_roots(g, dg, name_of: dict, ignored: dict[str, str], why: str) -> None:
+    """A group left out: every layer whose output channels it holds is listed with the reason."""
+    for item in g:
+        mod = item.dep.target.module
+        if isinstance(mod, ROOT_TYPES) and mod in name_of and dg.is_out_channel_pruning_fn(item.dep.handler):
+            ignored.setdefault(name_of[mod], why)
+
+
+def _is_channel_multiplier(m) -> bool:
+    """A depthwise conv that widens (out = k * in, groups = in; PiT's pooling): cutting an input channel would
+    cut k output channels of another group, which torch-pruning does not do (its importance even fails)."""
+    return (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups > 1 and m.groups == m.in_channels
+            and m.out_channels != m.in_channels)
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -478,11 +529,20 @@ def analyse(
         if gname is None:
             continue
         if any(isinstance(item.dep.target.module, nn.Module) and _is_functional_attention(item.dep.target.module) for item in g):
-            ignored[gname] = ("protected: these channels feed torchvision's functional window attention, whose head size "
-                              "follows its input width (pruning them needs head-dim pruning inside it)")
+            _protect_group_roots(g, dg, name_of, ignored, (
+                "protected: these channels feed torchvision's functional window attention, whose head size "
+                "follows its input width (pruning them needs head-dim pruning inside it)"))
             continue
         if regroup and any(item.dep.target in regroup or item.dep.source in regroup for item in g):
-            ignored[gname] = "protected: its channels pass a channel shuffle (a view regrouping channels) that torch-pruning cannot follow"
+            _protect_group_roots(g, dg, name_of, ignored, "protected: its channels pass a channel shuffle (a view regrouping "
+                                 "channels) that torch-pruning cannot follow")
+            continue
+        mult = next((item.dep.target.module for item in g if _is_channel_multiplier(item.dep.target.module)), None)
+        if mult is not None:
+            why = (f"protected: its channels pass {name_of.get(mult, 'a grouped conv')} (a depthwise conv with a channel "
+                   f"multiplier, {mult.in_channels} -> {mult.out_channels} in {mult.groups} groups), which torch-pruning "
+                   "cannot cut consistently (k outputs per input channel)")
+            _protect_group_roots(g, dg, name_of, ignored, why)
             continue
         width = len(g[0].idxs)
         members: list[tuple[str, str, int]] = []
