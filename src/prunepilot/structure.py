@@ -265,6 +265,8 @@ def regroup_tracing():
 
     _patch_reshape_mapping()
     _patch_concat_mapping()
+    _patch_slice_mapping()
+    _patch_group_lookup()
     rg = _ChannelRegrouping()
     _TRACING.append(rg)
 
@@ -276,6 +278,86 @@ def regroup_tracing():
         yield forward, rg
     finally:
         _TRACING.pop()
+
+
+def _patch_group_lookup() -> None:
+    """torch-pruning's Group.has_pruning_op scans the whole group and compares index lists on every step of
+    the group search: quadratic in the group size (73 of torchvision swin_v2_t's 117 s of analysis). Keep a
+    hash index of (target, handler, indices) beside the list; same answers, constant time."""
+    from torch_pruning.dependency.group import Group
+
+    if getattr(Group.has_pruning_op, "_prunepilot", False):
+        return
+    add_dep, setitem = Group.add_dep, Group.__setitem__
+
+    def index(self) -> set:
+        idx = self.__dict__.get("_pp_index")
+        if idx is None or self.__dict__.get("_pp_len") != len(self._group):
+            idx = {(id(d.target), d.handler, tuple(i)) for d, i in self._group}
+            self._pp_index = idx
+            self._pp_len = len(self._group)
+        return idx
+
+    def fast_add_dep(self, dep, idxs):
+        add_dep(self, dep, idxs)
+        idx = self.__dict__.get("_pp_index")
+        if idx is not None and self.__dict__.get("_pp_len") == len(self._group) - 1:
+            idx.add((id(dep.target), dep.handler, tuple(idxs)))
+            self._pp_len = len(self._group)
+
+    def fast_setitem(self, k, v):
+        setitem(self, k, v)
+        self.__dict__.pop("_pp_index", None)
+
+    def has_pruning_op(self, dep, idxs):
+        return (id(dep.target), dep.handler, tuple(idxs)) in index(self)
+
+    has_pruning_op._prunepilot = True  # type: ignore[attr-defined]
+    Group.add_dep, Group.__setitem__, Group.has_pruning_op = fast_add_dep, fast_setitem, has_pruning_op
+
+
+@contextmanager
+def _index_mapping_once(dg):
+    """get_pruning_group recomputes every index mapping of the graph before each group; while groups are only
+    read (analysis, nothing pruned in between) the mapping cannot change: compute it once."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_index_mapping
+    original(dg)
+    index_mapping.update_index_mapping = lambda graph: None if graph is dg else original(graph)
+    try:
+        yield
+    finally:
+        index_mapping.update_index_mapping = original
+
+
+def _patch_slice_mapping() -> None:
+    """torch-pruning maps channels through a slice on dim 1 of a 4-d tensor as a channel slice; in a
+    channels-last map ([B, H, W, C]: Swin's `x[:, :H, :W, :]` after padding) that dim is a position, and the
+    mapping cuts the group's indices to positions (groups of 7/25/28 indices that multiply without end).
+    A slice whose dim does not have the input's channel count is not a channel slice: leave it unmapped."""
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    if getattr(index_mapping.update_slice_index_mapping, "_prunepilot", False):
+        return
+    original = index_mapping.update_slice_index_mapping
+
+    def safe(graph, node):
+        fn = getattr(node, "grad_fn", None)
+        sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), getattr(fn, "_saved_dim", None)
+        if sizes is not None and isinstance(dim, int) and -len(sizes) <= dim < len(sizes) and node.inputs:
+            try:  # the channel count from upstream, else from the consumers
+                ch = shape_infer.infer_out_channels_recursively(graph, node.inputs[0], [0])
+                if ch is None:
+                    ch = shape_infer.infer_in_channels_recursively(graph, node, [0])
+            except Exception:  # noqa: BLE001
+                ch = None
+            if ch is not None and int(sizes[dim]) != abs(int(ch)):
+                return None  # a slice over positions/tokens: channels pass it unchanged
+        return original(graph, node)
+
+    safe._prunepilot = True  # type: ignore[attr-defined]
+    index_mapping.update_slice_index_mapping = safe
 
 
 def _patch_concat_mapping() -> None:
@@ -664,6 +746,11 @@ def _time_limit(seconds: float):
 def _all_groups(dg, ignored_modules: list[nn.Module], name_of: dict, ignored: dict[str, str]):
     """torch-pruning's get_all_groups, except that a root whose group cannot be built (an index mapping it
     cannot follow) is protected with the reason instead of ending the analysis."""
+    with _index_mapping_once(dg):
+        yield from _all_groups_unmapped(dg, ignored_modules, name_of, ignored)
+
+
+def _all_groups_unmapped(dg, ignored_modules: list[nn.Module], name_of: dict, ignored: dict[str, str]):
     ignored_set = set(ignored_modules) | set(dg.IGNORED_LAYERS_IN_TRACING)
     visited: set = set()
     for m in list(dg.module2node.keys()):
