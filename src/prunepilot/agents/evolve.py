@@ -209,6 +209,50 @@ class EvolveStrategist:
             return self._steered(ctx, g, parent, rng, params)
         return self._mutation(hist, g, parent, rng, params)
 
+    def independent(self, ctx: Context) -> int:
+        """How many of the next proposals, this one first, the Master may propose before any of them is measured
+        (loop/executor.py): the rest of a generation's screened offspring, or the survivors a stage re-scores.
+        1 for seeds (a line search), for the final full-probe stage (it may become the parent), when the first
+        screen is the whole probe, and for an LLM slot; a batch stops before an LLM slot, so the analyst sees
+        every earlier offspring measured, as it would one proposal at a time. Capped by the evaluations left."""
+        if ctx.phase != "refine":
+            return 1
+        target = float(ctx.step["target"])
+        full = int(ctx.step.get("probe_seqs", 1))
+        hist = ctx.history
+        if sum(1 for a in hist if _p(a, "origin") == SEED) < self.seeds:
+            return 1
+        parent = best_full(hist, target, full)
+        fids = fidelities(full)
+        if parent is None or fids[0] >= full:
+            return 1
+        evo = [a for a in hist if _p(a, "gen") >= 0 and _p(a, "stage") >= 0]
+        gen = int(max((_p(a, "gen") for a in evo), default=0))
+        mine = [a for a in evo if int(_p(a, "gen")) == gen]
+        n_stage0 = sum(1 for a in mine if _p(a, "stage") == 0)
+        if n_stage0 >= self.lam:
+            for s in range(1, len(fids)):
+                prev = [a for a in mine if _p(a, "stage") == s - 1 and "probe_kl" in a.metrics]
+                keep = sorted(prev, key=lambda a: (a.metrics["probe_kl"], a.index))[: (1 if s == len(fids) - 1 else self.survivors)]
+                done = {int(_p(a, "of")) for a in mine if _p(a, "stage") == s}
+                left = sum(1 for a in keep if int(_p(a, "of", a.index)) not in done)
+                if left:
+                    return 1 if s == len(fids) - 1 else self._cap(ctx, left)
+            n_stage0 = 0  # the generation is complete: the next one starts
+        k = self.lam - n_stage0
+        if self.client is not None:
+            slot = sum(1 for a in evo if _p(a, "stage") == 0)
+            for j in range(k):
+                if (slot + j) % self.every == self.every - 1:
+                    k = max(1, j)  # up to the LLM slot; the slot itself alone
+                    break
+        return self._cap(ctx, k)
+
+    @staticmethod
+    def _cap(ctx: Context, k: int) -> int:
+        left = ctx.step.get("evals_left")
+        return max(1, min(k, int(left))) if left is not None else k
+
     def _mutation(self, hist: list[Attempt], g: Genes, parent: Attempt, rng: random.Random,
                   params: dict[str, float]) -> Plan:
         seen = {_counts(a) for a in hist}

@@ -68,6 +68,8 @@ def sparsify(
     client: Any = None,
     progress: Callable[[str, int, int], None] | bool | None = None,
     log: Callable[[str], None] | None = print,
+    workers: int = 1,
+    ray_address: str | None = None,
     **options: Any,
 ) -> Result:
     """Sparsify a causal LM to an exact global sparsity (unstructured `0.5` / `"50%"`, or `"2:4"`).
@@ -81,9 +83,12 @@ def sparsify(
     `out`: the run folder (journal, report, exported model); None = a temporary one, nothing exported.
     `resume=True` continues the run journaled in `out`; it needs the same model object, still dense.
     `progress`: fn(phase, done, total) for the block-by-block phases (None: a bar on a terminal; False: none).
+    `workers`/`ray_address`: measure the loop's independent candidates (evolve's offspring) on Ray workers, each
+    holding the model once (`pip install 'prunepilot[ray]'`); same seed, same plans as in-process.
     `**options`: any other SparsifyConfig field (calib_seqs, calib_seqlen, eval_seqs, eval_seqlen, probe_seqs,
     fidelity_seqs, grad_seqs, refine_iters, bands, export_format, offload, ...).
     """
+    from ..loop import executor
     from ..sources.llm import LoadedLM, load_causal_lm
     from ..sparsify.run import SparsifyConfig, run_sparsify
 
@@ -94,6 +99,13 @@ def sparsify(
     if resume and out is None:
         raise PrunepilotError("resume needs the run folder", "resume=True without out=", "pass out=<the run's folder>")
     spec, calib_input = _calib(calib)
+    if (workers > 1 or ray_address) and (agent.strip() in ("uniform", "owl") or ":" in str(sparsity)):
+        raise PlanError("workers/ray_address measure the loop's candidates, and this run has no loop",
+                        f"agent={agent!r}, sparsity={sparsity!r}", "drop workers/ray_address, or use a loop "
+                        "strategist (evolve batches its offspring)")
+    pool = executor.make(workers, ray_address, log=log)  # ray missing, an unreachable address: refused now
+    if pool.remote:
+        options["extra"] = {**options.get("extra", {}), "executor": {"workers": workers, "ray_address": ray_address}}
     if isinstance(model, str):
         loaded = load_causal_lm(model, dtype=option_text(dtype))
     else:
@@ -103,7 +115,7 @@ def sparsify(
                          calib=spec or "pydocs", device=option_text(device), dtype=option_text(dtype), seed=seed, client=client,
                          progress=progress, **options)
     say = log or (lambda _msg: None)
-    with run_folder(out, "prunepilot-sparsify-") as (folder, keep):
+    with executor.scoped(pool), run_folder(out, "prunepilot-sparsify-") as (folder, keep):
         run_id = _resume_id(folder) if resume else None
         raw = run_sparsify(cfg, folder, say, run_id=run_id, overwrite=overwrite, loaded=loaded,
                            calib_input=calib_input)

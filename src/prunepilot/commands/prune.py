@@ -60,6 +60,8 @@ def register(app: typer.Typer) -> None:
         history: Optional[Path] = typer.Option(None, "--history", help="Cross-run history store (default: the prunepilot cache, history.sqlite)."),
         no_history: bool = typer.Option(False, "--no-history", help="Neither read nor record cross-run history."),
         seed: int = typer.Option(0, "--seed", help="Seed for data order, recovery and strategists."),
+        workers: int = typer.Option(1, "--workers", min=1, help="Recover and score the loop's candidates on N Ray workers, each holding the data and dense model once (with --data); 1 = in this process. Candidates a strategist declares independent are measured at once; same seed, same plans."),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running Ray cluster (HOST:PORT from `ray start --head`, ray://HOST:PORT, or auto) instead of starting a local one (with --data)."),
         normalize: str = NormalizeOpt,
         resize: Optional[int] = ResizeOpt,
         crop: Optional[int] = CropOpt,
@@ -88,6 +90,12 @@ def register(app: typer.Typer) -> None:
                             "pass --data, or use --importance l2")
         if rounds < 1:
             raise PlanError("--rounds must be at least 1", rounds, "e.g. --rounds 8")
+        if (workers > 1 or ray_address) and data is None:
+            raise PlanError("--workers/--ray-address measure the agent loop's candidates, which needs --data",
+                            "no --data given", "pass --data, or drop --workers/--ray-address")
+        from ..loop import executor
+
+        pool = executor.make(workers, ray_address, log=console.print)  # ray missing, an unreachable address: now
         budget = Budget.parse(tolerance=tolerance, macs=target_macs, params=target_params, latency_ms=target_latency)
         from ..device import resolve_device, resolve_dtype
         from ..sources.data import parse_normalize
@@ -112,7 +120,8 @@ def register(app: typer.Typer) -> None:
             run = PruneRun(budget, data, out, agent=agent, settings=settings, user=user, history_path=history,
                            use_history=not no_history, base_url=llm_base_url, normalize=normalize, resize=resize,
                            crop=crop, device=device, dtype=dtype, align=align)
-            result = run_prune_search(loaded, run, overwrite=overwrite, log=console.print)
+            with executor.scoped(pool):
+                result = run_prune_search(loaded, run, overwrite=overwrite, log=console.print)
         else:
             plan = load_plan(plan_file, importance=importance, round_to=None if round_to == 1 else (round_to or 8),
                              prune_heads=prune_heads or None, protected=list(protect) or None)

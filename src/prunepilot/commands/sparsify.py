@@ -50,6 +50,8 @@ def register(app: typer.Typer) -> None:
         grad_seqs: int = typer.Option(2, "--grad-seqs", min=0, help="Sequences for gradient importance in the profile (0: skip the backward pass)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out (otherwise a second run there is refused)."),
         seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
+        workers: int = typer.Option(1, "--workers", min=1, help="Measure a batch of independent candidates (evolve's offspring of one generation) on N Ray workers, each holding the model once; 1 = in this process. Same seed, same plans."),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running Ray cluster (HOST:PORT from `ray start --head`, ray://HOST:PORT, or auto) instead of starting a local one."),
     ) -> None:
         """Sparsify a causal LM to an exact global sparsity. An analyst allocates it per layer group: a ramp to the
         target rolls back steps that raise held-out probe perplexity too much, then re-allocations at the target
@@ -58,15 +60,25 @@ def register(app: typer.Typer) -> None:
         report.html and model/ (save_pretrained)."""
         from rich.console import Console
 
+        from ..loop import executor
         from ..sparsify.run import SparsifyConfig, run_sparsify
 
         console = Console(stderr=True)
+        if (workers > 1 or ray_address) and (agent.strip() in ("uniform", "owl") or ":" in sparsity):
+            from ..errors import PlanError
+
+            raise PlanError("--workers/--ray-address measure the loop's candidates, and this run has no loop",
+                            f"--agent {agent} --sparsity {sparsity}", "drop --workers/--ray-address, or use a loop "
+                            "strategist (evolve batches its offspring)")
+        pool = executor.make(workers, ray_address, log=lambda s: console.print(s))  # ray missing / unreachable: now
         cfg = SparsifyConfig(model=model, sparsity=sparsity, method=method, agent=agent, calib=calib,
                              eval=eval_text, rollback_threshold=_fraction(rollback_threshold), step=step, refine_iters=refine_iters, evals=evals,
                              calib_seqs=calib_seqs, calib_seqlen=seqlen, eval_seqs=eval_seqs,
                              eval_seqlen=eval_seqlen, probe_seqs=probe_seqs, probe_seqlen=probe_seqlen, bands=bands, llm_base_url=llm_base_url, export=not no_export, seed=seed,
-                             export_format=export_format, device=device, dtype=dtype, grad_seqs=grad_seqs)
-        result = run_sparsify(cfg, out, say=lambda s: console.print(s), overwrite=overwrite)
+                             export_format=export_format, device=device, dtype=dtype, grad_seqs=grad_seqs,
+                             extra={"executor": {"workers": workers, "ray_address": ray_address}} if pool.remote else {})
+        with executor.scoped(pool):
+            result = run_sparsify(cfg, out, say=lambda s: console.print(s), overwrite=overwrite)
         d, c = result["dense"], result["compressed"]
         console.print(f"[bold]perplexity[/] {d['perplexity']:.2f} -> {c['perplexity']:.2f}; sparsity "
                       f"{c['sparsity']:.4f} ({result['pattern']}, {result['method']}, agent {result['agent']}); "

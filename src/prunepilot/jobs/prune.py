@@ -143,6 +143,8 @@ class PruneJob:
         metrics = dict(cand.metrics)
         if same is not None:  # the same model again: its measurement stands, no second recovery is paid for
             metrics.update({k: v for k, v in same.metrics.items() if k not in metrics})
+        elif getattr(cand, "measured", None) is not None:  # recovered and scored by a worker (loop/executor.py)
+            metrics.update(cand.measured)
         else:
             metrics.update(self.evaluator.score(cand.model, self.settings.finetune_steps))
         goals = [m for m in self.budget.goals if m in metrics]
@@ -156,6 +158,29 @@ class PruneJob:
             extra={"predicted": cand.projection.predicted, "projection_reason": cand.projection.reason,
                    "corrections": cand.corrections, **({"repeat_of": same.index} if same is not None else {})},
         )
+
+    # ------------------------------------------- batches and Ray workers (loop/executor.py; Master._batch)
+    @property
+    def device_type(self) -> str:
+        return next(self.pruner.dense.parameters()).device.type
+
+    def allocation_of(self, cand: Candidate) -> dict[str, Any]:
+        return {**cand.projection.allocation.to_json(), "importance": cand.plan.importance if cand.plan else None}
+
+    def remote_task(self, cand: Candidate, step: Step, history: list[Attempt]) -> "PruneTask | None":
+        allocation = self.allocation_of(cand)
+        if any(a.allocation == allocation and a.metrics and a.verdict != "failed" for a in history):
+            return None  # measured before: evaluate() reuses that measurement
+        return PruneTask(allocation, cand.model)
+
+    def with_measurement(self, cand: Candidate, result: tuple[dict[str, float], dict[str, Any]]) -> Candidate:
+        metrics, state = result
+        cand.model.load_state_dict(state)  # the worker's recovered weights: the candidate keep() writes
+        cand.measured = metrics  # type: ignore[attr-defined]
+        return cand
+
+    def worker_spec(self) -> "PruneWorker":
+        return PruneWorker(self.evaluator, self.settings.finetune_steps)
 
     def judge(self, step: Step, outcome: Outcome, history: list[Attempt]) -> Judgement:
         acc = quality_of(outcome.metrics)
@@ -194,6 +219,31 @@ class PruneJob:
         for f in (self.out / "candidates").glob("attempt-*.pt") if (self.out / "candidates").exists() else []:
             if best is None or f.name != f"attempt-{best.index}.pt":
                 f.unlink(missing_ok=True)
+
+
+class PruneTask:
+    """A pruned candidate for a worker to recover and score; equal to another of the same allocation."""
+
+    def __init__(self, allocation: dict[str, Any], model: torch.nn.Module) -> None:
+        self.allocation, self.model = allocation, model
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PruneTask) and other.allocation == self.allocation
+
+
+class PruneWorker:
+    """What a Ray worker needs to recover and score candidates exactly as the job does here: the Evaluator (its
+    data, the dense model, the dense outputs). Pickled once into Ray's object store."""
+
+    def __init__(self, evaluator: Evaluator, steps: int) -> None:
+        self.evaluator, self.steps = evaluator, steps
+
+    def build(self) -> "PruneWorker":
+        return self
+
+    def measure(self, task: PruneTask) -> tuple[dict[str, float], dict[str, Any]]:
+        metrics = self.evaluator.score(task.model, self.steps)
+        return metrics, task.model.state_dict()
 
 
 def _reflection(outcome: Outcome, prev: Attempt | None) -> str:

@@ -83,6 +83,7 @@ class Counts(list):
     (None: the whole probe). A list, so callers that only need the counts read it as one."""
 
     probe_seqs: int | None = None
+    measured: ProbeScore | None = None  # scored by a worker already (loop/executor.py)
 
 
 class SparsifyJob:
@@ -214,10 +215,12 @@ class SparsifyJob:
     def evaluate(self, counts: list[int], step: Step, history: list[Attempt]) -> Outcome:
         st = self.fold(history)
         seqs = getattr(counts, "probe_seqs", None) or self.full_seqs
+        measured_elsewhere = getattr(counts, "measured", None)  # by a worker (loop/executor.py)
         counts = list(counts)
-        score = next((_score(a) for a in history if a.allocation.get("counts") == counts and "probe_kl" in a.metrics
-                      and a.metrics.get("probe_seqs", self.full_seqs) == seqs), None)
+        score = self._cached(counts, seqs, history)
         cached = score is not None  # a repeated allocation is not re-probed
+        if score is None:
+            score = measured_elsewhere
         if score is None:
             self.bank.apply(self.as_dict(counts))
             score = self.probe.measure(self.model, seqs)
@@ -270,6 +273,30 @@ class SparsifyJob:
         return Judgement("rollback", -m["probe_kl"], f"rolled back: probe KL {m['probe_kl']:.4f} is not below the best so "
                                                      f"far ({best.kl:.4f}); perplexity {m['probe_ppl']:.2f} vs {best.ppl:.2f}")
 
+    def _cached(self, counts: list[int], seqs: int, history: list[Attempt]) -> ProbeScore | None:
+        return next((_score(a) for a in history if a.allocation.get("counts") == counts and "probe_kl" in a.metrics
+                     and a.metrics.get("probe_seqs", self.full_seqs) == seqs), None)
+
+    # ------------------------------------------- batches and Ray workers (loop/executor.py; Master._batch)
+    @property
+    def device_type(self) -> str:
+        return next(self.model.parameters()).device.type
+
+    def allocation_of(self, counts: list[int]) -> dict[str, Any]:
+        return {"counts": list(counts)}
+
+    def remote_task(self, counts: list[int], step: Step, history: list[Attempt]) -> tuple[list[int], int] | None:
+        """(counts, probe sequences) for a worker to score; None when the history already holds that score."""
+        seqs = getattr(counts, "probe_seqs", None) or self.full_seqs
+        return None if self._cached(list(counts), seqs, history) is not None else (list(counts), seqs)
+
+    def with_measurement(self, counts: "Counts", score: ProbeScore) -> "Counts":
+        counts.measured = score
+        return counts
+
+    def worker_spec(self) -> "SparsifyWorker":
+        return SparsifyWorker(self.model, self.infos, self.probe, self.bank)
+
     def keep(self, index: int, outcome: Outcome) -> None:
         """Nothing to write: the allocation in the journal is the whole candidate (the final masks and weights are
         computed once, from the best allocation, by sequential calibration)."""
@@ -303,3 +330,40 @@ def _index_of(history: list[Attempt], counts: list[int]) -> int | None:
         if a.allocation.get("counts") == counts:
             return a.index
     return None
+
+
+class SparsifyWorker:
+    """What a Ray worker needs to score allocations exactly as the job does here: the model (its placement hooks
+    included), the probe with its dense log-probabilities, and the Wanda bank's dense weights and orders. Pickled
+    once into Ray's object store; `build()` runs once per worker."""
+
+    def __init__(self, model: nn.Module, infos: list[LinearInfo], probe: Probe, bank: WandaBank) -> None:
+        self.model, self.infos, self.probe = model, infos, probe
+        self.dense = {i.name: bank.dense[i.name] for i in infos}
+        self.order = {i.name: bank.order[i.name] for i in infos}
+
+    def build(self) -> "SparsifyWorker":
+        from ..sparsify.calibrate import modules_by_name
+
+        self.mods = modules_by_name(self.model, self.infos)
+        self.applied: dict[str, int] = {}
+        return self
+
+    def measure(self, task: tuple[list[int], int]) -> ProbeScore:
+        """Apply the allocation as WandaBank.apply does (lowest-Wanda weights of each row), score the probe."""
+        import torch
+
+        from ..engines import sparsity as sp
+
+        counts, seqs = task
+        with torch.no_grad():
+            for info, k in zip(self.infos, counts):
+                if self.applied.get(info.name) == k:
+                    continue
+                w = self.mods[info.name].weight
+                dense = self.dense[info.name].to(w.device, copy=True)
+                if k:
+                    dense.mul_(sp.mask_from_order(self.order[info.name].to(w.device), k))
+                w.copy_(dense)
+                self.applied[info.name] = k
+        return self.probe.measure(self.model, seqs)
