@@ -34,11 +34,11 @@ def _target(name: str, value: BudgetValue) -> str | None:
 
 
 def _budget(target_macs: BudgetValue, target_params: BudgetValue, target_latency: BudgetValue,
-            tolerance: str | None, target_memory: BudgetValue = None) -> Budget:
+            tolerance: str | None, target_memory: BudgetValue = None, target_size: BudgetValue = None) -> Budget:
     lat = target_latency if not isinstance(target_latency, (int, float)) or target_latency <= 1 else f"{target_latency}ms"
     return Budget.parse(tolerance=tolerance or "+1%/-5%", macs=_target("target_macs", target_macs),
                         params=_target("target_params", target_params), latency_ms=_target("target_latency", lat),
-                        memory_mb=_target("target_memory", target_memory))
+                        memory_mb=_target("target_memory", target_memory), size_mb=_target("target_size", target_size))
 
 
 def _has(budget: Budget, metric: str) -> bool:
@@ -186,43 +186,52 @@ def compress(
     target_params: BudgetValue = None,
     target_latency: BudgetValue = None,
     target_memory: BudgetValue = None,
+    target_size: BudgetValue = None,
     tolerance: str | None = None,
     train: Iterable | None = None,
     val: Iterable | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
     quantization: Sequence[str] = ("none", "int8_dynamic"),
     finetune_steps: int = 40,
+    eval_limit: int = 1000,
+    seed: int = 0,
     device: str | torch.device | None = None,
     out: str | Path | None = None,
     plan: Plan | dict | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> Result:
-    """Joint pruning + int8 quantization under measured budgets (memory, latency) and static ones (MACs, params):
+    """Joint pruning + int8 quantization under measured budgets (memory, latency, serialized size) and static ones (MACs, params):
     every quantization option is bracketed to its least pruning that meets the measured budget, and the best
     scoring point (top-1 on `val`, or `evaluate(model)`) wins; without data the least pruning wins.
-    Eager dynamic int8 is a CPU format: `device` other than CPU is refused for it."""
+    Eager dynamic int8 is a CPU format: `device` other than CPU is refused for it. Every measurement is
+    journaled in `out`; `resume=True` continues a killed run there with the measurements it had."""
+    from ..jobs.compress import CompressRun, CompressSettings, run_compress_job
     from ..jobs.prune import place_loaded
-    from ..journal import prepare_out
-    from ..joint import run_compress
 
-    budget = _budget(target_macs, target_params, target_latency, tolerance, target_memory)
+    budget = _budget(target_macs, target_params, target_latency, tolerance, target_memory, target_size)
     loaded = _loaded(model, example_inputs)
     dev = option_text(device)
     if "int8_dynamic" in quantization and dev not in (None, "auto", "cpu"):
         raise PrunepilotError("eager dynamic int8 runs on the CPU only", f"device={dev!r}",
                               "pass device='cpu', or quantization=('none',) to prune only")
+    if resume and out is None:
+        raise PrunepilotError("resume needs the run folder", "resume=True without out=", "pass out=<the run's folder>")
     data = None
     if train is not None or val is not None or evaluate is not None:
         from ..sources.user_data import UserData
 
         data = UserData(train if train is not None else val, val)
+    settings = CompressSettings(quant_options=tuple(quantization), finetune_steps=finetune_steps if train is not None else 0,
+                                eval_limit=eval_limit, seed=seed)
     with run_folder(out) as (folder, keep):
-        prepare_out(folder, overwrite=overwrite)
+        run = CompressRun(budget, folder, data=data, plan=_plan(plan) or Plan(round_to=8), settings=settings,
+                          evaluate=evaluate)
+        run_id = _resume_id(folder, loaded) if resume else None
         place_loaded(loaded, dev if dev not in (None, "auto") or "int8_dynamic" not in quantization else "cpu", None)
-        raw, best = run_compress(loaded, budget, folder, data_spec=data, plan=_plan(plan),
-                                 quant_options=tuple(quantization), finetune_steps=finetune_steps if train else 0,
-                                 log=log or (lambda _m: None), evaluate=evaluate, return_model=True)
+        raw, best = run_compress_job(loaded, run, run_id=run_id, overwrite=overwrite, log=log or (lambda _m: None),
+                                     return_model=True)
         return _result(raw, best, folder, keep)
 
 

@@ -22,8 +22,13 @@ def register(app: typer.Typer) -> None:
         target_macs: Optional[str] = typer.Option(None, "--target-macs", help="MACs cap alongside the measured targets."),
         tolerance: str = typer.Option("+1%/-5%", "--tolerance", help="Band around each target."),
         data: Optional[str] = typer.Option(None, "--data", help="Labelled data to rank candidates by accuracy (fashion-mnist, imagefolder:DIR)."),
-        out: Path = typer.Option(Path("runs/compress"), "--out", help="Output folder."),
-        round_to: int = typer.Option(8, "--round-to", help="Channel multiple for pruned widths."),
+        out: Path = typer.Option(Path("runs/compress"), "--out", help="Output folder (one run per folder)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out (otherwise a second run there is refused)."),
+        round_to: int = typer.Option(8, "--round-to", help="Channel multiple for pruned widths (1: none)."),
+        quantization: str = typer.Option("none,int8_dynamic", "--quantization", help="Comma list of the options searched: none, int8_dynamic."),
+        finetune_steps: int = typer.Option(40, "--finetune-steps", help="Fine-tune steps before scoring each feasible point (with --data)."),
+        eval_limit: int = typer.Option(1000, "--eval-limit", help="Validation images per score (with --data)."),
+        seed: int = typer.Option(0, "--seed"),
         normalize: str = NormalizeOpt,
         resize: Optional[int] = ResizeOpt,
         crop: Optional[int] = CropOpt,
@@ -35,18 +40,26 @@ def register(app: typer.Typer) -> None:
         """Search pruning and int8 quantization together: for each quantization option the pruning amount is
         bracketed against the measured targets; the best feasible combination (by accuracy with --data) wins.
         The report shows the accuracy-latency-memory trade-off of every point measured. Runs on the CPU: the
-        latency and memory budgets are measured here, and dynamic int8 is a CPU format."""
-        from ..joint import run_compress
+        latency and memory budgets are measured here, and dynamic int8 is a CPU format. Every measurement is
+        journaled (OUT/journal.sqlite): `prunepilot runs resume ID --journal OUT/journal.sqlite` continues a killed
+        run with the measurements it had. Writes model.safetensors + structure.json (the int8 layers are applied
+        again on load), model.pt2 where torch.export works.
+
+        Exit code 3: the result was written but its final measurement lies outside the band (result.json says why)."""
+        from ..jobs.compress import CompressRun, CompressSettings, run_compress_job
 
         budget = Budget.parse(tolerance=tolerance, memory_mb=target_memory, latency_ms=target_latency,
                               size_mb=target_size, macs=target_macs)
-        from ..sources.data import parse_normalize
-
+        options = tuple(o.strip() for o in quantization.split(",") if o.strip())
+        settings = CompressSettings(quant_options=options, finetune_steps=finetune_steps, eval_limit=eval_limit, seed=seed)
+        run = CompressRun(budget, out, data=data, plan=Plan(round_to=None if round_to == 1 else round_to),
+                          settings=settings, normalize=normalize, resize=resize, crop=crop)
         loaded = load(model, weights, trust, input_shape, state_dict)
-        pre = parse_normalize(normalize, model=loaded.module, resize=resize, crop=crop)
-        result = run_compress(loaded, budget, out, data_spec=data, plan=Plan(round_to=None if round_to == 1 else round_to),
-                              log=console.print, preprocess=pre)
+        result = run_compress_job(loaded, run, overwrite=overwrite, log=console.print)
         console.print(result_table(result))
         ch = result["choice"]
         console.print(f"chosen: quantization {ch['quantization']}, MAC reduction {ch['mac_reduction']:.1%}; "
                       f"within budget: {'[green]yes' if result['within_band'] else '[red]no'}[/]; written to {out}/")
+        if not result["within_band"]:
+            console.print(f"[red]outside the budget band[/]: {result.get('out_of_band_reason', 'see summary.md')}", highlight=False)
+            raise typer.Exit(3)

@@ -68,20 +68,22 @@ def register(app: typer.Typer) -> None:
             _continue_sparsify(j, run_id, r["config"], transcripts)
         elif r["kind"] == "prune":
             _continue_prune(run_id, r["config"], transcripts, agent, trust)
+        elif r["kind"] == "compress":
+            _continue_compress(run_id, r["config"], trust)
         else:
             from ..errors import PrunepilotError
 
-            raise PrunepilotError("only prune and sparsify runs can be resumed", r["kind"], "start a new run")
+            raise PrunepilotError("only prune, sparsify and compress runs can be resumed", r["kind"], "start a new run")
 
-    def _continue_prune(run_id: str, c: dict, transcripts: list | None, agent: str | None, trust: bool) -> None:
+    def _reload(c: dict, trust: bool):
+        """The run's model from its journaled source, refusing a changed file or a pickle not trusted now."""
         from ..errors import SourceError
-        from ..jobs.prune import PruneRun, run_prune_search
         from ..sources.data import data_fingerprint
         from ..sources.models import ModelSpec
 
         if not c.get("model_spec"):
             raise SourceError("this run's model was handed in from Python, so the journal cannot reload it",
-                              c.get("model"), "continue it from Python: prunepilot.prune(model, ..., out=<the same folder>, resume=True)")
+                              c.get("model"), "continue it from Python with the same model and out folder, resume=True")
         spec = ModelSpec.model_validate(c["model_spec"])
         if spec.trust and not trust:
             raise SourceError("this run loaded a pickled model, which can run code; resuming never trusts it on your behalf",
@@ -90,8 +92,19 @@ def register(app: typer.Typer) -> None:
         if c.get("data_fingerprint") and data_fingerprint(c["data"]) != c["data_fingerprint"]:
             raise SourceError("the run's data files changed since it was journaled", c["data"],
                               "restore the original data, or start a new run")
+        return spec.load()
+
+    def _continue_compress(run_id: str, c: dict, trust: bool) -> None:
+        from ..jobs.compress import CompressRun, run_compress_job
+
+        run = CompressRun.from_config(c)
+        run_compress_job(_reload(c, trust), run, run_id=run_id, log=console.print)
+
+    def _continue_prune(run_id: str, c: dict, transcripts: list | None, agent: str | None, trust: bool) -> None:
+        from ..jobs.prune import PruneRun, run_prune_search
+
         run = PruneRun.from_config(c, agent=agent)
-        run_prune_search(spec.load(), run, run_id=run_id, transcripts=transcripts, log=console.print)
+        run_prune_search(_reload(c, trust), run, run_id=run_id, transcripts=transcripts, log=console.print)
 
     def _continue_sparsify(j, run_id: str, c: dict, transcripts: list | None) -> None:
         from ..sparsify.run import SparsifyConfig, run_sparsify

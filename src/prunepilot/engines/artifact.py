@@ -73,22 +73,26 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pruned(model: nn.Module, example_input: torch.Tensor, out_dir: str | Path, *, record: dict[str, Any],
-                pickle_module: bool = False) -> dict[str, Any]:
+                pickle_module: bool = False, program: nn.Module | None = None) -> dict[str, Any]:
     """Write model.safetensors, model.pt2 (where torch.export works), model.pt only if `pickle_module`, and
     structure.json last (so its presence means the weights it hashes are complete).
 
     `record` holds "model" (a ModelSpec dump, or None for a module handed in from Python), "allocation"
-    ({"kept": {group: units}, "heads": {group: heads}}) and optionally "protected"."""
+    ({"kept": {group: units}, "heads": {group: heads}}), optionally "protected" and "quantization"
+    ({"backend": "eager", "layers": {name: scheme}}: applied again on load, dynamic int8 being a function of the
+    float weights saved here). `program` is the module model.pt2 and model.pt hold (default `model`): the
+    quantized model when `model` is its float source."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = _tensors(model)
     write_atomic(out / STATE_DICT, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    final = model if program is None else program
     info: dict[str, Any] = {"state_dict": STATE_DICT, "structure": STRUCTURE,
-                            **export_program(model, example_input, out), "module": None}
+                            **export_program(final, example_input, out), "module": None}
     if pickle_module:
-        write_atomic(out / MODULE, lambda p: torch.save(model, p))
+        write_atomic(out / MODULE, lambda p: torch.save(final, p))
         info["module"] = MODULE
     if record.get("model") is None:
         info["rebuild"] = ("load_pruned cannot rebuild this model: it was handed in from Python, so no source is "
@@ -173,5 +177,21 @@ def load_pruned(out_dir: str | Path, *, trust: bool = False) -> LoadedModel:
             raise SourceError("model.safetensors does not fit the rebuilt model", str(exc)[:300],
                               "the model source changed since the prune: re-run it") from None
     model.eval()
+    _requantize(model, record.get("quantization"))
     # spec=None: spec.load() gives the dense model, not this one; load_pruned(out_dir) is how to get it again
     return LoadedModel(model, x, spec.uri, f"{spec.uri} pruned ({out})", "module", None)
+
+
+def _requantize(model: nn.Module, quant: Any) -> None:
+    """Apply the recorded quantization again (a compress run's int8 layers) to the rebuilt float model."""
+    if not quant:
+        return
+    from ..engines.quantize import quantize_
+
+    try:
+        layers = {str(k): str(v) for k, v in quant["layers"].items()}
+        backend = str(quant.get("backend", "eager"))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise SourceError("structure.json's 'quantization' needs {backend, layers: {name: scheme}}",
+                          f"{type(exc).__name__}: {str(exc)[:200]}", "re-run the compress that wrote it") from None
+    quantize_(model, layers, backend=backend, measure_size=False)  # type: ignore[arg-type]
