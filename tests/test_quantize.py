@@ -274,8 +274,12 @@ def test_run_quantize_writes_result_report_and_artefact(tmp_path, layers: str) -
     assert rep["n_quantized"] >= 1 and all(s["reason"] for s in rep["skipped"])
     if layers == "^0$":
         assert [q["name"] for q in rep["quantized"]] == ["0"]
-    saved = torch.load(tmp_path / "model.pt", weights_only=False)
-    assert saved(torch.randn(2, 64)).shape == (2, 16)
+    assert not (tmp_path / "model.pt").exists()  # no pickle by default: float weights + the int8 recipe
+    record = json.loads((tmp_path / "structure.json").read_text())
+    assert sorted(record["quantization"]["layers"]) == sorted(q["name"] for q in rep["quantized"])
+    from safetensors.torch import load_file
+
+    assert all(v.dtype == torch.float32 for v in load_file(str(tmp_path / "model.safetensors")).values())
     assert (tmp_path / "summary.md").read_text().startswith("# prunepilot quantize")
     assert json.loads((tmp_path / "result.json").read_text())["input_shape"] == [4, 64]
 
@@ -342,7 +346,8 @@ def test_quantize_python_entry_point_on_a_tiny_model(tmp_path, monkeypatch) -> N
     assert res["quantization"]["n_quantized"] >= 1
     written = json.loads((tmp_path / "q" / "result.json").read_text())
     assert written["compressed"]["size_mb"] == pytest.approx(res["compressed"]["size_mb"])
-    assert written["input_shape"] == list(x.shape) and (tmp_path / "q" / "model.pt").exists()
+    assert written["input_shape"] == list(x.shape) and (tmp_path / "q" / "model.safetensors").exists()
+    assert not (tmp_path / "q" / "model.pt").exists()
     # options the job cannot honour are refused, not ignored
     with pytest.raises(PrunepilotError, match="cannot select layers"):
         quantize(model, x, out=tmp_path / "o", backend="onnx", layers="auto")
@@ -354,3 +359,25 @@ def test_quantize_python_entry_point_on_a_tiny_model(tmp_path, monkeypatch) -> N
     monkeypatch.chdir(tmp_path)
     a, b = fresh_run_dir(), fresh_run_dir()
     assert a != b and a.parent == b.parent == tmp_path / "runs" and a.name.startswith("quantize-")
+
+
+def test_quantized_artefact_reloads_without_a_pickle(tmp_path) -> None:
+    """A model source + float weights + the recipe rebuild the same int8 model (load_pruned quantizes again)."""
+    from prunepilot.engines.artifact import load_pruned
+    from prunepilot.engines.quantize import quantized_layer_names
+    from prunepilot.jobs.quantize import run_quantize
+    from prunepilot.sources.models import load_model
+
+    from tiny_models import make
+
+    model, x = make("vit")
+    sd = tmp_path / "sd.pt"
+    torch.save(model.state_dict(), sd)
+    loaded = load_model("py:tiny_models:tiny_vit", input_shape=tuple(x.shape), state_dict=sd)
+    res, qmodel = run_quantize(loaded, out=tmp_path / "q", layers="all", rounds=2, return_model=True)
+    back = load_pruned(tmp_path / "q").module
+    assert quantized_layer_names(back) == quantized_layer_names(qmodel) != []
+    with torch.no_grad():
+        assert torch.allclose(back(x), qmodel(x), atol=1e-5)
+    run_quantize(loaded, out=tmp_path / "p", layers="all", rounds=2, pickle_module=True)
+    assert (tmp_path / "p" / "model.pt").exists()  # the pickle only on request

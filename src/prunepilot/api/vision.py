@@ -249,20 +249,9 @@ def quantize(
     from ..jobs.quantize import quantize as run
 
     with run_folder(out) as (folder, keep):
-        raw = run(model, example_input, out=folder, layers=layers, backend=backend, scheme=scheme, **options)
-        compressed = _load_quantized(folder, raw)
+        raw, compressed = run(model, example_input, out=folder, layers=layers, backend=backend, scheme=scheme,
+                              return_model=True, **options)
         return _result(raw, compressed, folder, keep)
-
-
-def _load_quantized(folder: Path, raw: dict[str, Any]) -> nn.Module:
-    """The quantized module the job saved (our own file, written a moment ago: safe to unpickle)."""
-    path = folder / str((raw.get("export") or {}).get("module") or "model.pt")
-    if path.suffix == ".pt" and path.exists():
-        return torch.load(path, weights_only=False)  # written by this call, never a user's file
-    if path.suffix == ".onnx":
-        raise PrunepilotError("an ONNX Runtime result is a file, not a torch module", str(path),
-                              "read Result.raw['export'] for the file, or use backend='eager'")
-    raise PrunepilotError("the quantized model was not saved", str(path), "check Result.raw['export']")
 
 
 def _plan(plan: Plan | dict | None) -> Plan | None:

@@ -165,12 +165,13 @@ def load_pruned(out_dir: str | Path, *, trust: bool = False) -> LoadedModel:
         shape = record.get("input_shape")
         x = torch.randn(*shape) if shape else dense.example_input
         model = dense.module
-        structure, _ = analyse(model, x, record.get("protected") or None)
-        unknown = sorted(set(alloc.kept) - set(structure.groups)) + sorted(set(alloc.heads) - set(structure.groups))
-        if unknown:
-            raise SourceError("the recorded allocation names groups the rebuilt model does not have",
-                              ", ".join(unknown[:5]), "the model source changed since the prune: re-run it")
-        apply_allocation(model, x, structure, alloc)
+        if alloc.kept or alloc.heads:  # nothing pruned (a quantize run): no structural analysis needed
+            structure, _ = analyse(model, x, record.get("protected") or None)
+            unknown = sorted(set(alloc.kept) - set(structure.groups)) + sorted(set(alloc.heads) - set(structure.groups))
+            if unknown:
+                raise SourceError("the recorded allocation names groups the rebuilt model does not have",
+                                  ", ".join(unknown[:5]), "the model source changed since the prune: re-run it")
+            apply_allocation(model, x, structure, alloc)
         try:
             model.load_state_dict(weights, strict=True)
         except RuntimeError as exc:

@@ -179,7 +179,8 @@ def _quantize_onnx(dense: nn.Module, x: torch.Tensor, out: Path, status: Status,
 
 
 def _quantize_torch(dense: nn.Module, x: torch.Tensor, out: Path, *, layers: str, backend: str, scheme: str,
-                    plan_file: Optional[Path], compile_: bool, status: Status) -> _Quantized:
+                    plan_file: Optional[Path], compile_: bool, status: Status, spec: Any = None,
+                    pickle_module: bool = False) -> _Quantized:
     from ..engines.quantize import quantize_
     from ..evaluate.memory import memory_report
 
@@ -205,12 +206,27 @@ def _quantize_torch(dense: nn.Module, x: torch.Tensor, out: Path, *, layers: str
                 cd(x), cq(x)
         timed = {"dense": dense, "compressed": cq, "dense_compiled": cd, "quantized_eager": qmodel}
     mem_dense, mem_q = memory_report(dense, x).to_json(), memory_report(qmodel, x).to_json()
-    torch.save(qmodel, out / "model.pt")
+    artefacts = save_quantized(dense, qmodel, x, out, spec=spec, backend=backend,
+                               layers=[d.name for d in report.quantized], scheme=scheme, pickle_module=pickle_module)
     return _Quantized(
         qmodel=qmodel, timed=timed, size_dense=report.size_before_bytes, size_q=report.size_after_bytes,
-        report_json=report_json, artefacts={"module": "model.pt", "format": f"full module ({backend} int8), torch.save"},
-        mem_dense=mem_dense, mem_q=mem_q,
+        report_json=report_json, artefacts=artefacts, mem_dense=mem_dense, mem_q=mem_q,
     )
+
+
+def save_quantized(dense: nn.Module, qmodel: nn.Module, x: torch.Tensor, out: Path, *, spec: Any, backend: str,
+                   layers: list[str], scheme: str, pickle_module: bool = False) -> dict[str, Any]:
+    """No pickle by default: the float weights (model.safetensors) and the recipe (structure.json: the model's
+    source, no pruning, the quantized layers), which `load_pruned` rebuilds by quantizing again (dynamic int8 is
+    a pure function of the float weights); model.pt2 where torch.export takes the quantized model; the pickled
+    module (model.pt) only with `pickle_module`."""
+    from ..engines.artifact import save_pruned
+
+    record = {"model": spec.model_dump() if spec is not None else None, "allocation": {"kept": {}, "heads": {}},
+              "quantization": {"backend": backend, "layers": {n: scheme for n in layers}}}
+    info = save_pruned(dense, x, out, record=record, pickle_module=pickle_module, program=qmodel)
+    return {**info, "format": f"float weights + {backend} {scheme} recipe (structure.json); "
+                              + ("pickled module model.pt" if pickle_module else "no pickle")}
 
 
 # ---------------------------------------------------------------------------------------- measuring
@@ -277,14 +293,18 @@ def run_quantize(
     status: Status = _no_status,
     device: str | None = None,
     preprocess: Any = None,
-) -> dict[str, Any]:
+    pickle_module: bool = False,
+    return_model: bool = False,
+) -> Any:
     """The `prunepilot quantize` job: select layers, quantize a copy, time dense vs quantized side by side,
     score on data if given, save the artefact, write result.json / quantization.json / summary.md.
 
     `status(message)` returns a context manager wrapped around each slow step (the CLI passes rich's
     `console.status`); by default the job is silent. Returns the result dict written to result.json.
     `layers=None` is the backend's default (`default_layers`); `device` must be the CPU for dynamic int8
-    (refused otherwise, with what to use instead); `preprocess` (sources.data.parse_normalize) for `data`."""
+    (refused otherwise, with what to use instead); `preprocess` (sources.data.parse_normalize) for `data`.
+    The artefact is not a pickle unless `pickle_module` (see `save_quantized`); `return_model` also returns
+    the quantized module: (result, model)."""
     layers = layers or default_layers(backend)
     dev = _check_device(device, backend, scheme)
     _check_options(loaded, layers=layers, backend=backend, scheme=scheme, plan_file=plan_file,
@@ -297,7 +317,7 @@ def run_quantize(
         q = _quantize_onnx(dense, x, out, status, device=dev)
     else:
         q = _quantize_torch(dense, x, out, layers=layers, backend=backend, scheme=scheme, plan_file=plan_file,
-                            compile_=compile_, status=status)
+                            compile_=compile_, status=status, spec=loaded.spec, pickle_module=pickle_module)
     dense_block, comp_block, lat = _measure(q, dense, x, rounds=rounds, data=data, data_limit=data_limit,
                                             batch_size=batch_size, status=status, preprocess=preprocess)
     result = build_result(
@@ -325,10 +345,11 @@ def run_quantize(
     write_json_atomic(out / "quantization.json", q.report_json)
     write_json_atomic(out / "result.json", result)
     write_text_atomic(out / "summary.md", summary_markdown(result, q.report_json))
-    return result
+    return (result, q.qmodel) if return_model else result
 
 
-_RUN_OPTIONS = ("plan_file", "data_limit", "batch_size", "rounds", "compile_", "status", "device", "preprocess")
+_RUN_OPTIONS = ("plan_file", "data_limit", "batch_size", "rounds", "compile_", "status", "device", "preprocess",
+                "pickle_module", "return_model")
 
 
 def fresh_run_dir(root: Path | None = None, prefix: str = "quantize") -> Path:
@@ -383,8 +404,10 @@ def quantize(
                    batch_size=kw.get("batch_size", 100), rounds=kw.get("rounds", 10), compile_=kw.get("compile_", False))
     _check_device(kw.get("device"), backend, scheme)
     run_dir = fresh_run_dir() if out is None else Path(out)
-    result = run_quantize(loaded, out=run_dir, layers=layers, backend=backend, scheme=scheme, data=data, **kw)
-    return {**result, "out": str(run_dir)}
+    got = run_quantize(loaded, out=run_dir, layers=layers, backend=backend, scheme=scheme, data=data, **kw)
+    if kw.get("return_model"):
+        return {**got[0], "out": str(run_dir)}, got[1]
+    return {**got, "out": str(run_dir)}
 
 
 def summary_markdown(r: dict[str, Any], rep: dict[str, Any]) -> str:
