@@ -9,8 +9,10 @@ Scaling mode: each size is a transformers LlamaConfig with random weights, saved
 `prunepilot sparsify hf:DIR --agent uniform --sparsity 50%` in its own subprocess with small calibration
 (--calib-seqs x --seqlen tokens of the offline pydocs text) and a short evaluation, so each peak RSS is that run's
 own (os.wait4's ru_maxrss). The goal line is 1.3 x the bf16 weights + the calibration activations
-(n_seqs x seqlen x hidden x 2 bytes, block inputs and outputs) + the interpreter's baseline (torch+transformers
-imported, no model: measured once here). Writes bench/results/llm_scaling.json and llm_scaling.png.
+(n_seqs x seqlen x hidden x 4 bytes x 2: float32 block inputs and outputs) + the baseline: the peak RSS of a process
+that does everything but load weights (the CLI's imports and the model's tokenizer), measured once here.
+Each run's result.json also gives the peak after every phase (`peak_rss_after_phase_mb`): where the peak was set.
+Writes bench/results/llm_scaling.json and llm_scaling.png.
 
 SmolLM2 mode: `prunepilot sparsify smollm2 --sparsity 50%` with --agent uniform (defaults otherwise) and with the
 built-in loop (sensitivity: profile, gradient scores, Wanda bank, cost probes, ramp, refine), each in a subprocess;
@@ -95,10 +97,18 @@ AutoTokenizer.from_pretrained(str(d)).save_pretrained(sys.argv[1])
     subprocess.run([sys.executable, "-c", code, str(target)], check=True)
 
 
-def baseline_rss_mb() -> float:
-    """Peak RSS of a process that imports torch, transformers and prunepilot's sparsify path, loads no model."""
-    code = "import torch, transformers, prunepilot.sparsify.run, transformers.models.llama.modeling_llama"
-    return run_measured([sys.executable, "-c", code])["peak_rss_mb"]
+def baseline_rss_mb(model_dir: Path | None = None) -> dict[str, float]:
+    """Peak RSS of processes that load no weights: `imports` = python -m prunepilot.cli's imports plus the
+    sparsify path (torch, transformers, the Llama modelling code); `with_tokenizer` = those plus the model's
+    tokenizer (SmolLM2's, ~0.2 GB for a 49k vocabulary here), i.e. everything a run holds besides weights and
+    activations. The ratio to the weights is taken over `with_tokenizer`."""
+    code = ("import sys, torch, transformers, prunepilot.cli, prunepilot.sparsify.run, "
+            "transformers.models.llama.modeling_llama\n"
+            "if len(sys.argv) > 1: transformers.AutoTokenizer.from_pretrained(sys.argv[1])")
+    out = {"imports": run_measured([sys.executable, "-c", code])["peak_rss_mb"]}
+    if model_dir is not None:
+        out["with_tokenizer"] = run_measured([sys.executable, "-c", code, str(model_dir)])["peak_rss_mb"]
+    return out
 
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -126,7 +136,9 @@ def scaling(args: argparse.Namespace) -> None:
     root.mkdir(parents=True, exist_ok=True)
     out_json = RESULTS / "llm_scaling.json"
     prior = json.loads(out_json.read_text()) if out_json.is_file() and args.keep else {}
-    base = baseline_rss_mb()
+    first = make_model(args.sizes.split(",")[0], root)
+    baselines = baseline_rss_mb(first)  # every size shares SmolLM2's tokenizer
+    base = baselines["with_tokenizer"]
     todo = {(z, m) for z in args.sizes.split(",") for m in args.methods.split(",")}
     rows: list[dict[str, Any]] = [r for r in prior.get("runs", []) if (r["size"], r["method"]) not in todo]
     for name in args.sizes.split(","):
@@ -151,22 +163,27 @@ def scaling(args: argparse.Namespace) -> None:
                    "goal_mb": round(goal, 1), "goal_plus_baseline_mb": round(goal + base, 1),
                    "ratio_to_weights": round((r["peak_rss_mb"] - base) / weights_mb, 3),
                    "timings_s": res.get("timings_s"), "perplexity": res.get("compressed", {}).get("perplexity"),
-                   "sparsity": res.get("compressed", {}).get("sparsity")}
+                   "sparsity": res.get("compressed", {}).get("sparsity"),
+                   "peak_rss_after_phase_mb": res.get("memory", {}).get("peak_rss_after_phase_mb"),
+                   "export": {k: res["export"].get(k) for k in ("size_mb", "identical", "verified")} if res.get("export") else None,
+                   "command": " ".join(["prunepilot", *cmd[3:]]).replace(tmp, "TMP")}
             if r["rc"] != 0:
                 row["error"] = r["tail"]
-            print(json.dumps({k: v for k, v in row.items() if k != "timings_s"}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("timings_s", "peak_rss_after_phase_mb")}), flush=True)
             rows.append(row)
-            _write(out_json, base, args, rows)
+            _write(out_json, baselines, args, rows)
     _plot(rows, base, RESULTS / "llm_scaling.png")
 
 
-def _write(path: Path, base: float, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+def _write(path: Path, baselines: dict[str, float], args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     from prunepilot.results import environment, write_json_atomic
 
-    write_json_atomic(path, {"environment": environment(), "baseline_rss_mb": base,
+    write_json_atomic(path, {"environment": environment(), "baseline_rss_mb": baselines["with_tokenizer"],
+                             "baselines_rss_mb": baselines,
                              "protocol": {"sparsity": "50% unstructured, uniform", "calib": f"{args.calib_seqs}x{args.seqlen} pydocs",
                                           "eval": "1x128", "dtype": "bfloat16 (checkpoint)", "export": args.export,
-                                          "goal": "peak RSS - baseline <= 1.3 x weights + calibration activations"},
+                                          "goal": "peak RSS - baseline <= 1.3 x weights + calibration activations",
+                                          "baseline": "peak RSS of the CLI's imports + the tokenizer, no weights (baselines_rss_mb)"},
                              "runs": rows})
 
 
@@ -208,7 +225,7 @@ def smollm2(args: argparse.Namespace) -> None:
     path = RESULTS / f"llm_scaling_smollm2_{args.tag}.json"
     prior = json.loads(path.read_text()) if path.is_file() else {}
     rows = prior.get("arms", {})
-    base = baseline_rss_mb()
+    base = baseline_rss_mb()["imports"]
     for arm in args.arms.split(","):
         extra = SMOLLM2_ARMS[arm]
         with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:

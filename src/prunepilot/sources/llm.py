@@ -41,7 +41,9 @@ class LoadedLM:
 def load_causal_lm(spec: str, dtype: torch.dtype | str | None = "auto", trust_remote_code: bool = False) -> LoadedLM:
     """Load a causal LM from a spec (see module doc), in its checkpoint dtype unless `dtype` is given (a bf16
     safetensors checkpoint stays bf16; a dequantised GGUF is float32). Hub ids need network access or a warm
-    HF cache. Weights are loaded on the CPU; Placement (sparsify/device.py) moves them."""
+    HF cache. Weights are loaded on the CPU; Placement (sparsify/device.py) moves them. A safetensors checkpoint in
+    the dtype it is run in is memory-mapped copy-on-write: the file's pages are the weights (one copy; pruning
+    writes only the pages it changes), so nothing here is loaded twice."""
     from ..sparsify.device import resolve_dtype
 
     want = resolve_dtype(dtype) if not isinstance(dtype, torch.dtype) else dtype
@@ -58,11 +60,11 @@ def load_causal_lm(spec: str, dtype: torch.dtype | str | None = "auto", trust_re
     transformers = require("transformers", "llm", "loading a Hugging Face language model")
     local = Path(target).expanduser()
     source = str(local) if local.is_dir() else target
-    try:
+    try:  # the tokenizer first: it is cheap, and a folder without one fails before the weights are read
+        tok = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             source, dtype=want or "auto", trust_remote_code=trust_remote_code
         )
-        tok = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise SourceError(
             "the Hugging Face model could not be loaded (no such folder, or the hub is unreachable)",

@@ -7,9 +7,10 @@ embeddings, final norm and head staying on the device. Calibration then holds on
 the device at a time.
 
 On a CPU without native bf16/fp16 matmuls (no AVX512-BF16/AMX: bf16 runs ~100x slower than fp32 there) a bf16
-model stays bf16 at rest and each block is upcast to float32 only while it runs ("upcast"); the embeddings and
-head, a small share of the weights, are kept in float32. Weights a block's pruning changed are rounded back to
-the checkpoint's dtype when it is cast back, exactly as saving them would.
+model stays bf16 at rest and each block is upcast to float32 only while it runs ("upcast"); the embedding table
+stays bf16 (its lookups are upcast), lm_head is upcast a slice of rows at a time, norms are kept in float32.
+Weights a block's pruning changed are rounded back to the checkpoint's dtype when it is put back, exactly as
+saving them would; unchanged ones are not converted back at all (the resting tensors are kept, see Placement).
 """
 
 from __future__ import annotations
@@ -106,7 +107,13 @@ def peak_memory_mb(device: torch.device | str | None) -> dict[str, float]:
 
 @dataclass
 class Placement:
-    """The compute device and, on CUDA, whether blocks are onloaded one at a time (see module doc)."""
+    """The compute device and, on CUDA, whether blocks are onloaded one at a time (see module doc).
+
+    Memory: a block's tensors at rest are kept as they are (for a safetensors checkpoint: pages of the file,
+    mapped copy-on-write); onloading makes a compute copy (on the device and/or in float32), offloading drops it
+    and puts the resting tensors back. Only tensors changed while onloaded (pruning: their version counter moved)
+    are written back into the resting ones, rounded to their dtype exactly as a cast would. So the weights exist
+    once, plus one block's compute copy, instead of a fresh copy per block left to the allocator."""
 
     device: torch.device
     offload: bool = False
@@ -116,7 +123,9 @@ class Placement:
     _handles: list[Any] = field(default_factory=list)
     _held: set[int] = field(default_factory=set)
     _quiet: bool = False
-    _outside: list[tuple[torch.Tensor, torch.dtype]] = field(default_factory=list)
+    _outside: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (param, its resting data)
+    _resting: dict[int, tuple[list[tuple[torch.Tensor, torch.Tensor, int]], list[tuple[nn.Module, str, torch.Tensor]]]] = field(default_factory=dict)
+    _heads: list[nn.Module] = field(default_factory=list)  # outside linears given a chunked upcast forward
 
     @classmethod
     def here(cls, model: nn.Module) -> Placement:
@@ -143,22 +152,34 @@ class Placement:
             model.to(device)
             return cls(device)
         prefix, layers = decoder_layers(model)
-        outside = torch.float32 if upcast else None
-        kept: list[tuple[torch.Tensor, torch.dtype]] = []
-        for name, mod in model.named_modules():  # everything outside the blocks: on the device, in compute dtype
+        compute = torch.float32 if upcast else None
+        pl = cls(device, bool(offload), list(layers), compute, dtype)
+        for name, mod in model.named_modules():  # everything outside the blocks: on the device
             if name == prefix or name.startswith(prefix + "."):
                 continue
-            for p in mod.parameters(recurse=False):
-                kept.append((p, p.dtype))
-                p.data = p.data.to(device, outside or p.dtype)  # .data keeps tied parameters tied
+            if compute is not None and isinstance(mod, nn.Embedding):
+                # the table stays in its dtype (a lookup needs no float32 copy); its output is upcast
+                for p in mod.parameters(recurse=False):
+                    pl._outside.append((p, p.data))
+                    p.data = p.data.to(device)
+                pl._handles.append(mod.register_forward_hook(pl._upcast_output))
+                continue
+            if compute is not None and isinstance(mod, nn.Linear) and mod.weight.numel() >= HEAD_CHUNK_MIN:
+                for p in mod.parameters(recurse=False):  # lm_head: upcast a slice of rows at a time
+                    pl._outside.append((p, p.data))
+                    p.data = p.data.to(device)
+                mod.forward = _ChunkedUpcast(mod, compute)  # instance attribute shadows the class's forward
+                pl._heads.append(mod)
+                continue
+            for p in mod.parameters(recurse=False):  # norms and the like: small, in the compute dtype
+                pl._outside.append((p, p.data))
+                p.data = p.data.to(device, compute if compute and p.is_floating_point() else p.dtype)  # .data keeps ties
             for k, b in mod._buffers.items():
                 if b is not None:
-                    mod._buffers[k] = b.to(device, outside if outside and b.is_floating_point() else b.dtype)
+                    mod._buffers[k] = b.to(device, compute if compute and b.is_floating_point() else b.dtype)
         if not offload:
             for block in layers:
                 block.to(device)
-        pl = cls(device, bool(offload), list(layers), torch.float32 if upcast else None, dtype)
-        pl._outside = kept
         for block in layers:
             pl._handles.append(block.register_forward_pre_hook(pl._onload_hook))
             pl._handles.append(block.register_forward_hook(pl._offload_hook))
@@ -168,13 +189,45 @@ class Placement:
     def active(self) -> bool:
         return self.offload or self.compute_dtype is not None
 
+    def _target(self, t: torch.Tensor) -> dict[str, Any]:
+        to: dict[str, Any] = {"device": self.device} if self.offload else {}
+        if self.compute_dtype is not None and t.is_floating_point():
+            to["dtype"] = self.compute_dtype
+        return to
+
     def _in(self, block: nn.Module) -> None:
-        block.to(**({"device": self.device} if self.offload else {}),
-                 **({"dtype": self.compute_dtype} if self.compute_dtype else {}))
+        if id(block) in self._resting:
+            return
+        params: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        bufs: list[tuple[nn.Module, str, torch.Tensor]] = []
+        seen: set[int] = set()
+        for mod in block.modules():
+            for p in mod.parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                rest = p.data
+                p.data = rest.to(**self._target(rest))
+                params.append((p, rest, p._version))
+            for k, b in mod._buffers.items():
+                if b is not None:
+                    bufs.append((mod, k, b))
+                    mod._buffers[k] = b.to(**self._target(b))
+        self._resting[id(block)] = (params, bufs)
 
     def _out(self, block: nn.Module) -> None:
-        block.to(**({"device": "cpu"} if self.offload else {}),
-                 **({"dtype": self.storage_dtype} if self.compute_dtype else {}))
+        params, bufs = self._resting.pop(id(block), ([], []))
+        for p, rest, version in params:
+            if p._version != version:  # changed while onloaded (pruned): write back, rounded to the resting dtype
+                rest.copy_(p.data)
+            p.data = rest
+        for mod, k, b in bufs:  # buffers are never written by calibration or evaluation
+            mod._buffers[k] = b
+
+    def _upcast_output(self, mod: nn.Module, args: tuple, out: Any) -> Any:
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and self.compute_dtype is not None:
+            return out.to(self.compute_dtype)
+        return out
 
     # blocks held by the calibration loop stay on the device across the several passes it makes over them
     def _onload_hook(self, block: nn.Module, args: tuple) -> None:
@@ -208,14 +261,17 @@ class Placement:
             self._quiet = old
 
     def detach(self) -> None:
-        """Remove the hooks; an upcast model gets its embeddings and head back in the checkpoint's dtype (exact:
+        """Remove the hooks; an upcast model gets its small outside parameters back as they were stored (exact:
         they were never changed). An offloaded model stays split (blocks on the CPU, the rest on the device)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for mod in self._heads:
+            del mod.forward
+        self._heads.clear()
         if self.compute_dtype is not None:
-            for p, dtype in self._outside:
-                p.data = p.data.to(dtype=dtype)
+            for p, rest in self._outside:
+                p.data = rest.to(p.device)
         self._outside = []
 
     @property
@@ -224,3 +280,25 @@ class Placement:
         if self.compute_dtype is not None:
             how += f"; blocks upcast to {str(self.compute_dtype).removeprefix('torch.')} one at a time"
         return f"{self.device} ({how})"
+
+
+HEAD_CHUNK_MIN = 1 << 20  # an outside linear this large (lm_head) is upcast a slice of rows at a time
+HEAD_CHUNK_BYTES = 32 << 20  # float32 bytes of one slice of the head's rows
+
+
+class _ChunkedUpcast:
+    """lm_head's forward on a CPU without bf16 matmuls: the weight stays in its dtype and is upcast a slice of
+    output rows at a time (HEAD_CHUNK_BYTES), so no float32 copy of the whole head exists."""
+
+    def __init__(self, mod: nn.Linear, dtype: torch.dtype) -> None:
+        self.mod, self.dtype = mod, dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.mod.weight, self.mod.bias
+        x = x.to(self.dtype)
+        rows = max(1, HEAD_CHUNK_BYTES // (w.shape[1] * torch.empty((), dtype=self.dtype).element_size()))
+        out = x.new_empty(*x.shape[:-1], w.shape[0])
+        for i in range(0, w.shape[0], rows):
+            out[..., i : i + rows] = torch.nn.functional.linear(
+                x, w[i : i + rows].to(self.dtype), None if b is None else b[i : i + rows].to(self.dtype))
+        return out

@@ -9,6 +9,7 @@ tokens: every vocabulary entry counts, not only the observed token. The loop its
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from .calibrate import LinearInfo
 from .plan import MAX_RATIO
-from .profile import SensitivityProfile, WandaBank
+from .profile import SensitivityProfile, TensorStore, WandaBank
 
 
 @dataclass(frozen=True)
@@ -31,20 +32,45 @@ class ProbeScore:
 
 
 class Probe:
-    """Probe tokens plus the dense model's next-token log-probabilities (float16: half the memory, KL error ~1e-5)."""
+    """Probe tokens plus the dense model's next-token log-probabilities (float16: half the memory, KL error ~1e-5).
+
+    Memory: logits are computed a chunk of positions at a time (evaluate.language.logit_chunks), and the dense
+    log-probabilities ([T-1, V] per sequence, 100 MB for SmolLM2 at 4 x 256) live in a scratch file, read back
+    a chunk at a time (sparsify.profile.TensorStore). Pickled (a Ray worker), they travel as tensors."""
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> None:
+        from ..evaluate.language import logit_chunks
+
         self.ids, self.batch_size = ids, batch_size
+        self.store = TensorStore()
         with torch.no_grad():
-            self.dense_logp = [F.log_softmax(self._logits(model, b), -1).half() for b in self._batches()]
+            for s, b in enumerate(self._batches()):
+                parts = [F.log_softmax(lg, -1).half().cpu() for lg in logit_chunks(model, b)]  # [b, c, V]
+                for j in range(b.shape[0]):
+                    row = torch.cat([p[j] for p in parts])[: b.shape[1] - 1]  # the last position has no target
+                    self.store.put(f"logp:{s * self.batch_size + j}", row)
+                del parts
         self.dense = self.measure(model)
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k != "store"}
+        state["logp"] = [self.store.get(f"logp:{i}") for i in range(self.n_seqs)]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        logp = state.pop("logp")
+        self.__dict__.update(state)
+        self.store = TensorStore()
+        for i, t in enumerate(logp):
+            self.store.put(f"logp:{i}", t)
+
+    @property
+    def dense_logp(self) -> list[torch.Tensor]:
+        """Every probe sequence's dense log-probabilities [T-1, V], read back whole (tests)."""
+        return [self.store.get(f"logp:{i}") for i in range(self.n_seqs)]
 
     def _batches(self) -> list[torch.Tensor]:
         return [self.ids[i : i + self.batch_size] for i in range(0, self.ids.shape[0], self.batch_size)]
-
-    @staticmethod
-    def _logits(model: nn.Module, b: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=b, use_cache=False).logits[:, :-1].float()  # [b, T-1, V]
 
     @property
     def n_seqs(self) -> int:
@@ -54,18 +80,29 @@ class Probe:
     def measure(self, model: nn.Module, n_seqs: int | None = None) -> ProbeScore:
         """Scores on the first `n_seqs` probe sequences (all by default): the low-fidelity screens of a search
         are the same text as its full scores, only less of it."""
+        from ..evaluate.language import logit_chunks
+
         left = self.n_seqs if n_seqs is None else max(1, min(n_seqs, self.n_seqs))
         nll = kl = 0.0
         count = 0
-        for b, p in zip(self._batches(), self.dense_logp):
+        for s, b in enumerate(self._batches()):
             if left <= 0:
                 break
-            b, p = b[:left], p[:left]
+            b = b[:left]
             left -= b.shape[0]
-            q = F.log_softmax(self._logits(model, b), -1)
-            nll += float(F.nll_loss(q.reshape(-1, q.shape[-1]), b[:, 1:].reshape(-1), reduction="sum"))
-            pf = p.float()
-            kl += float((pf.exp() * (pf - q)).sum())
+            first, T = s * self.batch_size, b.shape[1] - 1
+            pos = 0
+            for lg in logit_chunks(model, b):  # [b, c, V]
+                c = min(lg.shape[1], T - pos)
+                if c <= 0:
+                    break
+                q = F.log_softmax(lg[:, :c], -1)
+                tgt = b[:, pos + 1 : pos + 1 + c].to(q.device)
+                nll += float(F.nll_loss(q.reshape(-1, q.shape[-1]), tgt.reshape(-1), reduction="sum"))
+                pf = torch.stack([self.store.get_rows(f"logp:{first + j}", pos, pos + c)
+                                  for j in range(b.shape[0])]).to(q.device).float()
+                kl += float((pf.exp() * (pf - q)).sum())
+                pos += c
             count += b[:, 1:].numel()
         return ProbeScore(nll / max(count, 1), max(kl, 0.0) / max(count, 1))
 
@@ -87,14 +124,26 @@ def probe_costs(
     target: float,
     delta: float = 0.1,
     blocks: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Measure marginal costs at the uniform target: probe-KL rise per 1% of global sparsity moved into one
     group (and, with `blocks`, one decoder block), raised from target to target+delta with every other
-    layer at the target. Fills profile.group_probe / block_probe / probe_base_kl / probe_delta."""
+    layer at the target. Fills profile.group_probe / block_probe / probe_base_kl / probe_delta. `progress`:
+    called as (probes done, probes in all) after each probe (the base one included)."""
     total = sum(i.params for i in infos)
+    n_blocks = len({i.block for i in infos}) if blocks else 0
+    done, todo = 0, 1 + len(profile.groups) + n_blocks
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, todo)
+
     uniform = {i.name: int(round(target * i.params)) for i in infos}
     bank.apply(uniform)
     base = probe.measure(model).kl
+    tick()
     hi = min(target + delta, MAX_RATIO)
 
     def cost(members: set[str]) -> float:
@@ -102,6 +151,7 @@ def probe_costs(
         bank.apply(trial)
         rise = probe.measure(model).kl - base
         moved = sum(i.params for i in infos if i.name in members) * (hi - target) / total * 100
+        tick()
         return rise / moved if moved else 0.0
 
     profile.group_probe = {g: cost(set(names)) for g, names in profile.groups.items()}

@@ -64,6 +64,22 @@ class TensorStore:
             raise OSError(f"the Wanda bank's scratch file is short: {got} of {n} bytes for {key}")
         return buf.view(dtype).reshape(shape)
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a stored tensor (first dimension), read without the rest."""
+        offset, dtype, shape = self._index[key]
+        start, stop = max(0, start), min(stop, shape[0])
+        row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        n = max(0, stop - start) * row
+        buf = torch.empty(n, dtype=torch.uint8)
+        self._file.seek(offset + start * row)
+        got = self._file.readinto(memoryview(buf.numpy())) if n else 0
+        if got != n:
+            raise OSError(f"the scratch file is short: {got} of {n} bytes for {key}")
+        return buf.view(dtype).reshape(max(0, stop - start), *shape[1:])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._index[key][2]
+
     def __contains__(self, key: str) -> bool:
         return key in self._index
 

@@ -242,9 +242,12 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
         torch.cuda.reset_peak_memory_stats(device)
     report = Reporter(cfg.progress)
 
+    hwm: dict[str, float] = {}  # the process's peak RSS at the end of each phase: where the peak was reached
+
     def lap(name: str, t0: float) -> None:
         synchronize(device)  # CUDA work is asynchronous: time it, not its launch
         timings[name] = round(time.perf_counter() - t0, 2)
+        hwm[name] = round(_peak_rss_mb(), 1)
 
     t0 = time.perf_counter()
     lm = loaded or load_causal_lm(cfg.model, dtype=want_dtype or "auto")
@@ -317,7 +320,7 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
                 counts = project(resolve(plan, infos, profile.groups, {}), infos, target)
             else:
                 counts, loop_info, history = _loop(cfg, model, bank, infos, profile, probe.to(placement.device),
-                                                   target, strategist, journal, run_id, say, lap)
+                                                   target, strategist, journal, run_id, say, lap, report)
             profile_json = profile.to_json()
         finally:  # also when interrupted: a model handed in from Python is left dense, so the run can resume
             bank.restore()
@@ -340,6 +343,7 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
                   "knowledge": knowledge_retention(model, tok, facts)}
     if reference is not None:
         compressed["fidelity"] = fidelity(model, reference)
+        reference.close()  # its scratch file
         del reference
     lap("final_eval", t0)
     say(f"{cfg.method} @ {cfg.sparsity} ({agent_used}): perplexity {compressed['perplexity']:.2f}, sparsity {achieved_global:.4f}")
@@ -368,6 +372,7 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
     per_layer = {n: round(v, 6) for n, v in achieved.items()}
     timings["total"] = round(time.perf_counter() - t_start, 2)
     memory |= {k: round(v, 1) for k, v in peak_memory_mb(device).items()}
+    memory["peak_rss_after_phase_mb"] = hwm
     result = build_result(
         kind="sparsify", model=cfg.model, budget=budget.to_json(), dense=dense_metrics, compressed=compressed,
         within_band=budget.within("sparsity", achieved_global), errors={"sparsity": err},
@@ -390,7 +395,7 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
 
 def _loop(cfg: SparsifyConfig, model: Any, bank: WandaBank, infos: list, profile: Any, probe_ids: torch.Tensor,
           target: float, strategist: Any, journal: Any, run_id: str, say: Callable[[str], None],
-          lap: Callable[[str, float], None]) -> tuple[dict[str, int], dict[str, Any], list[Any]]:
+          lap: Callable[[str, float], None], report: Reporter | None = None) -> tuple[dict[str, int], dict[str, Any], list[Any]]:
     """Cost probes, then the one Master over the sparsify job (ramp, reference, refine)."""
     from ..jobs.sparsify import RampSettings, SparsifyJob
     from ..loop import LoopLimits, Master
@@ -398,7 +403,9 @@ def _loop(cfg: SparsifyConfig, model: Any, bank: WandaBank, infos: list, profile
     t0 = time.perf_counter()
     probe_set = Probe(model, probe_ids, cfg.batch_size)
     if cfg.group_probe:
-        probe_costs(model, bank, infos, profile, probe_set, target)
+        n_probes = 1 + len(profile.groups) + len({i.block for i in infos})
+        with (report or Reporter(False)).task("cost probes (groups, blocks)", n_probes) as bar:
+            probe_costs(model, bank, infos, profile, probe_set, target, progress=bar)
         lap("group_probe", t0)
         say(f"probed {len(profile.groups)} groups and {len(profile.block_probe)} blocks at the uniform target")
     t0 = time.perf_counter()
