@@ -3,8 +3,8 @@
     python bench/faults.py --out bench/results/faults.json                 # everything
     python bench/faults.py --parts replies,cli --out /tmp/faults.json     # the fast parts only
 
-1. kills: a reference run of `prune --data` (trained Fashion-MNIST ResNet-20, small settings) and of
-   `sparsify smollm2` (small calibration), then the same runs killed with SIGKILL at random moments and
+1. kills: a reference run of `prune --data` (trained Fashion-MNIST ResNet-20, small settings), of `compress`
+   under a memory budget (deterministic measurements) and of `sparsify smollm2` (small calibration), then the same runs killed with SIGKILL at random moments and
    continued with `prunepilot runs resume`; each resumed run must end with the reference's number of
    attempts, indexes 0..N-1 with none duplicated or lost, the same verdicts and the same best attempt.
 2. replies: 100 malformed and adversarial LLM replies fed through the one Master on a tiny prune job (a
@@ -37,6 +37,7 @@ if not ENV["PRUNEPILOT_CACHE"]:
 
 PRUNE = ["prune", "prunepilot:fmnist_resnet20", "--data", "fashion-mnist", "--target-macs", "50%", "--rounds", "4",
          "--finetune-steps", "5", "--eval-limit", "300", "--finetune-epochs", "0", "--agent", "sensitivity", "--no-history"]
+COMPRESS = ["compress", "prunepilot:fmnist_resnet20", "--target-memory", "45%", "--tolerance", "+1%/-10%"]
 SPARSIFY = ["sparsify", "smollm2", "--sparsity", "50%", "--agent", "sensitivity", "--calib-seqs", "4", "--seqlen", "128",
             "--eval-seqs", "2", "--eval-seqlen", "128", "--probe-seqs", "2", "--probe-seqlen", "64", "--refine-iters", "3",
             "--no-export"]
@@ -243,7 +244,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="replies,cli,kills", help="comma list of: replies, cli, kills")
     ap.add_argument("--kills", type=int, default=6, help="kill -9 trials per job kind")
-    ap.add_argument("--kinds", default="prune,sparsify", help="job kinds for the kill trials")
+    ap.add_argument("--kinds", default="prune,compress,sparsify", help="job kinds for the kill trials")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults.json")
     args = ap.parse_args()
@@ -265,7 +266,7 @@ def main() -> None:
         save()
     if "kills" in parts:
         with tempfile.TemporaryDirectory() as d:
-            for name, cmd in (("prune", PRUNE), ("sparsify", SPARSIFY)):
+            for name, cmd in (("prune", PRUNE), ("compress", COMPRESS), ("sparsify", SPARSIFY)):
                 if name not in args.kinds.split(","):
                     continue
                 base = Path(d) / name
