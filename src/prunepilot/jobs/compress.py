@@ -429,7 +429,9 @@ def finish(job: CompressJob, best: Attempt, history: list[Attempt], loaded, run:
     float_model, model = job.rebuild(best)
     option, knob = best.step["option"], float(best.step["knob"])
     lat = compare_latency({"dense": pruner.dense, "compressed": model}, pruner.x, rounds=10)
-    comp = {**{k: v for k, v in best.metrics.items() if k != "knob"}, "latency_ms": lat["compressed"].median_ms,
+    # without data the ranking "score" is only -knob (least pruning first): not a quality to report
+    drop = {"knob"} | ({"score"} if job.evaluator is None else set())
+    comp = {**{k: v for k, v in best.metrics.items() if k not in drop}, "latency_ms": lat["compressed"].median_ms,
             "size_mb": model_size_mb(model)}
     dense_block = {**job.dense_m, "latency_ms": lat["dense"].median_ms}
     if job.evaluator is not None:
