@@ -226,8 +226,41 @@ class _ChannelRegrouping(torch.overrides.TorchFunctionMode):
         self.cats: dict = {}  # grad_fn of every torch.cat output -> the inputs' sizes along the cat dim
 
     CATS = {"cat", "concat", "concatenate"}
+    LINEAR = (nn.functional.linear, torch._C._nn.linear)
+
+    def watch_linears(self, model: nn.Module) -> list:
+        """Linears whose weight a forward may use functionally (BEiT/EVA/timm SwinV2: F.linear(x, qkv.weight,
+        cat(q_bias, k_bias, v_bias))): such a call is run as the module (plus its bias) so torch-pruning sees a
+        Linear, not an element-wise op that leaks the input's channels into the heads. Returns hook handles."""
+        skip = {id(c) for m in model.modules() if _is_functional_attention(m) for c in m.modules()}
+        self.linears = {id(lin.weight): lin for lin in model.modules() if isinstance(lin, nn.Linear) and id(lin) not in skip}
+        self.active: set = set()
+        self.redirected: set = set()
+        hooks = []
+        for lin in self.linears.values():
+            hooks.append(lin.register_forward_pre_hook(lambda mod, inp: self.active.add(mod)))
+            hooks.append(lin.register_forward_hook(lambda mod, inp, out: self.active.discard(mod)))
+        return hooks
+
+    def _functional_linear(self, args, kwargs):
+        names = ("input", "weight", "bias")
+        bound = dict(zip(names, args))
+        bound.update({k: v for k, v in (kwargs or {}).items() if k in names})
+        lin = getattr(self, "linears", {}).get(id(bound.get("weight")))
+        if lin is None or lin in self.active or bound.get("weight") is not lin.weight:
+            return None
+        bias = bound.get("bias")
+        if lin.bias is not None and bias is not None and bias is not lin.bias:
+            return None
+        self.redirected.add(lin)
+        out = lin(bound["input"])
+        return out + bias if bias is not None and lin.bias is None else out
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.LINEAR:
+            out = self._functional_linear(args, kwargs)
+            if out is not None:
+                return out
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
         src = args[0] if args else None
@@ -266,13 +299,19 @@ def regroup_tracing():
     _patch_reshape_mapping()
     _patch_concat_mapping()
     _patch_slice_mapping()
+    _patch_split_mapping()
     _patch_group_lookup()
     rg = _ChannelRegrouping()
     _TRACING.append(rg)
 
     def forward(m, x):
-        with rg:
-            return call(m, x)
+        hooks = rg.watch_linears(m)
+        try:
+            with rg:
+                return call(m, x)
+        finally:
+            for h in hooks:
+                h.remove()
 
     try:
         yield forward, rg
@@ -329,6 +368,70 @@ def _index_mapping_once(dg):
         yield
     finally:
         index_mapping.update_index_mapping = original
+
+
+def _patch_split_mapping() -> None:
+    """torch-pruning maps channels through a split/chunk only on dim 1; tokens keep channels last ([B, N, C]),
+    and a GLU MLP chunks its hidden width there (timm GluMlp / SwiGLU-packed: fc1 -> chunk(2, -1) -> a * act(b)
+    -> fc2). Map such a split when its dim is last and has the input's channel count, as tp does on dim 1."""
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    if getattr(index_mapping.update_split_index_mapping, "_prunepilot", False):
+        return
+    original = index_mapping.update_split_index_mapping
+
+    def safe(graph, node):
+        fn = getattr(node, "grad_fn", None)
+        sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), getattr(fn, "_saved_dim", None)
+        if sizes is None or not isinstance(dim, int) or not node.inputs or len(sizes) < 3:
+            return original(graph, node)
+        nd = len(sizes)
+        if dim >= 2 ** 63:  # a negative dim saved unsigned
+            dim -= 2 ** 64
+        if not -nd <= dim < nd or dim % nd != nd - 1:
+            return original(graph, node)
+        try:
+            ch = shape_infer.infer_out_channels_recursively(graph, node.inputs[0], [0])
+        except Exception:  # noqa: BLE001
+            ch = None
+        total = int(sizes[nd - 1])
+        if ch is None or total != int(ch):
+            return original(graph, node)
+        if hasattr(fn, "_saved_split_sizes"):
+            chs = [int(c) for c in fn._saved_split_sizes]
+        else:
+            step = int(fn._saved_split_size)
+            chs = [min(step, total - k) for k in range(0, total, step)]
+        if len(chs) != len(node.outputs):
+            return original(graph, node)
+        offsets = [0]
+        for c in chs:
+            offsets.append(offsets[-1] + c)
+        node.module.split_sizes, node.module.offsets = chs, offsets
+        for i, out_node in enumerate(node.outputs):
+            for dep in node.dependencies:
+                if dep.target == out_node:
+                    dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offsets[i: i + 2], reverse=False)
+                    break
+            for dep in out_node.dependencies:
+                if dep.target == node:
+                    dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offsets[i: i + 2], reverse=True)
+                    break
+        return None
+
+    safe._prunepilot = True  # type: ignore[attr-defined]
+    index_mapping.update_split_index_mapping = safe
+
+
+def glu_channel_groups(model: nn.Module) -> dict[nn.Module, int]:
+    """GLU MLPs whose fc1 packs value and gate (fc1.out = 2 x fc2.in, chunked in halves): prune position j of
+    both halves together (two channel groups), so the product keeps its pairs."""
+    out = {}
+    for m in model.modules():
+        fc1, fc2 = getattr(m, "fc1", None), getattr(m, "fc2", None)
+        if isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and fc1.out_features == 2 * fc2.in_features:
+            out[fc1] = 2
+    return out
 
 
 def _patch_slice_mapping() -> None:
@@ -588,6 +691,7 @@ def analyse(
     heads_of = attention_heads(model)
     hf_heads = hf_attention_heads(model)
     mha_groups = mha_channel_groups(model)
+    glu_groups = glu_channel_groups(model)
     attention: dict[str, tuple[str, str]] = {}
     for n, m in model.named_modules():
         if _is_timm_attention(m):
@@ -664,6 +768,8 @@ def analyse(
                 ch_groups = max(ch_groups, hf_heads[mod])
             if mod in mha_groups:
                 ch_groups = max(ch_groups, mha_groups[mod])
+            if side == "out" and mod in glu_groups:
+                ch_groups = max(ch_groups, glu_groups[mod])
             if isinstance(mod, nn.GroupNorm) and side == "out":
                 ch_groups = max(ch_groups, mod.num_groups)
             if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and 1 < mod.groups < mod.in_channels:

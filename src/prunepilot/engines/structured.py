@@ -9,8 +9,8 @@ from torch import nn
 from ..allocation import Allocation
 from ..errors import PlanError
 from ..inputs import call, output_signature, primary_output, signature_mismatch, traced_outputs
-from ..structure import (ROOT_TYPES, Structure, attention_heads, clear_caches, detach_caches, hf_attention_heads,
-                         hf_projections, mha_channel_groups, regroup_tracing, tp_options)
+from ..structure import (ROOT_TYPES, Structure, attention_heads, clear_caches, detach_caches, glu_channel_groups,
+                         hf_attention_heads, hf_projections, mha_channel_groups, regroup_tracing, tp_options)
 
 __all__ = ["Allocation", "apply_allocation", "verify_runs"]
 
@@ -116,7 +116,7 @@ def apply_allocation(
             forward_fn=forward,
             output_transform=traced_outputs,
             in_channel_groups=dict(mha),
-            out_channel_groups=dict(mha),
+            out_channel_groups={**glu_channel_groups(model), **mha},
             **tp_options(model),
             importance=_importance(imp_name),
             pruning_ratio=0.0,
