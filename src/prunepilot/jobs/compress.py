@@ -156,11 +156,15 @@ class CompressJob:
                 break
             state = self.bracket(option, history)
             if isinstance(state, _NeedSample):
-                return Step("bracket", {"option": option, "knob": state.knob, "sample": state.index}, plan=self.plan)
+                why = f"measure {option} with {state.knob:.1%} of the MACs pruned (bracketing sample {state.index})"
+                return Step("bracket", {"option": option, "knob": state.knob, "sample": state.index},
+                            plan=self.plan.model_copy(update={"rationale": why}))
         scored = {a.step.get("option") for a in history if a.phase == "select"}
         for option, knob in self.feasible_points(history):
             if option not in scored:
-                return Step("select", {"option": option, "knob": knob}, plan=self.plan)
+                why = (f"score {option} at its least pruning that meets the budget ({knob:.1%} of the MACs)"
+                       + (" after a short recovery" if self.evaluator is not None else ""))
+                return Step("select", {"option": option, "knob": knob}, plan=self.plan.model_copy(update={"rationale": why}))
         return None
 
     def project(self, plan: Plan | None, step: Step) -> _Point:

@@ -152,7 +152,7 @@ def normalise_attempt(a: dict[str, Any], kind: str) -> dict[str, Any]:
     out = dict(a)
     if out.get("round") is None:
         for k in ("iteration", "step", "attempt", "index"):
-            if out.get(k) is not None:
+            if out.get(k) is not None and not isinstance(out[k], dict):  # a Master attempt's step is a dict
                 out["round"] = out[k]
                 break
     metrics = dict(a["metrics"]) if isinstance(a.get("metrics"), dict) else {}
