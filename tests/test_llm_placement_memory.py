@@ -104,3 +104,15 @@ def test_probe_from_chunked_logits_on_disk_equals_full_logits(monkeypatch: pytes
     assert part.nll == pytest.approx(nll3, rel=1e-5) and part.kl == pytest.approx(kl3, rel=1e-4, abs=1e-6)
     again = pickle.loads(pickle.dumps(probe))  # a Ray worker gets the log-probabilities as tensors
     assert again.measure(model) == got
+
+
+def test_prunepilot_sparsify_stays_callable_after_its_package_is_imported() -> None:
+    """`import prunepilot.sparsify.run` binds the package to `prunepilot.sparsify`; calling it still runs the API."""
+    import prunepilot
+    import prunepilot.sparsify.run  # noqa: F401
+
+    from prunepilot.errors import PlanError
+
+    assert callable(prunepilot.sparsify)
+    with pytest.raises(PlanError, match="unknown sparsify options"):
+        prunepilot.sparsify(object(), None, not_an_option=1)
