@@ -236,6 +236,7 @@ class _ChannelRegrouping(torch.overrides.TorchFunctionMode):
         self.linears = {id(lin.weight): lin for lin in model.modules() if isinstance(lin, nn.Linear) and id(lin) not in skip}
         self.active: set = set()
         self.redirected: set = set()
+        self.assembled: set = set()  # called with a bias of their own making (cat(q_bias, k_bias, v_bias))
         hooks = []
         for lin in self.linears.values():
             hooks.append(lin.register_forward_pre_hook(lambda mod, inp: self.active.add(mod)))
@@ -253,6 +254,8 @@ class _ChannelRegrouping(torch.overrides.TorchFunctionMode):
         if lin.bias is not None and bias is not None and bias is not lin.bias:
             return None
         self.redirected.add(lin)
+        if bias is not None and lin.bias is None:
+            self.assembled.add(lin)
         out = lin(bound["input"])
         return out + bias if bias is not None and lin.bias is None else out
 
@@ -686,6 +689,12 @@ def analyse(
             if isinstance(modules_by_name[n], ROOT_TYPES):
                 ignored[n] = "protected by the plan"
                 ignored_modules.append(modules_by_name[n])
+    for lin in getattr(getattr(dg, "_prunepilot_regroup", None), "assembled", set()):
+        if lin in name_of and name_of[lin] not in ignored:  # its output group is not even built (it would not end)
+            ignored[name_of[lin]] = (f"protected: {name_of[lin]} is called as F.linear with a bias assembled from parts "
+                                     "(cat(q_bias, k_bias, v_bias)) that torch-pruning cannot split; its input side "
+                                     "follows the residual stream")
+            ignored_modules.append(lin)
     regroup = getattr(dg, "_prunepilot_regroup_nodes", set())
     table_ids = {id(p) for p in getattr(dg, "_prunepilot_tables", [])}
     heads_of = attention_heads(model)
@@ -722,6 +731,14 @@ def analyse(
         if regroup and any(item.dep.target in regroup or item.dep.source in regroup for item in g):
             _protect_group_roots(g, dg, name_of, ignored, "protected: its channels pass a channel shuffle (a view regrouping "
                                  "channels) that torch-pruning cannot follow")
+            continue
+        assembled = getattr(getattr(dg, "_prunepilot_regroup", None), "assembled", set())
+        fused = next((item.dep.target.module for item in g if item.dep.target.module in assembled
+                      and dg.is_out_channel_pruning_fn(item.dep.handler)), None)
+        if fused is not None:
+            _protect_group_roots(g, dg, name_of, ignored, (
+                f"protected: {name_of.get(fused, 'a Linear')} is called as F.linear with a bias assembled from parts "
+                "(cat(q_bias, k_bias, v_bias)) that torch-pruning cannot split; its input side follows the residual stream"))
             continue
         mult = next((item.dep.target.module for item in g if _is_channel_multiplier(item.dep.target.module)), None)
         if mult is not None:
