@@ -73,20 +73,19 @@ def kill_and_resume(cmd: list[str], base: Path, kills: int, rng: random.Random) 
         return {"error": f"reference run failed: {ref.stderr[-800:]}"}
     _, _, ref_attempts = _journal(ref_out)
     want = _signature(ref_attempts)
+    # a moment inside the run whatever its speed: after a random number of recorded attempts (0: during
+    # loading / profiling), plus a random part of a typical attempt's time (mid-attempt, mid-write)
+    per = sum(float(a.get("seconds") or 0) for a in ref_attempts) / max(1, len(ref_attempts))
     trials = []
     for k in range(kills):
         out = base / f"kill{k}"
-        at = rng.uniform(0.1, 0.95) * ref_s
+        after, extra = rng.randrange(0, max(1, len(ref_attempts))), rng.uniform(0.0, 1.0) * max(per, 0.5)
         proc = subprocess.Popen([BIN, *cmd, "--out", str(out)], env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            proc.wait(timeout=at)
-            killed = False
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            killed = True
-        trial: dict[str, Any] = {"kill_at_s": round(at, 1), "killed": killed}
+        t_start = time.perf_counter()
+        killed = _kill_after(proc, out, after, extra)
+        trial: dict[str, Any] = {"kill_after_attempts": after, "extra_s": round(extra, 2),
+                                 "kill_at_s": round(time.perf_counter() - t_start, 1), "killed": killed}
         if not (out / "journal.sqlite").exists():
             trial["note"] = "killed before the journal existed: nothing to resume, a plain re-run"
             trials.append(trial)
@@ -106,6 +105,29 @@ def kill_and_resume(cmd: list[str], base: Path, kills: int, rng: random.Random) 
         trials.append(trial)
     return {"reference": {**want, "seconds": round(ref_s, 1)}, "trials": trials,
             "ok": sum(1 for t in trials if t.get("ok")), "resumed": sum(1 for t in trials if "resume_rc" in t)}
+
+
+def _recorded(out: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{out / 'journal.sqlite'}?mode=ro", uri=True, timeout=1) as c:
+            return int(c.execute("SELECT COUNT(*) FROM attempts").fetchone()[0])
+    except sqlite3.Error:
+        return 0  # not created yet, or locked for a moment by the writer
+
+
+def _kill_after(proc: subprocess.Popen, out: Path, attempts: int, extra_s: float) -> bool:
+    """SIGKILL the run's process group once `attempts` are journaled and `extra_s` more have passed; False when
+    the run finished first."""
+    while proc.poll() is None and _recorded(out) < attempts:  # 0 while the journal does not exist yet
+        time.sleep(0.2)
+    deadline = time.perf_counter() + extra_s
+    while proc.poll() is None and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        return False
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- replies

@@ -155,3 +155,9 @@ def _perturbed(model):
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     return model
+
+
+def test_macs_beside_a_measured_target_are_a_cap(source, tmp_path):
+    result, _ = _run(source, tmp_path, {"memory_mb": "45%", "macs": "90%", "tolerance": "+1%/-10%"}, quant_options=("none",))
+    assert result["within_band"], result["errors"]
+    assert result["errors"]["macs"] < -0.05  # memory needed more pruning than the MACs cap asked for
