@@ -91,6 +91,24 @@ def test_unreachable_ray_address_is_refused_at_once() -> None:
     assert isinstance(ex.make(1, None), ex.InProcess)
 
 
+def test_cli_refuses_a_bad_address_before_loading_anything(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from prunepilot.cli import app
+
+    port = _free_port()
+    for argv in (["sparsify", "hf:/nonexistent/model", "--agent", "evolve"],
+                 ["prune", "torchvision:resnet18", "--target-macs", "50%", "--data", "fashion-mnist"]):
+        r = CliRunner().invoke(app, [*argv, "--workers", "2", "--ray-address", f"127.0.0.1:{port}", "--out",
+                                     str(tmp_path / argv[0])])
+        assert r.exit_code != 0
+        assert isinstance(r.exception, PrunepilotError) and "cannot be reached" in str(r.exception), r.output
+    r = CliRunner().invoke(app, ["sparsify", "hf:/nonexistent/model", "--agent", "owl", "--workers", "2"])
+    assert isinstance(r.exception, PrunepilotError) and "has no loop" in str(r.exception)
+    r = CliRunner().invoke(app, ["prune", "torchvision:resnet18", "--target-macs", "50%", "--workers", "2"])
+    assert isinstance(r.exception, PrunepilotError) and "needs --data" in str(r.exception)
+
+
 def test_missing_ray_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
@@ -121,16 +139,21 @@ def test_the_scoped_executor_reaches_masters_built_without_one() -> None:
     assert ex.current() is not marker and isinstance(ex.current(), ex.InProcess)
 
 
-def test_two_ray_workers_same_attempts_and_best_as_in_process(env: dict[str, Any], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def ray_pool() -> Any:
+    """One local Ray for the module's Ray tests (its start-up is most of their time); 2 workers per job."""
     pytest.importorskip("ray")
+    pool = ex.RayExecutor(2)
+    yield pool
+    pool.close()
+
+
+def test_two_ray_workers_same_attempts_and_best_as_in_process(env: dict[str, Any], tmp_path: Path,
+                                                               ray_pool: Any) -> None:
     job, local = _run(env, Journal(tmp_path / "local.sqlite"))
-    ray_ex = ex.RayExecutor(2)
-    try:
-        rjob, remote = _run(env, Journal(tmp_path / "ray.sqlite"), executor=ray_ex)
-        assert [i["pid"] for i in ray_ex.info] and len({i["pid"] for i in ray_ex.info}) == 2  # two processes
-        assert ray_ex._actors == []  # the run's end freed the workers' copies
-    finally:
-        ray_ex.close()
+    rjob, remote = _run(env, Journal(tmp_path / "ray.sqlite"), executor=ray_pool)
+    assert len({i["pid"] for i in ray_pool.info}) == 2  # two worker processes
+    assert ray_pool._job is None  # the run's end freed the workers' copies of the job
     # same plans, allocations, verdicts and order; the scores agree to float precision
     strip = lambda h: [a.model_dump(exclude={"seconds", "metrics", "score", "reflection"}) for a in h]  # noqa: E731
     assert strip(remote) == strip(local)
@@ -162,10 +185,9 @@ class BatchedGrid:
         return int(ctx.step["rounds"]) - int(ctx.step["round"])
 
 
-def test_prune_job_batched_on_two_ray_workers(tmp_path: Path) -> None:
+def test_prune_job_batched_on_two_ray_workers(tmp_path: Path, ray_pool: Any) -> None:
     """The prune job through the same executor: the workers recover and score the pruned candidates and send
     back their metrics and weights; same attempts and best as measuring them here one at a time."""
-    pytest.importorskip("ray")
     import torch
     from tiny_models import make
     from torch.utils.data import TensorDataset
@@ -190,12 +212,9 @@ def test_prune_job_batched_on_two_ray_workers(tmp_path: Path) -> None:
     for arm in ("local", "ray"):
         job = tm.prune_job(pruner, rb, evaluator, tmp_path / arm, rounds=4)
         journal, run_id = tm.new_run(tmp_path, arm)
-        pool = ex.RayExecutor(2) if arm == "ray" else ex.InProcess()
+        pool = ray_pool if arm == "ray" else ex.InProcess()
         strategist = BatchedGrid() if arm == "ray" else make_builtin("grid", "prune")
-        try:
-            best = Master(job, strategist, journal, run_id, log=lambda s: None, executor=pool).run()
-        finally:
-            getattr(pool, "close", lambda: None)()
+        best = Master(job, strategist, journal, run_id, log=lambda s: None, executor=pool).run()
         results[arm] = (journal.attempts(run_id), best, job)
     (local, best_l, job_l), (remote, best_r, job_r) = results["local"], results["ray"]
     strip = lambda h: [a.model_dump(include={"index", "plan", "allocation", "projected", "verdict"}) for a in h]  # noqa: E731

@@ -127,26 +127,34 @@ def check_address(address: str, timeout: float = 5.0) -> None:
 def _worker_class(ray: Any) -> Any:
     @ray.remote
     class EvalWorker:
-        """Holds one job's evaluation state (built once from the spec) and measures the payloads sent to it."""
+        """A worker process: holds one job's evaluation state at a time (built once from the job's spec) and
+        measures the payloads sent to it. The process outlives a job, so the next run's workers start warm."""
 
-        def __init__(self, spec: bytes, paths: list[str], threads: int | None) -> None:
+        def __init__(self, paths: list[str], threads: int | None) -> None:
             import sys
 
             import torch
-            from ray import cloudpickle
 
             if threads:
                 torch.set_num_threads(threads)
             sys.path.extend(p for p in paths if p not in sys.path)  # the driver's modules (a user's model class)
+            self.scorer: Any = None
+
+        def load(self, spec: bytes) -> dict[str, Any]:
+            import torch
+            from ray import cloudpickle
+
+            self.scorer = None
             t = time.perf_counter()
             self.scorer = cloudpickle.loads(spec).build()
-            self.build_s = time.perf_counter() - t
-
-        def ready(self) -> dict[str, Any]:
-            import torch
-
-            return {"pid": os.getpid(), "host": socket.gethostname(), "build_s": self.build_s,
+            return {"pid": os.getpid(), "host": socket.gethostname(), "build_s": time.perf_counter() - t,
                     "threads": torch.get_num_threads()}
+
+        def drop(self) -> None:
+            import gc
+
+            self.scorer = None
+            gc.collect()
 
         def measure(self, payload: Any) -> Measured:
             t = time.perf_counter()
@@ -179,6 +187,7 @@ class RayExecutor:
         self._started_ray = False
         self._job: Any = None
         self._actors: list[Any] = []
+        self._gpus: float | None = None
         self.info: list[dict[str, Any]] = []
 
     def check(self) -> None:
@@ -206,6 +215,7 @@ class RayExecutor:
         return ray
 
     def _start(self, job: Any) -> None:
+        """Workers holding this job's evaluation state: started on first use, loaded once per job."""
         if self._job is job and self._actors:
             return
         self.finish()
@@ -219,20 +229,26 @@ class RayExecutor:
 
         from ray import cloudpickle
 
-        spec = ray.put(cloudpickle.dumps(spec_of()))  # unpickled by the worker once it has the driver's sys.path
         gpus = self.gpus if self.gpus is not None else (1.0 if getattr(job, "device_type", "cpu") == "cuda" else 0.0)
-        threads = self.threads
-        if threads is None and not self.address:
-            threads = max(1, (os.cpu_count() or 1) // self.workers)
-        cls = _worker_class(ray)
-        self._actors = [cls.options(num_cpus=1, num_gpus=gpus).remote(spec, list(sys.path), threads)
-                        for _ in range(self.workers)]
+        if self._actors and gpus != self._gpus:
+            self._kill()
+        if not self._actors:
+            threads = self.threads
+            if threads is None and not self.address:
+                threads = max(1, (os.cpu_count() or 1) // self.workers)
+            cls = _worker_class(ray)
+            self._actors = [cls.options(num_cpus=1, num_gpus=gpus).remote(list(sys.path), threads)
+                            for _ in range(self.workers)]
+            self._gpus = gpus
+        spec = ray.put(cloudpickle.dumps(spec_of()))  # unpickled by each worker once it has the driver's sys.path
         try:
-            self.info = ray.get([a.ready.remote() for a in self._actors])
+            self.info = ray.get([a.load.remote(spec) for a in self._actors])
         except Exception as exc:
-            self.finish()
+            self._kill()
             raise PrunepilotError("a Ray worker could not build the job's evaluation state", f"{type(exc).__name__}: {exc}"[:600],
                                   "read the worker's log (ray logs), or drop --workers to evaluate in this process") from None
+        finally:
+            del spec
         self._job = job
         self.log(f"ray: {self.workers} worker(s) ready in {time.perf_counter() - t:.1f}s "
                  f"(each built the evaluation state in {max(i['build_s'] for i in self.info):.1f}s)")
@@ -249,7 +265,14 @@ class RayExecutor:
                                   "the journal holds every attempt recorded so far: fix the cause and resume the run") from None
 
     def finish(self) -> None:
-        if self._actors and self._ray is not None:
+        """The job's run is over: the workers drop their copy of it (their processes stay for the next job)."""
+        if self._actors and self._job is not None and self._ray is not None:
+            with contextlib.suppress(Exception):
+                self._ray.get([a.drop.remote() for a in self._actors])
+        self._job = None
+
+    def _kill(self) -> None:
+        if self._ray is not None:
             for a in self._actors:
                 with contextlib.suppress(Exception):
                     self._ray.kill(a)
@@ -257,6 +280,7 @@ class RayExecutor:
 
     def close(self) -> None:
         self.finish()
+        self._kill()
         if self._started_ray and self._ray is not None and self._ray.is_initialized():
             self._ray.shutdown()
         self._started_ray = False
