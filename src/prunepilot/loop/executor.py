@@ -176,6 +176,7 @@ class RayExecutor:
     gives a worker on a cluster). gpus: GPUs per worker (default: 1 when the job's model is on CUDA)."""
 
     remote = True
+    start_timeout_s = 900.0  # workers not placed and loaded by then: refused with the cluster's resources
 
     def __init__(self, workers: int, address: str | None = None, *, threads: int | None = None,
                  gpus: float | None = None, log: Any = None) -> None:
@@ -229,7 +230,7 @@ class RayExecutor:
 
         from ray import cloudpickle
 
-        gpus = self.gpus if self.gpus is not None else (1.0 if getattr(job, "device_type", "cpu") == "cuda" else 0.0)
+        gpus = self.gpus if self.gpus is not None else self._default_gpus(job)
         if self._actors and gpus != self._gpus:
             self._kill()
         if not self._actors:
@@ -242,7 +243,12 @@ class RayExecutor:
             self._gpus = gpus
         spec = ray.put(cloudpickle.dumps(spec_of()))  # unpickled by each worker once it has the driver's sys.path
         try:
-            self.info = ray.get([a.load.remote(spec) for a in self._actors])
+            self.info = ray.get([a.load.remote(spec) for a in self._actors], timeout=self.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self._kill()
+            raise PrunepilotError(f"{self.workers} Ray workers were not all placed and loaded within "
+                                  f"{self.start_timeout_s:.0f}s", f"{self.workers} workers x {gpus:g} GPU(s), 1 CPU each; "
+                                  f"cluster resources {ray.cluster_resources()}", "ask for fewer --workers, or add nodes") from None
         except Exception as exc:
             self._kill()
             raise PrunepilotError("a Ray worker could not build the job's evaluation state", f"{type(exc).__name__}: {exc}"[:600],
@@ -252,6 +258,16 @@ class RayExecutor:
         self._job = job
         self.log(f"ray: {self.workers} worker(s) ready in {time.perf_counter() - t:.1f}s "
                  f"(each built the evaluation state in {max(i['build_s'] for i in self.info):.1f}s)")
+
+    def _default_gpus(self, job: Any) -> float:
+        """A CUDA job's workers: one GPU each on a cluster; on a local Ray the GPUs here shared among them."""
+        if getattr(job, "device_type", "cpu") != "cuda":
+            return 0.0
+        if self.address:
+            return 1.0
+        import torch
+
+        return min(1.0, torch.cuda.device_count() / self.workers)
 
     def measure(self, job: Any, payloads: list[Any]) -> list[Measured]:
         self._start(job)
