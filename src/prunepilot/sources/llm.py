@@ -22,6 +22,7 @@ class LoadedLM:
     name: str  # short name for reports
     spec: str  # what the user typed ("python:ClassName" for a model handed in from Python)
     checkpoint_dtype: torch.dtype | None = None  # the dtype of the weights as stored (None: unknown)
+    rss_before_weights_mb: float | None = None  # this process's RSS after the tokenizer, before the weights
 
     @classmethod
     def from_objects(cls, model: Any, tokenizer: Any, name: str | None = None) -> LoadedLM:
@@ -44,7 +45,7 @@ def load_causal_lm(spec: str, dtype: torch.dtype | str | None = "auto", trust_re
     HF cache. Weights are loaded on the CPU; Placement (sparsify/device.py) moves them. A safetensors checkpoint in
     the dtype it is run in is memory-mapped copy-on-write: the file's pages are the weights (one copy; pruning
     writes only the pages it changes), so nothing here is loaded twice."""
-    from ..sparsify.device import resolve_dtype
+    from ..sparsify.device import current_rss_mb, resolve_dtype
 
     want = resolve_dtype(dtype) if not isinstance(dtype, torch.dtype) else dtype
     text = spec.strip()
@@ -62,6 +63,7 @@ def load_causal_lm(spec: str, dtype: torch.dtype | str | None = "auto", trust_re
     source = str(local) if local.is_dir() else target
     try:  # the tokenizer first: it is cheap, and a folder without one fails before the weights are read
         tok = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        before = current_rss_mb()
         model = transformers.AutoModelForCausalLM.from_pretrained(
             source, dtype=want or "auto", trust_remote_code=trust_remote_code
         )
@@ -72,7 +74,7 @@ def load_causal_lm(spec: str, dtype: torch.dtype | str | None = "auto", trust_re
         ) from exc
     model.eval()
     stored = _stored_dtype(local / "config.json") if local.is_dir() else None
-    return LoadedLM(model, tok, Path(target).name or target, spec, stored or next(model.parameters()).dtype)
+    return LoadedLM(model, tok, Path(target).name or target, spec, stored or next(model.parameters()).dtype, before)
 
 
 def _stored_dtype(config: Path) -> torch.dtype | None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..engines import sparsity as sp
 from ..errors import PlanError, SourceError
-from .device import Placement
+from .device import Placement, release_memory
 
 Progress = Callable[[int, int], None]  # (blocks done, blocks in all)
 
@@ -142,6 +142,7 @@ class Calibration:
             with self.placement.hold(block):
                 self.b = b
                 yield b, block
+            release_memory()  # this block's compute copy and statistics, freed: back to the OS
             if progress:
                 progress(b + 1, len(self.layers))
 

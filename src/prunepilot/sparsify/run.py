@@ -26,7 +26,8 @@ from ..results import build_result, write_json_atomic, write_text_atomic
 from ..sources.llm import LoadedLM, load_causal_lm
 from ..sources.text import TextSplit, load_split, token_blocks
 from .calibrate import activation_norms, gradient_importance, linear_layers, sequential_sparsify
-from .device import Placement, peak_memory_mb, resolve_device, resolve_dtype, synchronize, weight_bytes
+from .device import (Placement, current_rss_mb, peak_memory_mb, release_memory, resolve_device, resolve_dtype,
+                     synchronize, weight_bytes)
 from .export import FORMATS, folder_mb, save_and_verify
 from .progress import Reporter
 from .loop import Probe, probe_costs
@@ -248,8 +249,10 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
         synchronize(device)  # CUDA work is asynchronous: time it, not its launch
         timings[name] = round(time.perf_counter() - t0, 2)
         hwm[name] = round(_peak_rss_mb(), 1)
+        release_memory()
 
     t0 = time.perf_counter()
+    rss_start = current_rss_mb()
     lm = loaded or load_causal_lm(cfg.model, dtype=want_dtype or "auto")
     model, tok = lm.model, lm.tokenizer
     if want_dtype is not None and next(model.parameters()).dtype != want_dtype:
@@ -261,7 +264,10 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
     export_dtype = lm.checkpoint_dtype or model_dtype  # exports keep the input's dtype
     memory = {"device": placement.mode, "dtype": str(model_dtype).removeprefix("torch."),
               "compute_dtype": str(placement.compute_dtype or model_dtype).removeprefix("torch."),
-              "weights_mb": round(weight_bytes(model) / 2**20, 3)}
+              "weights_mb": round(weight_bytes(model) / 2**20, 3),
+              # this process before any weight was read: imports (+ the tokenizer, loaded before the weights)
+              "rss_at_start_mb": rss_start and round(rss_start, 1),
+              "rss_before_weights_mb": lm.rss_before_weights_mb and round(lm.rss_before_weights_mb, 1)}
     lap("load", t0)
 
     t0 = time.perf_counter()
