@@ -164,6 +164,9 @@ class PruneJob:
     def device_type(self) -> str:
         return next(self.pruner.dense.parameters()).device.type
 
+    def projects_alike(self, a: Step, b: Step) -> bool:
+        return True  # project() reads the plan and the budget, never the step
+
     def allocation_of(self, cand: Candidate) -> dict[str, Any]:
         return {**cand.projection.allocation.to_json(), "importance": cand.plan.importance if cand.plan else None}
 

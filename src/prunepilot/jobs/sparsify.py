@@ -282,6 +282,10 @@ class SparsifyJob:
     def device_type(self) -> str:
         return next(self.model.parameters()).device.type
 
+    def projects_alike(self, a: Step, b: Step) -> bool:
+        """Whether project() maps any plan alike under both steps (it reads the phase, level and current)."""
+        return a.phase == b.phase and all(a.info.get(k) == b.info.get(k) for k in ("level", "current"))
+
     def allocation_of(self, counts: list[int]) -> dict[str, Any]:
         return {"counts": list(counts)}
 

@@ -116,6 +116,9 @@ class Master:
             return False
         if here.info == step.info or p.done is not None:
             return True
+        alike = getattr(self.job, "projects_alike", None)  # the job knows which step fields its projector reads
+        if alike is not None:
+            return bool(alike(step, here))
         try:
             again = self.job.project(p.plan, here)
             alloc = getattr(self.job, "allocation_of", None)
