@@ -137,6 +137,37 @@ class PadCropNet(nn.Module):
         return self.head(x.mean((1, 2)))
 
 
+class GhostModule(nn.Module):
+    """GhostNet: a 1x1 primary conv, a cheap depthwise conv on its output, both concatenated (channel j of the
+    primary half pulls channel j of the cheap half), cropped to the output width."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        init = cout // 2
+        self.out_chs = cout
+        self.primary_conv = nn.Sequential(nn.Conv2d(cin, init, 1, bias=False), nn.BatchNorm2d(init), nn.ReLU())
+        self.cheap_operation = nn.Sequential(nn.Conv2d(init, init, 3, padding=1, groups=init, bias=False),
+                                             nn.BatchNorm2d(init), nn.ReLU())
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        return torch.cat([x1, self.cheap_operation(x1)], dim=1)[:, :self.out_chs]
+
+
+class GhostNet(nn.Module):
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.g1, self.g2 = GhostModule(c, 4 * c), GhostModule(4 * c, c)  # a ghost bottleneck with a residual
+        self.g3 = GhostModule(c, 4 * c)
+        self.head = nn.Linear(4 * c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.g2(self.g1(x))
+        return self.head(self.g3(x).mean((2, 3)))
+
+
 def _loaded(model: nn.Module, n: int = 32) -> LoadedModel:
     torch.manual_seed(0)
     return LoadedModel(model.eval(), torch.randn(1, 3, n, n), "py:tiny", "tiny")
@@ -147,6 +178,7 @@ CASES = {
     "glu_mlp": (lambda: TokenNet("none", "glu"), None),
     "channel_multiplier_pooling": (PoolingStageNet, "channel multiplier"),
     "channels_last_pad_crop": (PadCropNet, None),
+    "ghost_cheap_concat": (GhostNet, None),
 }
 
 
@@ -198,3 +230,21 @@ def test_consistent_pruning_is_not_flagged_inconsistent():
     apply_allocation(model, pruner.x, st, alloc)
     assert count_real(model, pruner.x)["macs"] == pytest.approx(pruner.cost.macs(alloc.fractions(st)), rel=1e-6)
     assert inconsistent_groups(model, pruner.x, st, pruner.cost, alloc) == []
+
+
+def test_ghost_halves_are_pruned_in_pairs():
+    """The primary/cheap concat couples channel j with j + w/2: the group is pruned in two channel groups, so
+    the realised widths are the planned ones (before, each unit cut two channels and every group was flagged)."""
+    pruner = Pruner(_loaded(GhostNet()), latency_runs=0)
+    st = pruner.structure
+    # the residual stream is g2's concat output: its channel j < 8 pulls j + 8 (primary j -> cheap j)
+    g = next(g for g in st.groups.values() if any(m == "stem.0" and s == "out" for m, s, _ in g.members))
+    # 8 decision units for 16 stream channels: a half-width root (a cheap conv), or a full-width root pruned
+    # in two channel groups (timm ghostnet_100's shortcut convs): either way one unit is a primary/cheap pair
+    assert g.units == 8 and (g.width == 8 or (st.paired.get(g.name) == 2 and g.ch_groups == 2))
+    alloc = Allocation({n: max(1, gg.units // 2) for n, gg in st.groups.items()}, {})
+    model = copy_model(pruner.dense)
+    apply_allocation(model, pruner.x, st, alloc)
+    assert model.g1.primary_conv[0].out_channels == model.g1.cheap_operation[0].out_channels
+    assert model.stem[0].out_channels == 2 * model.g2.primary_conv[0].out_channels == 8
+    assert count_real(model, pruner.x)["macs"] == pytest.approx(pruner.cost.macs(alloc.fractions(st)), rel=1e-6)

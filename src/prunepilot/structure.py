@@ -59,6 +59,7 @@ class Structure:
     attention: dict[str, tuple[str, str]]  # attention module -> (qkv module, proj module)
     param_groups: dict[str, dict[str, int]] = field(default_factory=dict)  # unwrapped param -> last-dim groups
     tables: list[str] = field(default_factory=list)  # parameters read by index (bias tables): never pruned
+    paired: dict[str, int] = field(default_factory=dict)  # root -> k: channel j couples j + w/k, ... (concat of halves)
 
     @property
     def families(self) -> dict[str, list[str]]:
@@ -575,6 +576,31 @@ def clear_caches(model: nn.Module) -> None:
                 v.clear()
 
 
+def _coupling_period(dg, g, root) -> int | None:
+    """How a group's root channels pull each other in: 1 (each alone); k when pruning channel j also prunes
+    j + w/k, j + 2w/k, ... (a concat of a layer's output with a per-channel function of it, GhostNet's primary
+    and cheap halves, or the halves of a GLU); None for any other pattern. Probed only for groups with a
+    concat or split, by building the group of root channel 0 (bounded like every group)."""
+    import torch_pruning as tp
+
+    kinds = (tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT)
+    if not any(getattr(item.dep.target, "type", None) in kinds for item in g):
+        return 1
+    pruner = dg.get_pruner_of_module(root)
+    try:
+        with _time_limit(GROUP_SECONDS):
+            probe = dg.get_pruning_group(root, pruner.prune_out_channels, [0])
+    except Exception:  # noqa: BLE001 - the full group was built; the probe failing says nothing new
+        return 1
+    width = len(g[0].idxs)
+    hit = sorted({i for item in probe if item.dep.target.module is root and dg.is_out_channel_pruning_fn(item.dep.handler)
+                  for i in item.idxs})
+    if hit in ([], [0]):
+        return 1
+    k = len(hit)
+    return k if width % k == 0 and hit == [j * (width // k) for j in range(k)] else None
+
+
 def _protect_group_roots(g, dg, name_of: dict, ignored: dict[str, str], why: str) -> None:
     """A group left out: every layer whose output channels it holds is listed with the reason."""
     for item in g:
@@ -711,6 +737,7 @@ def analyse(
     dims: dict[str, ModuleDims] = {}
     param_name = {id(p): n for n, p in model.named_parameters()}
     param_groups: dict[str, dict[str, int]] = {}
+    paired: dict[str, int] = {}
     for n, m in model.named_modules():
         kind = _module_kind(m)
         if kind is None:
@@ -746,6 +773,12 @@ def analyse(
                    f"multiplier, {mult.in_channels} -> {mult.out_channels} in {mult.groups} groups), which torch-pruning "
                    "cannot cut consistently (k outputs per input channel)")
             _protect_group_roots(g, dg, name_of, ignored, why)
+            continue
+        period = _coupling_period(dg, g, root)
+        if period is None:
+            _protect_group_roots(g, dg, name_of, ignored, (
+                "protected: its channels are coupled to each other across a concat/split (one channel pulls others "
+                "in a pattern that is not a whole number of equal parts), which cannot be pruned in units"))
             continue
         width = len(g[0].idxs)
         members: list[tuple[str, str, int]] = []
@@ -791,6 +824,9 @@ def analyse(
                 ch_groups = max(ch_groups, mod.num_groups)
             if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and 1 < mod.groups < mod.in_channels:
                 ch_groups = max(ch_groups, mod.groups)
+        if period > 1:  # GhostNet's primary + cheap halves, GLU halves: prune position j of every part together
+            ch_groups = max(ch_groups, period)
+            paired[gname] = period
         if num_heads:
             kind = "attention"
             qkv_name = next(mn for mn, side, _ in members if side == "out" and modules_by_name[mn] in heads_of)
@@ -834,7 +870,8 @@ def analyse(
     tables = [n for n, p in model.named_parameters() if id(p) in table_ids]
     for n in tables:
         ignored[n] = "lookup table (read by index: positions/heads, not channels): kept whole"
-    return Structure(groups, dims, ignored, attention, param_groups, tables), dg
+    return Structure(groups, dims, ignored, attention, param_groups, tables,
+                     {n: k for n, k in paired.items() if n in groups}), dg
 
 
 GROUP_SECONDS = 10.0  # bound on building one dependency group (analysis stays bounded on any model)
