@@ -323,6 +323,9 @@ def regroup_tracing():
         _TRACING.pop()
 
 
+_BUILDING: list = [None]
+
+
 def _patch_group_lookup() -> None:
     """torch-pruning's Group.has_pruning_op scans the whole group and compares index lists on every step of
     the group search: quadratic in the group size (73 of torchvision swin_v2_t's 117 s of analysis). Keep a
@@ -342,6 +345,7 @@ def _patch_group_lookup() -> None:
         return idx
 
     def fast_add_dep(self, dep, idxs):
+        _BUILDING[0] = self  # the group being built (what a timed-out build had reached)
         add_dep(self, dep, idxs)
         idx = self.__dict__.get("_pp_index")
         if idx is not None and self.__dict__.get("_pp_len") == len(self._group) - 1:
@@ -875,6 +879,8 @@ def analyse(
 
 
 GROUP_SECONDS = 10.0  # bound on building one dependency group (analysis stays bounded on any model)
+TIMEOUT_BUDGET = 30.0  # after this many seconds of builds that timed out, each further build gets:
+SHORT_GROUP_SECONDS = 2.0
 
 
 class _GroupTimeout(Exception):
@@ -913,18 +919,32 @@ def _all_groups(dg, ignored_modules: list[nn.Module], name_of: dict, ignored: di
 def _all_groups_unmapped(dg, ignored_modules: list[nn.Module], name_of: dict, ignored: dict[str, str]):
     ignored_set = set(ignored_modules) | set(dg.IGNORED_LAYERS_IN_TRACING)
     visited: set = set()
+    spent = 0.0  # seconds lost to group builds that timed out
     for m in list(dg.module2node.keys()):
         if m in ignored_set or not isinstance(m, ROOT_TYPES) or m in visited:
             continue
         pruner = dg.get_pruner_of_module(m)
         if pruner is None or pruner.get_out_channels(m) is None:
             continue
+        # once TIMEOUT_BUDGET seconds went to builds that never ended, the rest get a short bound
+        limit = GROUP_SECONDS if spent < TIMEOUT_BUDGET else SHORT_GROUP_SECONDS
         try:
-            with _time_limit(GROUP_SECONDS):
+            with _time_limit(limit):
                 group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
         except _GroupTimeout:
+            spent += limit
+            why = (f"protected: its dependency group took over {limit:.0f} s to build (index mappings that "
+                   f"multiply; group of {name_of.get(m, 'a layer')})")
             if m in name_of:
-                ignored[name_of[m]] = f"protected: its dependency group took over {GROUP_SECONDS:.0f} s to build (index mappings that multiply)"
+                ignored[name_of[m]] = why
+            # the layers the unfinished group had already reached share its fate: one timeout, not one per layer
+            partial = _BUILDING[0]
+            for dep, _ in (partial._group if partial is not None else []):
+                mod = dep.target.module
+                if isinstance(mod, ROOT_TYPES) and dg.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(mod)
+                    if mod in name_of:
+                        ignored.setdefault(name_of[mod], why)
             continue
         except Exception as exc:  # noqa: BLE001
             if m in name_of:
