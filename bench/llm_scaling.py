@@ -185,6 +185,10 @@ def scaling(args: argparse.Namespace) -> None:
 def _write(path: Path, baselines: dict[str, float], args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     from prunepilot.results import environment, write_json_atomic
 
+    if args.keep and path.is_file():  # rows another invocation (other sizes, run alongside) wrote meanwhile
+        mine = {(r["size"], r["method"]) for r in rows}
+        rows = [r for r in json.loads(path.read_text()).get("runs", []) if (r["size"], r["method"]) not in mine] + rows
+
     write_json_atomic(path, {"environment": environment(), "baseline_rss_mb": baselines["with_tokenizer"],
                              "baselines_rss_mb": baselines,
                              "protocol": {"sparsity": "50% unstructured, uniform", "calib": f"{args.calib_seqs}x{args.seqlen} pydocs",
