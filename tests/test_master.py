@@ -741,3 +741,28 @@ def test_prepare_out_refuses_a_used_out_and_overwrite_clears_it(tmp_path):
         with pytest.raises(PrunepilotError, match="not empty"):
             prepare_out(other, overwrite=overwrite)
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+class _OneAtATime:
+    """The same strategist without `independent`: the Master asks it once per measured attempt."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name = inner, inner.name
+
+    def propose(self, ctx):
+        return self.inner.propose(ctx)
+
+
+@pytest.mark.parametrize("name", ["grid", "sensitivity"])
+def test_prune_strategists_batches_read_like_one_at_a_time(name, pruner, rb, evaluator, tmp_path):
+    from prunepilot.agents.registry import make_builtin
+
+    runs = {}
+    for arm in ("batched", "serial"):
+        job = prune_job(pruner, rb, evaluator, tmp_path / arm, rounds=3)
+        journal, run_id = new_run(tmp_path, arm)
+        strategist = make_builtin(name, "prune")
+        assert hasattr(strategist, "independent")
+        run_master(job, strategist if arm == "batched" else _OneAtATime(strategist), journal, run_id)
+        runs[arm] = [(a.plan, a.verdict, a.allocation, a.score) for a in journal.attempts(run_id)]
+    assert runs["batched"] == runs["serial"] and len(runs["batched"]) == 3

@@ -37,6 +37,10 @@ class GridStrategist:
     kinds = ("prune",)
     GRID = [("l2", 8), ("l1", 8), ("taylor", 8), ("l2", 16), ("l1", 16), ("taylor", 16), ("l2", 4), ("random", 8)]
 
+    def independent(self, ctx: Context) -> int:
+        """Every grid point depends on its position only: the rest of the rounds can be measured at once."""
+        return max(1, int(ctx.step.get("rounds", len(ctx.history) + 1)) - len(ctx.history))
+
     def propose(self, ctx: Context) -> Plan:
         k = len(ctx.history)
         imp, rt = self.GRID[k % len(self.GRID)]
@@ -55,6 +59,10 @@ class SensitivityStrategist:
     name = "sensitivity"
     kinds = ("prune",)
     ALPHAS = [0.6, 1.2, 0.3, 1.8, 0.9, 2.4, 0.0, 1.5]
+
+    def independent(self, ctx: Context) -> int:
+        """The first two rounds are fixed settings (the line search starts from their results)."""
+        return max(1, 2 - len(ctx.history))
 
     def propose(self, ctx: Context) -> Plan:
         fams = _families(ctx.profile)
