@@ -231,6 +231,11 @@ class Pruner:
             static = [m for m in STATIC_METRICS if m in budget.goals]
             off = [m for m in static if abs(budget.error(m, real[m])) > 0.004 and abs(real[m] - proj.predicted[m]) / real[m] > 1e-4]
             if not off or corrections >= max_corrections or not proj.feasible:
+                if not proj.feasible and corrections:  # the reason's percentages are against the rescaled goal
+                    scaled = ", ".join(f"{m} x{goals[m] / budget.goals[m]:.3f}" for m in goals if goals[m] != budget.goals[m])
+                    proj.reason += (f" (after {corrections} correction(s) the goal was rescaled by the ratio of the analytic "
+                                    f"to the real count, {scaled}: the cost model does not follow some operations of "
+                                    "this model, so the percentages above are of that rescaled goal)")
                 return Candidate(model, proj, real, corrections, plan)
             for m in off:  # analytic and real counts differ slightly (uncounted ops): retarget by the ratio
                 goals[m] = goals[m] * proj.predicted[m] / real[m]
