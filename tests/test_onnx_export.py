@@ -96,9 +96,11 @@ def test_vit_block_round_trip(tmp_path) -> None:
 
 
 def _loaded(model: nn.Module, shape: tuple[int, ...]):
-    from prunepilot.sources.models import LoadedModel
+    """The MLP as a model source (py: factory), as the CLI loads it: a quantize run can then be rebuilt from its
+    float weights + int8 recipe with no pickle."""
+    from prunepilot.sources.models import load_model
 
-    return LoadedModel(model, torch.randn(*shape), "py:tests:mlp", "tiny test model")
+    return load_model(f"py:{__name__}:_mlp", input_shape=shape)
 
 
 def test_quantize_onnx_backend_then_export_of_an_eager_int8_run(tmp_path) -> None:
@@ -112,7 +114,7 @@ def test_quantize_onnx_backend_then_export_of_an_eager_int8_run(tmp_path) -> Non
 
     run_quantize(_loaded(_mlp(), (2, 32)), out=tmp_path / "eager", layers="all", rounds=2)
     out = run_export(tmp_path / "eager", int8=True, samples=32, exporter="torchscript")  # dynamo is covered above
-    assert out["source"] == "model.pt" and out["input_shape"] == [2, 32]
+    assert out["source"] == "model.safetensors" and out["input_shape"] == [2, 32]  # rebuilt, not unpickled
     # the float twin with int8-grid weights matches the eager int8 model up to activation rounding
     assert out["verify_fp32"]["passed"] and out["verify_fp32"]["cosine"] > 0.99
     assert out["verify_int8"]["passed"]
@@ -158,3 +160,16 @@ def test_cli_quantize_and_export(tmp_path, monkeypatch) -> None:
     r = runner.invoke(app, ["export", str(tmp_path), "--format", "onnx", "--int8", "--samples", "16", "--exporter", "torchscript"])
     assert r.exit_code == 0, r.output
     assert "verify fp32" in r.output and "passed" in r.output
+
+
+def test_export_of_a_python_run_without_a_source_says_what_to_do(tmp_path) -> None:
+    from prunepilot.errors import SourceError
+    from prunepilot.jobs.export import load_run_model
+    from prunepilot.jobs.quantize import run_quantize
+    from prunepilot.sources.models import LoadedModel
+
+    run_quantize(LoadedModel(_mlp(), torch.randn(2, 32), "python:mlp", "from Python"), out=tmp_path, layers="all", rounds=2)
+    if (tmp_path / "model.pt2").exists():
+        pytest.skip("this torch exports eager dynamic int8: the .pt2 is there to load")
+    with pytest.raises(SourceError, match="handed in from Python"):
+        load_run_model(tmp_path)

@@ -55,6 +55,11 @@ def load_run_model(run_dir: Path, *, trust: bool = False) -> tuple[nn.Module, to
         if example is None and ep.example_inputs and ep.example_inputs[0]:
             example = torch.randn_like(ep.example_inputs[0][0])
         return ep.module(), example, "model.pt2"
+    if not pt.exists() and (run_dir / "structure.json").is_file():
+        raise SourceError("this run's model was handed in from Python, so structure.json records no source to rebuild "
+                          "it from (and torch.export could not save it as model.pt2)", str(run_dir),
+                          "build the module yourself and load model.safetensors (apply structure.json's allocation "
+                          "and quantization), or re-run with pickle_module=True / --pickle to also get model.pt")
     if not pt.exists():
         raise SourceError("the run folder holds no saved model (structure.json + model.safetensors, model.pt2 or "
                           "model.pt)", str(run_dir), "run prunepilot prune/quantize/compress with --out pointing here first")

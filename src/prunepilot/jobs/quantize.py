@@ -2,7 +2,8 @@
 
 `run_quantize(loaded, out=...)` is what `prunepilot quantize` runs; `quantize(model, example_input)` is the
 same job for a plain `nn.Module` from Python. Both write result.json, quantization.json, summary.md and
-the quantized artefact (model.pt, or model.onnx + model.int8.onnx on the onnx backend) into `out`.
+the quantized artefact (float weights + int8 recipe, see `save_quantized`; model.onnx + model.int8.onnx on the
+onnx backend) into `out`.
 An option the job cannot honour raises a `PrunepilotError` (rule, value, fix); nothing is silently ignored.
 """
 
