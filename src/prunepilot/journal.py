@@ -130,3 +130,19 @@ def prepare_out(out: Path, *, overwrite: bool = False, resume: bool = False) -> 
                                   f"{hint}--overwrite replaces it, or choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def open_run(out: Path, kind: str, config: dict[str, Any], *, run_id: str | None = None, overwrite: bool = False,
+             log: Any = print) -> tuple[Journal, str]:
+    """The run's folder and journal: a new run (one per folder, see `prepare_out`), or with `run_id` the same run
+    continued. OUT/run_id names it for tools that only see the folder."""
+    out = Path(out)
+    prepare_out(out, overwrite=overwrite, resume=run_id is not None)
+    journal = Journal(out / "journal.sqlite")
+    if run_id is None:
+        run_id = journal.start_run(kind, config, out)
+    else:
+        journal.set_status(run_id, "running")
+    (out / "run_id").write_text(run_id)
+    log(f"run {run_id} (journal {out / 'journal.sqlite'})")
+    return journal, run_id

@@ -27,7 +27,7 @@ from ..budget import Budget, ResolvedBudget
 from ..engines.quantize import layer_rows, quantize_, select_layers_auto
 from ..errors import BudgetError, PrunepilotError
 from ..evaluate.measured_budget import bracket_measured_target
-from ..journal import Journal, prepare_out
+from ..journal import open_run
 from ..loop import Judgement, LoopLimits, Master, Outcome, Step
 from ..plan import Plan
 from ..results import write_json_atomic
@@ -369,15 +369,8 @@ def run_compress_job(loaded, run: CompressRun, *, run_id: str | None = None, ove
     from ..pipeline import Pruner
 
     out = Path(run.out)
-    prepare_out(out, overwrite=overwrite, resume=run_id is not None)
     t0 = time.perf_counter()
-    journal = Journal(out / "journal.sqlite")
-    if run_id is None:
-        run_id = journal.start_run(KIND, run.config(loaded), out)
-    else:
-        journal.set_status(run_id, "running")
-    (out / "run_id").write_text(run_id)
-    log(f"run {run_id} (journal {out / 'journal.sqlite'})")
+    journal, run_id = open_run(out, KIND, run.config(loaded), run_id=run_id, overwrite=overwrite, log=log)
     try:
         s = run.settings
         pruner = Pruner(loaded, latency_runs=s.latency_runs)

@@ -16,7 +16,7 @@ from ..allocation import Allocation
 from ..attempt import Attempt, quality_of
 from ..budget import Budget, ResolvedBudget
 from ..evaluate.scoring import Evaluator, ScoringConfig, measure_sensitivity
-from ..journal import Journal, prepare_out
+from ..journal import open_run
 from ..loop import Judgement, LoopLimits, Master, Outcome, Step
 from ..pipeline import Candidate, Pruner
 from ..plan import Plan
@@ -387,15 +387,8 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
     from ..sources.data import load_data
 
     out, s = run.out, run.settings
-    prepare_out(out, overwrite=overwrite, resume=run_id is not None)
     t0 = time.perf_counter()
-    journal = Journal(out / "journal.sqlite")
-    if run_id is None:
-        run_id = journal.start_run(KIND, run.config(loaded), out)
-    else:
-        journal.set_status(run_id, "running")
-    (out / "run_id").write_text(run_id)
-    log(f"run {run_id} (journal {out / 'journal.sqlite'})")
+    journal, run_id = open_run(out, KIND, run.config(loaded), run_id=run_id, overwrite=overwrite, log=log)
     try:
         place_loaded(loaded, run.device, run.dtype)
         if isinstance(run.data, str):
