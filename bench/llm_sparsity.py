@@ -74,6 +74,16 @@ for _lvl in ("60", "70"):
 LOOP = ("agent", "evolve", "evolve+local")  # allocations searched by the one loop (the rest are one-shot)
 
 
+def pydocs_blocks(tok: Any, args: argparse.Namespace) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The benches' protocol: Python-docs prose, calibration from the first 90% of the calibration pages, the
+    probe from the last 10% (held out), evaluation from disjoint pages."""
+    text = load_split("pydocs")
+    cut = int(len(text.calib) * 0.9)
+    calib = token_blocks(tok, text.calib[:cut], args.seqlen, args.calib_seqs, seed=0)
+    probe = token_blocks(tok, text.calib[cut:], args.probe_seqlen, args.probe_seqs)
+    return text, calib, probe, token_blocks(tok, text.eval, args.eval_seqlen, args.eval_seqs)
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -115,11 +125,7 @@ def main() -> None:
     infos = linear_layers(model)
     mods = dict(model.named_modules())
     dense_w = {i.name: mods[i.name].weight.detach().clone() for i in infos}
-    text = load_split("pydocs")
-    cut = int(len(text.calib) * 0.9)
-    calib = token_blocks(tok, text.calib[:cut], args.seqlen, args.calib_seqs, seed=0)
-    probe = token_blocks(tok, text.calib[cut:], args.probe_seqlen, args.probe_seqs)
-    evalb = token_blocks(tok, text.eval, args.eval_seqlen, args.eval_seqs)
+    text, calib, probe, evalb = pydocs_blocks(tok, args)
     report: dict[str, Any] = {
         "model": args.model, "environment": environment(),
         "protocol": {**text.protocol, "calib": f"{args.calib_seqs}x{args.seqlen}", "eval": f"{args.eval_seqs}x{args.eval_seqlen}",

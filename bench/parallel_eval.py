@@ -34,11 +34,12 @@ from prunepilot.loop import LoopLimits, Master
 from prunepilot.loop import executor as executors
 from prunepilot.results import environment, write_json_atomic
 from prunepilot.sources.llm import load_causal_lm
-from prunepilot.sources.text import load_split, token_blocks
 from prunepilot.sparsify.calibrate import activation_norms, gradient_importance, linear_layers
 from prunepilot.sparsify.device import Placement
 from prunepilot.sparsify.loop import Probe, probe_costs
 from prunepilot.sparsify.profile import WandaBank, build_profile
+
+from llm_sparsity import pydocs_blocks  # bench/ is on sys.path when a bench script runs
 
 
 def main() -> None:
@@ -68,11 +69,7 @@ def main() -> None:
     model, tok = lm.model, lm.tokenizer
     placement = Placement.for_model(model, torch.device("cpu"))  # as `prunepilot sparsify` runs it
     infos = linear_layers(model)
-    text = load_split("pydocs")
-    cut = int(len(text.calib) * 0.9)
-    calib = token_blocks(tok, text.calib[:cut], args.seqlen, args.calib_seqs, seed=0)
-    probe_ids = token_blocks(tok, text.calib[cut:], args.probe_seqlen, args.probe_seqs)
-    evalb = token_blocks(tok, text.eval, args.eval_seqlen, args.eval_seqs)
+    _, calib, probe_ids, evalb = pydocs_blocks(tok, args)  # the same protocol as llm_sparsity.py
     report: dict[str, Any] = {
         "model": args.model, "environment": environment(), "cpu_count": os.cpu_count(),
         "load_avg_start": os.getloadavg(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
