@@ -151,16 +151,14 @@ class CompressJob:
         return self.rb.to_json()
 
     def next_step(self, history: list[Attempt]) -> Step | None:
-        for option in self.options:
-            if not self.measured:
-                break
-            state = self.bracket(option, history)
+        states = {o: self.bracket(o, history) for o in self.options} if self.measured else {}
+        for option, state in states.items():
             if isinstance(state, _NeedSample):
                 why = f"measure {option} with {state.knob:.1%} of the MACs pruned (bracketing sample {state.index})"
                 return Step("bracket", {"option": option, "knob": state.knob, "sample": state.index},
                             plan=self.plan.model_copy(update={"rationale": why}))
         scored = {a.step.get("option") for a in history if a.phase == "select"}
-        for option, knob in self.feasible_points(history):
+        for option, knob in self.feasible_points(states):
             if option not in scored:
                 why = (f"score {option} at its least pruning that meets the budget ({knob:.1%} of the MACs)"
                        + (" after a short recovery" if self.evaluator is not None else ""))
@@ -255,12 +253,13 @@ class CompressJob:
         except (_NeedSample, _Abandoned) as state:
             return state
 
-    def feasible_points(self, history: list[Attempt]) -> list[tuple[str, float]]:
+    def feasible_points(self, states: dict[str, Any]) -> list[tuple[str, float]]:
+        """Each option's least pruning that meets the budget, from its replayed bracketing (`states`)."""
         if not self.measured:
             return [(o, self.k_min) for o in self.options]
         out = []
         for option in self.options:
-            res = self.bracket(option, history)
+            res = states[option]
             if not isinstance(res, Exception) and res.feasible:
                 out.append((option, max(self.k_min, res.best.knob)))
         return out
@@ -306,8 +305,7 @@ class CompressJob:
 
     def quantized(self, float_model: nn.Module) -> nn.Module:
         model = copy.deepcopy(float_model).eval()
-        names = dict(model.named_modules())
-        quantize_(model, {k: v for k, v in self.auto.plan_map.items() if k in names}, backend="eager", measure_size=False)
+        quantize_(model, self.quant_layers(model), backend="eager", measure_size=False)
         return model
 
     def quant_layers(self, model: nn.Module) -> dict[str, str]:
