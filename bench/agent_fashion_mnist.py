@@ -74,7 +74,10 @@ def tp_global_candidate(dense, x, goal_macs: float, calib, round_to: int = 8, st
     return best
 
 
-def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root: Path) -> dict:
+def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root: Path, metric: str = "macs",
+            models: dict | None = None) -> dict:
+    """One arm at one target of `metric` ("macs", or "latency_ms": projected on this device's latency tables and
+    measured fresh, bench/latency_fashion_mnist.py); `models` receives the recovered best model by arm."""
     torch.manual_seed(seed)
     x = torch.randn(1, *info["input_shape"])
     loaded = LoadedModel(copy.deepcopy(dense), x, "prunepilot:fmnist_resnet20", "trained ResNet-20")
@@ -82,9 +85,15 @@ def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root:
                              eval_limit=args.eval_limit, bn_batches=10, seed=seed)
     t0 = time.perf_counter()
     pruner = Pruner(loaded, latency_runs=0)
-    rb = Budget.parse(macs=target).resolve(pruner.profile.dense)
+    latency = None
+    if metric == "latency_ms":
+        from prunepilot.latency.job import LatencyTargeting
+
+        latency = LatencyTargeting.enable(pruner, log=print)
+        latency.relative = target.endswith("%")
+    rb = Budget.parse(**{metric: target}).resolve(pruner.profile.dense)
     ev = Evaluator(data, pruner.dense, settings.scoring())
-    out = out_root / f"{arm}_{target.strip('%')}_s{seed}"
+    out = out_root / f"{arm}_{'lat' if latency else ''}{target.strip('%')}_s{seed}"
     prepare_out(out, overwrite=True)  # one run per folder: a re-run replaces the last one
     row = {"arm": arm, "target": target, "seed": seed}
     if arm == "tp_global":  # a separate baseline: Torch-Pruning's own global ratio, not a loop
@@ -101,7 +110,7 @@ def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root:
         journal = Journal(out / "journal.sqlite")
         run_id = journal.start_run("prune", {"bench": "agent_fashion_mnist", "arm": arm, "target": target, "seed": seed,
                                              "settings": vars(args)}, out)
-        job = PruneJob(pruner, rb, ev, settings, out, UserConstraints())
+        job = PruneJob(pruner, rb, ev, settings, out, UserConstraints(), latency=latency)
         tl = time.perf_counter()
         try:
             best = Master(job, strategist, journal, run_id, seed=seed,
@@ -123,16 +132,19 @@ def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root:
             row.update(top1=None, wall_seconds=time.perf_counter() - t0)
             return row
         best_model = job.rebuild(best)
-        best_err = best.errors["macs"]
+        best_err = best.errors[metric]
         metrics = best.metrics
     search_s = time.perf_counter() - t0
     ev.recalibrate(best_model)
     finetune(best_model, ev.train_loader(), steps=args.final_steps, lr=0.02, teacher=pruner.dense, seed=seed, progress=False)
     top1 = evaluate_classifier(best_model, data.loader("test", batch_size=512, shuffle=False))["top1"]
-    row.update(top1=top1, val_top1_in_loop=metrics.get("accuracy"), macs_error=best_err, search_seconds=search_s,
-               wall_seconds=time.perf_counter() - t0)
+    err_key = f"{metric.removesuffix('_ms')}_error"  # macs_error, latency_error
+    row.update(top1=top1, val_top1_in_loop=metrics.get("accuracy"), metric=metric, search_seconds=search_s,
+               wall_seconds=time.perf_counter() - t0, **{err_key: best_err})
+    if models is not None:
+        models[arm] = best_model
     if arm != "tp_global":
-        journal.finish_run(run_id, "done", {"top1": top1, "macs_error": best_err})
+        journal.finish_run(run_id, "done", {"top1": top1, err_key: best_err})
     print(f"{arm:12s} {target:>4s} seed {seed}: top-1 {top1:.4f}  in-band rate {row['within_band_rate']:.2f}  "
           f"err {best_err:+.3%}  {row['attempts']} attempts, loop {row['loop_seconds']:.0f}s, {row['wall_seconds']:.0f}s", flush=True)
     return row

@@ -79,13 +79,40 @@ def test_latency_model_tables_cache_and_deltas(tmp_path, factory):
 
 
 def test_alignment_choice_is_one_of_the_candidates(tmp_path):
-    model, x, st = _setup(ResidualCNN)
-    lm = build_latency_model(model, x, st, runs=1, whole_runs=2, cache_dir=tmp_path)
-    choice = choose_alignment(lm, st, candidates=(1, 8), runs=1)
+    model, x, st = _setup(lambda: ResidualCNN(c=64))
+    ops = capture_ops(model, x, st)
+    choice = choose_alignment(ops, st, device=torch.device("cpu"), dtype=torch.float32, candidates=(1, 8), runs=1)
     assert choice and set(choice) <= set(st.families)
     for c in choice.values():
-        assert c.multiple in (1, 8) and set(c.ms_per_channel) <= {1, 8}
+        assert c.multiple in (1, 8) and set(c.vs_trend) <= {1, 8}
         assert c.to_json()["family"] == c.family
+
+
+def test_alignment_scores_widths_against_one_trend():
+    """A staircase of 32 (every width costs what the next multiple of 32 costs): multiples of 32 sit below the
+    fitted trend and win; a straight line (no blocks): every multiple scores ~1 and the finest one wins the tie."""
+    from prunepilot.latency.alignment import TIE, _score, sweep_widths
+
+    widths = sweep_widths(256)
+    assert widths[0] == 64 and widths[-1] == 256 and all(w % 4 == 0 for w in widths)
+    stairs = [float(-(-w // 32) * 32) for w in widths]
+    s = _score(widths, stairs, (1, 8, 16, 32, 64))
+    assert min(s, key=s.get) in (32, 64) and s[32] < s[8] - TIE
+    line = [1.0 + 0.01 * w for w in widths]
+    flat = _score(widths, line, (1, 8, 16, 32, 64))
+    assert all(abs(v - 1) < 1e-9 for v in flat.values())
+    assert len(sweep_widths(4096)) <= 64
+
+
+def test_latency_model_tables_sit_on_the_chosen_multiples(tmp_path):
+    model, x, st = _setup(lambda: ResidualCNN(c=64), shape=(1, 3, 32, 32))
+    lm = build_latency_model(model, x, st, runs=1, whole_runs=2, cache_dir=tmp_path, align=True)
+    mult = {g: lm.alignment[f].multiple for f, names in st.families.items() if f in lm.alignment for g in names}
+    for o in lm.ops:
+        for g in o.dims.out_groups if o.dims else {}:
+            m = mult.get(g, 1)
+            if m > 1 and o.kind == "conv" and not o.signature["depthwise"]:
+                assert all(w % m == 0 for w in o.out_grid)
 
 
 @pytest.fixture(scope="module")

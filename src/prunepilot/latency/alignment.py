@@ -1,72 +1,108 @@
-"""Channel alignment chosen by measurement: per family, the width multiple with the best latency per kept channel.
+"""Channel alignment chosen by measurement: per family, the width multiple its kernels run fastest at.
 
-oneDNN keeps CPU activations in channel blocks of 8 (AVX2) or 16 (AVX-512); GPU kernels tile by 32/64. Pruning
-inside a block saves nothing, so one global `round_to` is a guess. Here each family's heaviest op is timed at
-widths across the pruning range, rounded to each candidate multiple, and the multiple whose widths cost the
-least per kept channel wins (the smaller multiple on a near tie: finer steps fit a budget better).
+oneDNN keeps CPU activations in channel blocks of 8 (AVX2) or 16 (AVX-512), and its 3x3 kernels tile wider
+still; GPU kernels tile by 32/64. A width inside a block costs about as much as the block's end, so one global
+`round_to` is a guess. Here every op a family's width enters is timed at one sweep of kept widths (steps of 4
+over the pruning range), a straight line is fitted to latency vs width, and each candidate multiple is scored by
+how far below that line its own widths sit (latency / trend, averaged over the sweep's multiples of it). Judging
+every multiple against the same trend over the same widths removes the bias a per-channel ratio at different
+widths has (fixed overheads make wider ops look cheaper per channel). A larger multiple must beat the smaller
+ones by `TIE` to win: finer steps fit a budget better.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from ..costmodel import _phi
 from ..structure import Structure
-from .model import LatencyModel, Op, time_call
+from .model import Op, time_call
 
 CANDIDATES = (1, 8, 16, 32, 64)
-TARGETS = (0.35, 0.5, 0.65, 0.8)  # kept fractions sampled per family
-TIE = 0.03  # a larger multiple must be this much cheaper per channel to win
+TIE = 0.02  # a larger multiple's widths must sit this much further below the trend to win
+STEP = 4  # sweep step: blocks of 8 and up are visible
+MAX_POINTS = 64  # widths per sweep (a window around 60% kept when the range is wider)
 
 
 @dataclass(frozen=True)
 class AlignmentChoice:
     family: str
-    op: str
+    op: str  # the ops timed, comma-separated (the group's producers and consumers)
     multiple: int
-    ms_per_channel: dict[int, float]
+    vs_trend: dict[int, float]  # multiple -> mean latency / trend at its widths (1.0 = on the trend)
 
     def to_json(self) -> dict[str, Any]:
         return {"family": self.family, "op": self.op, "multiple": self.multiple,
-                "ms_per_channel": {str(k): round(v, 6) for k, v in self.ms_per_channel.items()}}
+                "vs_trend": {str(k): round(v, 4) for k, v in self.vs_trend.items()}}
 
 
-def _dominant_op(lm: LatencyModel, groups: list[str]) -> Op | None:
-    ops = [o for o in lm.ops if o.dims is not None and o.kind != "attn" and not o.signature.get("depthwise")
-           and any(g in o.dims.out_groups for g in groups)]
-    return max(ops, key=lambda o: o.predict({}), default=None)
+def sweep_widths(units: int, step: int = STEP, max_points: int = MAX_POINTS) -> list[int]:
+    """Kept widths to time: multiples of `step` from 25% to 100% kept, or a window around 60% when that is
+    more than `max_points` widths."""
+    lo, hi = max(step, int(math.ceil(0.25 * units / step)) * step), (units // step) * step
+    if (hi - lo) // step + 1 > max_points:
+        mid = int(round(0.6 * units / step)) * step
+        lo = max(lo, mid - step * (max_points // 2))
+        hi = min(hi, lo + step * (max_points - 1))
+    return list(range(lo, hi + 1, step))
 
 
-def choose_alignment(lm: LatencyModel, structure: Structure, *, candidates: tuple[int, ...] = CANDIDATES,
-                     runs: int = 3) -> dict[str, AlignmentChoice]:
-    """family -> the measured best multiple for its groups' widths (families whose op cannot be timed: none)."""
-    if not lm.ops:
-        return {}
-    device, dtype = torch.device(lm.device), _dtype(lm.dtype)
-    out: dict[str, AlignmentChoice] = {}
-    for fam, names in structure.families.items():
-        op = _dominant_op(lm, names)
-        if op is None:
-            continue
-        mult = op.signature.get("groups", 1) if op.kind == "conv" else 1
-        dense = op.dense_out
-        scores: dict[int, float] = {}
-        for m in candidates:
-            q = max(m, mult) if m % mult == 0 else m * mult
-            if q >= dense:
-                continue
-            widths = sorted({max(q, int(round(t * dense / q)) * q) for t in TARGETS})
-            per = [time_call(op.build(op.dense_in, w, device, dtype), device, warmup=1, runs=runs) / w for w in widths]
-            scores[m] = sum(per) / len(per)
-        if not scores:
-            continue
-        best = min(scores.values())
-        chosen = min(m for m, v in scores.items() if v <= best * (1 + TIE))
-        out[fam] = AlignmentChoice(fam, op.name, chosen, scores)
+def _kept(op: Op, group: str, frac: dict[str, float]) -> tuple[int, int] | None:
+    """(cin, cout) of `op` with the group's kept fraction in `frac`; None where a grouped conv can't run it."""
+    d = op.dims
+    cin = op.dense_in if not d else max(1, int(round(_phi(d.in_groups, d.in_dim, frac) * op.dense_in)))
+    cout = op.dense_out if not d else max(1, int(round(_phi(d.out_groups, d.out_dim, frac) * op.dense_out)))
+    groups = op.signature.get("groups", 1) if op.kind == "conv" and not op.signature.get("depthwise") else 1
+    if cin % groups or cout % groups:
+        return None
+    return cin, cout
+
+
+def _score(widths: list[int], ms: list[float], candidates: tuple[int, ...]) -> dict[int, float]:
+    """multiple -> mean of measured / fitted-line latency over the sweep's widths that are multiples of it."""
+    n = len(widths)
+    mw, mt = sum(widths) / n, sum(ms) / n
+    var = sum((w - mw) ** 2 for w in widths)
+    slope = sum((w - mw) * (t - mt) for w, t in zip(widths, ms)) / var if var else 0.0
+    trend = [mt + slope * (w - mw) for w in widths]
+    out: dict[int, float] = {}
+    for m in candidates:
+        ratios = [t / f for w, t, f in zip(widths, ms, trend) if w % m == 0 and f > 0]
+        if len(ratios) >= 2:  # one point is noise, not a pattern
+            out[m] = sum(ratios) / len(ratios)
     return out
 
 
-def _dtype(text: str) -> torch.dtype:
-    return getattr(torch, text, torch.float32)
+def choose_alignment(ops: list[Op], structure: Structure, *, device: torch.device, dtype: torch.dtype,
+                     candidates: tuple[int, ...] = CANDIDATES, runs: int = 3,
+                     timed: Callable[[Op, int, int], float] | None = None) -> dict[str, AlignmentChoice]:
+    """family -> the measured best multiple for its width (families with no timeable op, or too few units to
+    sweep: absent, i.e. no alignment). `timed(op, cin, cout)` times one op (the latency model's cached timer)."""
+    timed = timed or (lambda op, cin, cout: time_call(op.build(cin, cout, device, dtype), device, runs=runs))
+    out: dict[str, AlignmentChoice] = {}
+    for fam, names in structure.families.items():
+        g = names[0]
+        units = structure.groups[g].units
+        mine = [o for o in ops if o.dims is not None and o.kind in ("conv", "linear")
+                and (g in o.dims.in_groups or g in o.dims.out_groups)]
+        if not mine or units < 4 * min((c for c in candidates if c > 1), default=8):
+            continue
+        widths, ms = [], []
+        for w in sweep_widths(units):
+            frac = {g: w / units}
+            shapes = [_kept(o, g, frac) for o in mine]
+            if any(s is None for s in shapes):
+                continue
+            widths.append(w)
+            ms.append(sum(timed(o, *s) for o, s in zip(mine, shapes)))
+        scores = _score(widths, ms, tuple(c for c in candidates if c <= units // 4 or c == 1)) if len(widths) >= 4 else {}
+        if not scores:
+            continue
+        best = min(scores.values())
+        chosen = min(m for m, v in scores.items() if v <= best + TIE)
+        out[fam] = AlignmentChoice(fam, ",".join(o.name for o in mine[:4]), chosen, scores)
+    return out

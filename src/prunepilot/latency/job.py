@@ -19,7 +19,7 @@ import torch
 from ..allocation import Allocation
 from ..budget import ResolvedBudget
 from ..plan import Plan
-from .alignment import AlignmentChoice, choose_alignment
+from .alignment import AlignmentChoice
 from .model import LatencyModel, build_latency_model, whole_model_ms
 
 METRIC = "latency_ms"
@@ -50,8 +50,8 @@ class LatencyTargeting:
             return apply_allocation(model, pruner.x, st, Allocation(kept, {})).eval()
 
         lm = build_latency_model(pruner.dense, pruner.x, st, prune_uniform=uniform if st.groups else None,
-                                 cache_dir=cache_dir, runs=runs, log=log)
-        alignment = choose_alignment(lm, st, runs=runs) if align else {}
+                                 cache_dir=cache_dir, runs=runs, align=align, log=log)
+        alignment: dict[str, AlignmentChoice] = lm.alignment
         pruner.projector = Projector(st, pruner.cost, latency=lm,
                                      align={f: c.multiple for f, c in alignment.items()})
         pruner.profile.dense[METRIC] = lm.dense_ms  # budgets resolve against the tables' own statistic
@@ -66,16 +66,20 @@ class LatencyTargeting:
     def measure(self, model: torch.nn.Module, x: Any) -> float:
         return whole_model_ms(model, x, torch.device(self.model.device))
 
-    def measure_against(self, dense: torch.nn.Module, model: torch.nn.Module, x: Any, rounds: int = 3) -> tuple[float, float]:
-        """(dense ms, model ms), alternated `rounds` times, least disturbed of each."""
+    def measure_against(self, dense: torch.nn.Module, model: torch.nn.Module, x: Any, rounds: int = 5) -> tuple[float, float]:
+        """(dense ms, model ms): the two alternated `rounds` times (each the least disturbed of 7 runs); the model's
+        time is the median of its paired ratios to dense, times dense's best, so a host whose speed drifts by tens
+        of percent between minutes (shared machines do) moves both sides of the ratio together."""
         pairs = [(self.measure(dense, x), self.measure(model, x)) for _ in range(rounds)]
-        return min(p[0] for p in pairs), min(p[1] for p in pairs)
+        ratios = sorted(m / d for d, m in pairs)
+        best = min(d for d, _ in pairs)
+        return best, best * ratios[len(ratios) // 2]
 
     def _measured(self, pruner: Any, model: torch.nn.Module) -> float:
         """The candidate's latency in the frame the goal was resolved in (the tables' dense measurement)."""
         if not self.relative:
             return self.measure(model, pruner.x)
-        d, m = self.measure_against(pruner.dense, model, pruner.x, rounds=2)
+        d, m = self.measure_against(pruner.dense, model, pruner.x, rounds=3)
         return m * self.model.dense_ms / d
 
     def candidate(self, pruner: Any, plan: Plan, budget: ResolvedBudget, **kw: Any):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -154,6 +155,34 @@ def _grid(dense: int, step: int, multiple: int = 1) -> list[int]:
     return [w for w in widths if w <= dense]
 
 
+def _multiple(groups: dict[str, int], multiple: dict[str, int]) -> int:
+    """The channel multiple a dimension's widths land on: its groups' chosen alignment (1 when none)."""
+    return max((multiple.get(g, 1) for g in groups), default=1)
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+
+
+def _rescale_to_now(ops: list[Op], tables: dict[str, tuple[list[int], list[int], list[list[float]]]],
+                    device: torch.device, dtype: torch.dtype, runs: int, probes: int = 3, tolerance: float = 0.12) -> float:
+    """Cached tables were timed on another day: re-time the heaviest ops at dense width now and, when the host
+    runs faster or slower than then by more than `tolerance`, scale every table to now (the median ratio), so
+    tables and the whole-model measurements the rest is calibrated from share one frame. Returns the factor."""
+    heavy = sorted({o.key(): o for o in ops}.values(), key=lambda o: -o.predict({}))[:probes]
+    ratios = sorted(time_call(o.build(o.dense_in, o.dense_out, device, dtype), device, runs=2 * runs) / o.predict({})
+                    for o in heavy if o.predict({}) > 0)
+    if not ratios:
+        return 1.0
+    factor = ratios[len(ratios) // 2]
+    if abs(factor - 1) <= tolerance:
+        return 1.0
+    for gi, go, table in tables.values():
+        for row in table:
+            row[:] = [v * factor for v in row]
+    return factor
+
+
 def _monotone(rows: list[list[float]], remeasure: Callable[[int, int], float], spike: float = 1.5) -> list[list[float]]:
     """Latency does not fall as width grows: a point slower than a wider neighbour by `spike`x is measured once
     more (a busy machine's hiccup), then each row and column is made non-decreasing from the widest end."""
@@ -246,6 +275,7 @@ class LatencyModel:
     calibration: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     dtype: str = "float32"
+    alignment: dict[str, Any] = field(default_factory=dict)  # family -> alignment.AlignmentChoice
 
     def __post_init__(self) -> None:
         self._by_group: dict[str, list[Op]] = {}
@@ -323,11 +353,13 @@ class TableCache:
 def build_latency_model(model: nn.Module, example_inputs: Any, structure: Structure, *, step: int = 8,
                         runs: int = 3, cache_dir: Path | None | bool = True, uniform_ratio: float = 0.5,
                         whole_runs: int = 7, prune_uniform: Callable[[float], nn.Module] | None = None,
-                        log: Callable[[str], None] | None = None) -> LatencyModel:
+                        align: bool = False, log: Callable[[str], None] | None = None) -> LatencyModel:
     """Measure (or read from the cache) every op's table, then calibrate the rest of the network.
 
     `prune_uniform(ratio)` returns the model with every group pruned by `ratio` (the caller's engine); without it
-    the rest is taken as constant (rest_b = 0)."""
+    the rest is taken as constant (rest_b = 0). `align`: choose each family's channel multiple by measurement
+    first (latency.alignment) and measure the tables at widths on those multiples, the widths the projector
+    will pick."""
     t0 = time.perf_counter()
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = p.device if p is not None else torch.device("cpu")
@@ -336,7 +368,24 @@ def build_latency_model(model: nn.Module, example_inputs: Any, structure: Struct
     fp = device_fingerprint(device, dtype, threads)
     cache = TableCache(default_cache() if cache_dir is True else (None if cache_dir is False else Path(cache_dir)), fp)
     ops = capture_ops(model, example_inputs, structure)
-    measured = cached = 0
+    counts = {"measured": 0, "cached": 0}
+
+    def timed(op: Op, cin: int, cout: int) -> float:
+        ms = cache.get(op.key(), cin, cout)
+        if ms is None:
+            ms = time_call(op.build(cin, cout, device, dtype), device, runs=runs)
+            cache.put(op.key(), cin, cout, ms)
+            counts["measured"] += 1
+        else:
+            counts["cached"] += 1
+        return ms
+
+    alignment: dict[str, Any] = {}
+    if align:
+        from .alignment import choose_alignment
+
+        alignment = choose_alignment(ops, structure, device=device, dtype=dtype, runs=runs, timed=timed)
+    multiple = {g: alignment[f].multiple for f, names in structure.families.items() if f in alignment for g in names}
     tables: dict[str, tuple[list[int], list[int], list[list[float]]]] = {}
     for op in ops:
         key = op.key()
@@ -344,35 +393,35 @@ def build_latency_model(model: nn.Module, example_inputs: Any, structure: Struct
             mult = op.signature.get("groups", 1) if op.kind == "conv" and not op.signature.get("depthwise") else 1
             prunable_in = bool(op.dims and op.dims.in_groups) and op.kind != "attn" and not op.signature.get("depthwise")
             prunable_out = bool(op.dims and op.dims.out_groups)
-            gi = _grid(op.dense_in, step, mult) if prunable_in else [op.dense_in]
+            gi = _grid(op.dense_in, step, _lcm(mult, _multiple(op.dims.in_groups, multiple))) if prunable_in \
+                else [op.dense_in]
             go = _grid(op.dense_out, step if op.kind != "attn" else max(step, op.signature["heads"]),
-                       mult if op.kind != "attn" else op.signature["heads"]) if prunable_out else [op.dense_out]
-            rows = []
-            for cin in gi:
-                row = []
-                for cout in go:
-                    ms = cache.get(key, cin, cout)
-                    if ms is None:
-                        ms = time_call(op.build(cin, cout, device, dtype), device, runs=runs)
-                        cache.put(key, cin, cout, ms)
-                        measured += 1
-                    else:
-                        cached += 1
-                    row.append(ms)
-                rows.append(row)
+                       _lcm(mult, _multiple(op.dims.out_groups, multiple)) if op.kind != "attn"
+                       else op.signature["heads"]) if prunable_out else [op.dense_out]
+            rows = [[timed(op, cin, cout) for cout in go] for cin in gi]
             tables[key] = (gi, go, _monotone(rows, lambda i, j: time_call(op.build(gi[i], go[j], device, dtype),
                                                                          device, runs=2 * runs)))
         op.in_grid, op.out_grid, op.table = tables[key]
+    measured, cached = counts["measured"], counts["cached"]
     cache.save()
-    dense_ms = whole_model_ms(model, example_inputs, device, runs=whole_runs)
+    drift = _rescale_to_now(ops, tables, device, dtype, runs) if cached else 1.0
+    # dense and the uniform copy alternated, the best of each: a transient slowdown of the host (seconds long on
+    # shared machines) hits one round, not the calibration
+    small = prune_uniform(uniform_ratio) if prune_uniform is not None else None
+    d_runs, s_runs = [], []
+    for _ in range(3):
+        d_runs.append(whole_model_ms(model, example_inputs, device, runs=whole_runs))
+        if small is not None:
+            s_runs.append(whole_model_ms(small, example_inputs, device, runs=whole_runs))
+    dense_ms = min(d_runs)
     ops_dense = sum(o.predict({}) for o in ops)
     lm = LatencyModel(ops, dense_ms, ops_dense, dense_ms - ops_dense, 0.0, fp, 0.0, measured, cached,
                       device=str(device), dtype=str(dtype).removeprefix("torch."))
-    calibration: dict[str, float] = {"dense_measured_ms": dense_ms, "dense_ops_sum_ms": ops_dense}
-    if prune_uniform is not None:
-        small = prune_uniform(uniform_ratio)
+    calibration: dict[str, float] = {"dense_measured_ms": dense_ms, "dense_ops_sum_ms": ops_dense,
+                                     "cached_tables_rescaled_by": drift}
+    if small is not None:
         frac = {g: 1 - uniform_ratio for g in structure.groups}
-        small_ms = whole_model_ms(small, example_inputs, device, runs=whole_runs)
+        small_ms = min(s_runs)
         act = lm.activation_fraction(frac)
         ops_small = sum(o.predict(frac) for o in ops)
         rest_dense, rest_small = dense_ms - ops_dense, small_ms - ops_small
@@ -382,6 +431,7 @@ def build_latency_model(model: nn.Module, example_inputs: Any, structure: Struct
         calibration.update({"uniform_ratio": uniform_ratio, "uniform_measured_ms": small_ms,
                             "uniform_ops_sum_ms": ops_small})
     lm.calibration = calibration
+    lm.alignment = alignment
     lm.seconds = time.perf_counter() - t0
     if log:
         log(f"latency model: {len(ops)} ops, {len(tables)} tables ({measured} points measured, {cached} cached) in "
