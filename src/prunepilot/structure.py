@@ -605,6 +605,27 @@ def _coupling_period(dg, g, root) -> int | None:
     return k if width % k == 0 and hit == [j * (width // k) for j in range(k)] else None
 
 
+def _out_of_range(dg, g):
+    """(module, side, index, width) of the first member the group would cut past its width, else None: a group
+    torch-pruning coupled through an operation it cannot follow (tokens transposed into channels in an MLP
+    mixer, a slice of a concat) holds indices of another dimension, and pruning it fails or cuts wrong."""
+    for item in g:
+        mod = item.dep.target.module
+        if not isinstance(mod, nn.Module) or not item.idxs:
+            continue
+        pruner = dg.get_pruner_of_module(mod)
+        if pruner is None:
+            continue
+        out = dg.is_out_channel_pruning_fn(item.dep.handler)
+        try:
+            width = pruner.get_out_channels(mod) if out else pruner.get_in_channels(mod)
+        except Exception:  # noqa: BLE001 - no width to check against
+            continue
+        if isinstance(width, int) and width > 0 and max(int(i) for i in item.idxs) >= width:
+            return mod, "output" if out else "input", max(int(i) for i in item.idxs), width
+    return None
+
+
 def _protect_group_roots(g, dg, name_of: dict, ignored: dict[str, str], why: str) -> None:
     """A group left out: every layer whose output channels it holds is listed with the reason."""
     for item in g:
@@ -777,6 +798,13 @@ def analyse(
                    f"multiplier, {mult.in_channels} -> {mult.out_channels} in {mult.groups} groups), which torch-pruning "
                    "cannot cut consistently (k outputs per input channel)")
             _protect_group_roots(g, dg, name_of, ignored, why)
+            continue
+        beyond = _out_of_range(dg, g)
+        if beyond is not None:
+            mod_b, side, top, width_of = beyond
+            _protect_group_roots(g, dg, name_of, ignored, (
+                f"protected: torch-pruning maps its channels to {side} index {top} of {name_of.get(mod_b, 'a layer')}, "
+                f"which has {width_of} (a transpose/slice/concat it cannot follow couples another dimension)"))
             continue
         period = _coupling_period(dg, g, root)
         if period is None:
