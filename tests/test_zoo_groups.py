@@ -4,6 +4,7 @@ bisection (each trial rebuilds the graph; on a large model that was a hang)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -56,5 +57,76 @@ def test_token_mixing_group_is_protected_and_channel_mlps_pruned_in_band():
     cand = pruner.candidate(Plan(), rb)
     assert pruner.isolation_trials == 0  # nothing had to be found by prune-and-run bisection
     assert rb.within("macs", cand.metrics["macs"]), rb.error("macs", cand.metrics["macs"])
+    with torch.no_grad():
+        assert len(output_signature(call(cand.model, pruner.x))) == 1
+
+
+class ChannelAttention(nn.Module):
+    """XCiT/EdgeNeXt cross-covariance attention: heads split the input width (C // heads), attention over channels."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 4, 1).unbind(0)
+        q, k = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(-1)
+        return self.proj((attn @ v).permute(0, 3, 1, 2).reshape(b, n, c))
+
+
+class KVAttention(nn.Module):
+    """GCViT-style global-query attention: qkv holds only k and v (2 x dim), fixed head sizes."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 2 * dim)
+        self.q = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        k, v = self.qkv(x).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
+        attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, attn: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), attn, nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)  # two families (fc1.*, fc2.*)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, attn_cls, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 8, stride=8)
+        self.blocks = nn.Sequential(AttnBlock(attn_cls(dim, heads), dim), AttnBlock(attn_cls(dim, heads), dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(x).mean(1))
+
+
+@pytest.mark.parametrize("attn_cls,reason", [(ChannelAttention, "heads stay whole"), (KVAttention, "not 3 x its")])
+def test_attention_layouts_it_cannot_prune_by_heads_keep_them_whole(attn_cls, reason):
+    torch.manual_seed(0)
+    pruner = _pruner(TinyTransformer(attn_cls), torch.randn(1, 3, 32, 32))
+    assert any(reason in why for why in pruner.structure.ignored.values()), pruner.structure.ignored
+    rb = Budget.parse(macs="60%").resolve(pruner.profile.dense)  # whole attention + stem: ~48% stays
+    cand = pruner.candidate(Plan(), rb)
+    assert rb.within("macs", cand.metrics["macs"]), (rb.error("macs", cand.metrics["macs"]), pruner.structure.ignored)
     with torch.no_grad():
         assert len(output_signature(call(cand.model, pruner.x))) == 1

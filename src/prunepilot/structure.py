@@ -75,7 +75,17 @@ def family_of(name: str) -> str:
 
 
 def _is_timm_attention(m: nn.Module) -> bool:
-    return hasattr(m, "qkv") and hasattr(m, "num_heads") and isinstance(getattr(m, "qkv"), nn.Linear) and hasattr(m, "proj")
+    """timm-style attention with the standard layout: qkv packs q, k and v of proj's input width (heads x head dim)."""
+    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
+    return (hasattr(m, "num_heads") and isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
+            and qkv.out_features == 3 * proj.in_features)
+
+
+def _is_attention_variant(m: nn.Module) -> bool:
+    """qkv/proj/num_heads attention with another layout (GCViT's global-query kv = 2 x dim, EfficientFormer's
+    key dims != value dims): its reshapes use fixed head sizes, so its qkv output is kept whole."""
+    return (hasattr(m, "num_heads") and isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "proj")
+            and not _is_timm_attention(m))
 
 
 # ---------------------------------------------------------------- constructs torch-pruning needs help with
@@ -605,6 +615,22 @@ def _coupling_period(dg, g, root) -> int | None:
     return k if width % k == 0 and hit == [j * (width // k) for j in range(k)] else None
 
 
+def _torn_attention(dg, g, heads_of: dict, proj_of: dict):
+    """(proj, mapped, expected) when a group holds a whole attention qkv output but only part of its output
+    projection's input (torch-pruning lost channels in the head reshape/unbind), else None."""
+    qkvs = {item.dep.target.module for item in g if item.dep.target.module in heads_of
+            and dg.is_out_channel_pruning_fn(item.dep.handler)}
+    for qkv in qkvs:
+        proj = proj_of.get(qkv)
+        if proj is None:
+            continue
+        n = sum(len(item.idxs) for item in g if item.dep.target.module is proj
+                and dg.is_in_channel_pruning_fn(item.dep.handler))
+        if n and n != proj.in_features:
+            return proj, n, proj.in_features
+    return None
+
+
 def _out_of_range(dg, g):
     """(module, side, index, width) of the first member the group would cut past its width, else None: a group
     torch-pruning coupled through an operation it cannot follow (tokens transposed into channels in an MLP
@@ -746,6 +772,11 @@ def analyse(
                                      "(cat(q_bias, k_bias, v_bias)) that torch-pruning cannot split; its input side "
                                      "follows the residual stream")
             ignored_modules.append(lin)
+    for n, m in model.named_modules():
+        if _is_attention_variant(m) and m.qkv in name_of and name_of[m.qkv] not in ignored:
+            ignored[name_of[m.qkv]] = (f"protected: {n} is an attention whose qkv ({m.qkv.out_features}) is not 3 x its "
+                                       "output projection's input (a layout with fixed head sizes): its heads stay whole")
+            ignored_modules.append(m.qkv)
     regroup = getattr(dg, "_prunepilot_regroup_nodes", set())
     table_ids = {id(p) for p in getattr(dg, "_prunepilot_tables", [])}
     heads_of = attention_heads(model)
@@ -757,6 +788,7 @@ def analyse(
         if _is_timm_attention(m):
             attention[n] = (name_of[m.qkv], name_of[m.proj])
     qkv_to_attn = {v[0]: k for k, v in attention.items()}
+    proj_of = {m.qkv: m.proj for m in model.modules() if _is_timm_attention(m)}
 
     groups: dict[str, Group] = {}
     dims: dict[str, ModuleDims] = {}
@@ -798,6 +830,13 @@ def analyse(
                    f"multiplier, {mult.in_channels} -> {mult.out_channels} in {mult.groups} groups), which torch-pruning "
                    "cannot cut consistently (k outputs per input channel)")
             _protect_group_roots(g, dg, name_of, ignored, why)
+            continue
+        torn = _torn_attention(dg, g, heads_of, proj_of)
+        if torn is not None:
+            _protect_group_roots(g, dg, name_of, ignored, (
+                f"protected: torch-pruning maps {torn[1]} of {name_of.get(torn[0], 'an attention')}'s {torn[2]} head "
+                "channels to its output projection (the head reshape follows another width, e.g. channel attention "
+                "over C // heads): its heads stay whole"))
             continue
         beyond = _out_of_range(dg, g)
         if beyond is not None:

@@ -9,7 +9,7 @@ from torch import nn
 from ..allocation import Allocation
 from ..errors import PlanError
 from ..inputs import call, output_signature, primary_output, signature_mismatch, traced_outputs
-from ..structure import (ROOT_TYPES, Structure, attention_heads, clear_caches, detach_caches, glu_channel_groups,
+from ..structure import (ROOT_TYPES, Structure, _is_timm_attention, attention_heads, clear_caches, detach_caches, glu_channel_groups,
                          hf_attention_heads, hf_projections, mha_channel_groups, regroup_tracing, tp_options)
 
 __all__ = ["Allocation", "apply_allocation", "verify_runs"]
@@ -57,7 +57,7 @@ def repair_metadata(model: nn.Module) -> None:
 def fix_timm_attention(model: nn.Module) -> None:
     """After pruning qkv, timm's forward reshapes with num_heads/head_dim/attn_dim: keep them consistent."""
     for m in model.modules():
-        if hasattr(m, "qkv") and hasattr(m, "num_heads") and isinstance(m.qkv, nn.Linear):
+        if _is_timm_attention(m):  # (other layouts keep their qkv whole: see structure._is_attention_variant)
             qkv_out = m.qkv.out_features
             heads = int(m.num_heads)
             if qkv_out % (3 * heads):
