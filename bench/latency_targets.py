@@ -24,7 +24,7 @@ import torch
 
 from prunepilot.budget import Budget
 from prunepilot.latency.job import LatencyTargeting, run_prune_to_latency
-from prunepilot.latency.model import whole_model_ms
+from prunepilot.latency.model import paired_ms
 from prunepilot.pipeline import Pruner, count_real
 from prunepilot.plan import Plan
 from prunepilot.sources.models import load_model
@@ -33,17 +33,10 @@ URIS = {"resnet18": "torchvision:resnet18", "resnet50": "torchvision:resnet50", 
         "convnext_tiny": "torchvision:convnext_tiny", "deit_small": "timm:deit_small_patch16_224"}
 
 
-def fresh(a: torch.nn.Module, b: torch.nn.Module, x, rounds: int = 5) -> tuple[float, float, float]:
-    """Both models alternated `rounds` times (each the least disturbed of 7 runs): (a ms, b ms, median b/a of
-    the pairs). The host's load drifts by tens of percent between minutes here, so budgets are judged on the
-    paired ratio, which drifts together."""
-    ta, tb = [], []
-    dev = torch.device("cpu")
-    for _ in range(rounds):
-        ta.append(whole_model_ms(a, x, dev))
-        tb.append(whole_model_ms(b, x, dev))
-    ratios = sorted(q / p for p, q in zip(ta, tb))
-    return min(ta), min(tb), ratios[len(ratios) // 2]
+def fresh(a: torch.nn.Module, b: torch.nn.Module, x, pairs: int = 41) -> tuple[float, float, float]:
+    """A separate measurement: single forwards of a and b interleaved `pairs` times: (a best ms, b best ms,
+    median of the paired b/a). The host drifts by tens of percent between minutes here; pairs drift together."""
+    return paired_ms(a, b, x, torch.device("cpu"), pairs=pairs)
 
 
 def macs_arm(loaded, macs: float, round_to: int | None, align: dict[str, int] | None = None):

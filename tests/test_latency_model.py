@@ -52,7 +52,7 @@ def test_bilinear_is_exact_on_grid_points_and_between_neighbours():
 def test_latency_model_tables_cache_and_deltas(tmp_path, factory):
     model, x, st = _setup(factory)
     lm = build_latency_model(model, x, st, runs=1, whole_runs=2, cache_dir=tmp_path,
-                             prune_uniform=lambda r: _uniform(model, x, st, r))
+                             prune_uniform=lambda r, mult: _uniform(model, x, st, r))
     ops = capture_ops(model, x, st)
     assert len(lm.ops) == len(ops) > 0 and lm.measured_points > 0 and lm.cached_points >= 0
     assert all(o.table and len(o.table) == len(o.in_grid) and len(o.table[0]) == len(o.out_grid) for o in lm.ops)
@@ -165,6 +165,13 @@ def test_prune_to_latency_writes_the_latency_story(tmp_path, shared_cache, monke
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "Latency model" in summary and "of the MAC ratio became real speed" in summary
     assert res["compressed"]["files_mb"]["state_dict"] > 0
+    from prunepilot.report.render import render_report
+
+    _, md_path = render_report(tmp_path / "run")
+    report = md_path.read_text()
+    assert "Latency model of this device" in report and res["latency_targeting"]["model"]["fingerprint"].split("|")[1] in report
+    for fam, a in res["latency_targeting"]["alignment"].items():
+        assert fam in report and "vs_trend" in a
 
 
 def test_sensitivity_strategist_trades_against_measured_latency_under_a_latency_budget():

@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON (its ratios are a shape; the projector rescales them)."),
         importance: Optional[str] = typer.Option(None, "--importance", help="Channel importance: l1, l2, taylor (gradients on calibration batches; needs --data), random. Default: l2, or the strategist's choice in the agent loop."),
         round_to: Optional[int] = typer.Option(None, "--round-to", help="Keep widths multiples of this (CPU/GPU kernels prefer 8/16); 1 = no rounding. Default: 8, or the strategist's choice in the agent loop."),
-        align: bool = typer.Option(False, "--align", help="Choose each family's channel multiple by measuring latency per kept channel on this device (builds per-op latency tables, cached); on by default with --target-latency unless --round-to is given."),
+        align: bool = typer.Option(False, "--align", help="Choose each family's channel multiple by measuring its ops over a sweep of kept widths on this device (the multiple whose widths run fastest against the trend; builds per-op latency tables, cached); on by default with --target-latency unless --round-to is given."),
         prune_heads: bool = typer.Option(False, "--prune-heads", help="For ViTs: remove whole attention heads instead of head dims."),
         protect: list[str] = typer.Option([], "--protect", help="Module name or re:regex never to prune (repeatable)."),
         data: Optional[str] = typer.Option(None, "--data", help="Labelled data for the agent loop: fashion-mnist[:DIR], imagefolder:DIR, hf:NAME. Without it: one projected plan, no accuracy."),

@@ -20,7 +20,7 @@ from ..allocation import Allocation
 from ..budget import ResolvedBudget
 from ..plan import Plan
 from .alignment import AlignmentChoice
-from .model import LatencyModel, build_latency_model, whole_model_ms
+from .model import LatencyModel, aligned_width, build_latency_model, paired_ms, whole_model_ms
 
 METRIC = "latency_ms"
 
@@ -44,8 +44,10 @@ class LatencyTargeting:
 
         st = pruner.structure
 
-        def uniform(ratio: float) -> torch.nn.Module:
-            kept = {n: max(1, int(round(g.units * (1 - ratio)))) for n, g in st.groups.items()}
+        def uniform(ratio: float, multiple: dict[str, int]) -> torch.nn.Module:
+            # kept widths on each group's chosen multiple, as the projector will pick them: an unaligned copy
+            # runs slower than its tables (padded blocks) and would teach the rest model that pruning costs time
+            kept = {n: aligned_width(g.units * (1 - ratio), multiple.get(n, 1), g.units) for n, g in st.groups.items()}
             model = copy_model(pruner.dense)  # detaches cached graph tensors a plain deepcopy chokes on
             return apply_allocation(model, pruner.x, st, Allocation(kept, {})).eval()
 
@@ -66,42 +68,61 @@ class LatencyTargeting:
     def measure(self, model: torch.nn.Module, x: Any) -> float:
         return whole_model_ms(model, x, torch.device(self.model.device))
 
-    def measure_against(self, dense: torch.nn.Module, model: torch.nn.Module, x: Any, rounds: int = 5) -> tuple[float, float]:
-        """(dense ms, model ms): the two alternated `rounds` times (each the least disturbed of 7 runs); the model's
-        time is the median of its paired ratios to dense, times dense's best, so a host whose speed drifts by tens
-        of percent between minutes (shared machines do) moves both sides of the ratio together."""
-        pairs = [(self.measure(dense, x), self.measure(model, x)) for _ in range(rounds)]
-        ratios = sorted(m / d for d, m in pairs)
-        best = min(d for d, _ in pairs)
-        return best, best * ratios[len(ratios) // 2]
+    def measure_against(self, dense: torch.nn.Module, model: torch.nn.Module, x: Any, pairs: int = 31) -> tuple[float, float]:
+        """(dense ms, model ms): single forwards of the two interleaved `pairs` times; the model's time is the
+        median of its paired ratios to dense, times dense's best, so the host's drift (tens of percent between
+        minutes on shared machines) moves both sides of every ratio together."""
+        d, _, ratio = paired_ms(dense, model, x, torch.device(self.model.device), pairs=pairs)
+        return d, d * ratio
 
     def _measured(self, pruner: Any, model: torch.nn.Module) -> float:
         """The candidate's latency in the frame the goal was resolved in (the tables' dense measurement)."""
         if not self.relative:
             return self.measure(model, pruner.x)
-        d, m = self.measure_against(pruner.dense, model, pruner.x, rounds=3)
+        d, m = self.measure_against(pruner.dense, model, pruner.x, pairs=21)
         return m * self.model.dense_ms / d
 
     def candidate(self, pruner: Any, plan: Plan, budget: ResolvedBudget, **kw: Any):
-        """A verified candidate whose *measured* latency is in the band when the tables allow it."""
-        cand = pruner.candidate(plan, budget, **kw)
+        """A verified candidate whose *measured* latency is in the band when the tables allow it.
+
+        The projection aims at the middle of the band, not its edge: a measured latency carries the host's
+        noise, and the middle leaves it room on both sides. When the fresh measurement lands outside the inner
+        half of the band, the aim is retargeted by measured/predicted (the tables' bias on this candidate) once,
+        and the closer of the two candidates is kept."""
+        cand = pruner.candidate(plan, self._aim(budget, 1.0), **kw)
         if METRIC not in budget.goals:
             return cand
         measured = self._measured(pruner, cand.model)
         predicted = cand.projection.predicted.get(METRIC, measured)
-        if not budget.within(METRIC, measured) and cand.projection.feasible and predicted > 0:
-            goals = dict(budget.goals)
-            goals[METRIC] = goals[METRIC] * predicted / measured  # the tables' bias on this candidate
-            retry = pruner.candidate(plan, ResolvedBudget(goals=goals, band=budget.band, texts=budget.texts), **kw)
+        if self._off_centre(budget, measured) > 0.5 and cand.projection.feasible and predicted > 0:
+            scale = self._aim(budget, 1.0).goals[METRIC] * predicted / measured / budget.goals[METRIC]
+            retry = pruner.candidate(plan, self._aim(budget, scale), **kw)
             m2 = self._measured(pruner, retry.model)
             self.corrections += 1
             self.notes.append(f"latency correction: predicted {predicted:.2f} ms, measured {measured:.2f} ms; "
                               f"retargeted and measured {m2:.2f} ms")
-            if abs(budget.error(METRIC, m2)) < abs(budget.error(METRIC, measured)):
+            if self._off_centre(budget, m2) < self._off_centre(budget, measured):
                 cand, measured = retry, m2
         cand.metrics[METRIC] = measured
         cand.metrics["latency_predicted_ms"] = cand.projection.predicted.get(METRIC, float("nan"))
         return cand
+
+    @staticmethod
+    def _aim(budget: ResolvedBudget, scale: float) -> ResolvedBudget:
+        """The budget with the latency goal moved to the band's middle (times `scale`): what the projector is
+        asked to predict. The band and every other goal stay as the user set them."""
+        if METRIC not in budget.goals:
+            return budget
+        goals = dict(budget.goals)
+        goals[METRIC] = budget.goals[METRIC] * (1 + (budget.band.over - budget.band.under) / 2) * scale
+        return ResolvedBudget(goals=goals, band=budget.band, texts=budget.texts)
+
+    @staticmethod
+    def _off_centre(budget: ResolvedBudget, measured: float) -> float:
+        """How far a measurement sits from the band's middle, in half-widths of the band (1 = on its edge)."""
+        over, under = budget.band.over, budget.band.under
+        half = (over + under) / 2 or 1e-9
+        return abs(budget.error(METRIC, measured) - (over - under) / 2) / half
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model.to_json(), "alignment": {f: c.to_json() for f, c in self.alignment.items()},
@@ -154,8 +175,11 @@ def latency_summary(result: dict[str, Any]) -> str:
                      f"{result['speedup'] / result['ideal_speedup']:.2f} of the MAC ratio became real speed.")
     al = lat.get("alignment") or {}
     if al:
-        lines += ["", "Channel multiple per family, chosen by measured latency per kept channel:", ""]
-        lines += [f"- `{f}`: {a['multiple']} (heaviest op `{a['op']}`)" for f, a in al.items()]
+        lines += ["", "Channel multiple per family, chosen by measurement (the family's ops timed over a sweep of "
+                      "kept widths; each multiple's widths vs the fitted trend, lower is faster):", ""]
+        for f, a in al.items():
+            vs = ", ".join(f"{k}: {v:.3f}" for k, v in (a.get("vs_trend") or {}).items())
+            lines.append(f"- `{f}`: **{a['multiple']}** ({vs}; ops `{a['op']}`)")
     for n in lat.get("notes") or []:
         lines.append(f"- {n}")
     return "\n".join(lines) + "\n"

@@ -80,6 +80,37 @@ def whole_model_ms(model: nn.Module, example_inputs: Any, device: torch.device, 
     return time_call(lambda: call(model, example_inputs), device, warmup=2, runs=runs)
 
 
+@torch.inference_mode()
+def paired_ms(a: nn.Module, b: nn.Module, example_inputs: Any, device: torch.device, *, pairs: int = 21,
+              warmup: int = 2) -> tuple[float, float, float]:
+    """(a ms, b ms, median of b/a over `pairs`): single forwards of the two interleaved (order alternated), so
+    a host whose speed drifts between seconds slows both sides of each pair alike. Shared machines drift by tens
+    of percent; a ratio of pairs is what a relative latency budget is judged on."""
+    a.eval()
+    b.eval()
+    for _ in range(warmup):
+        call(a, example_inputs)
+        call(b, example_inputs)
+    _sync(device)
+
+    def one(m: nn.Module) -> float:
+        t0 = time.perf_counter()
+        call(m, example_inputs)
+        _sync(device)
+        return (time.perf_counter() - t0) * 1000
+
+    ta, tb = [], []
+    for i in range(pairs):
+        if i % 2:
+            tb.append(one(b))
+            ta.append(one(a))
+        else:
+            ta.append(one(a))
+            tb.append(one(b))
+    ratios = sorted(y / x for x, y in zip(ta, tb))
+    return min(ta), min(tb), ratios[len(ratios) // 2]
+
+
 @dataclass
 class Op:
     """One timed op: how to build it at any kept (cin, cout), and which groups its widths are made of."""
@@ -162,6 +193,13 @@ def _multiple(groups: dict[str, int], multiple: dict[str, int]) -> int:
 
 def _lcm(a: int, b: int) -> int:
     return a * b // math.gcd(a, b)
+
+
+def aligned_width(width: float, multiple: int, units: int) -> int:
+    """`width` rounded to `multiple` (at least one multiple, at most `units`)."""
+    if multiple <= 1 or units < 2 * multiple:
+        return max(1, min(units, int(round(width))))
+    return max(multiple, min(units, int(round(width / multiple)) * multiple))
 
 
 def _rescale_to_now(ops: list[Op], tables: dict[str, tuple[list[int], list[int], list[list[float]]]],
@@ -352,11 +390,12 @@ class TableCache:
 
 def build_latency_model(model: nn.Module, example_inputs: Any, structure: Structure, *, step: int = 8,
                         runs: int = 3, cache_dir: Path | None | bool = True, uniform_ratio: float = 0.5,
-                        whole_runs: int = 7, prune_uniform: Callable[[float], nn.Module] | None = None,
+                        whole_runs: int = 7, prune_uniform: Callable[[float, dict[str, int]], nn.Module] | None = None,
                         align: bool = False, log: Callable[[str], None] | None = None) -> LatencyModel:
     """Measure (or read from the cache) every op's table, then calibrate the rest of the network.
 
-    `prune_uniform(ratio)` returns the model with every group pruned by `ratio` (the caller's engine); without it
+    `prune_uniform(ratio, multiple)` returns the model with every group pruned by `ratio`, kept widths on
+    `multiple[group]` (the caller's engine); without it
     the rest is taken as constant (rest_b = 0). `align`: choose each family's channel multiple by measurement
     first (latency.alignment) and measure the tables at widths on those multiples, the widths the projector
     will pick."""
@@ -405,23 +444,20 @@ def build_latency_model(model: nn.Module, example_inputs: Any, structure: Struct
     measured, cached = counts["measured"], counts["cached"]
     cache.save()
     drift = _rescale_to_now(ops, tables, device, dtype, runs) if cached else 1.0
-    # dense and the uniform copy alternated, the best of each: a transient slowdown of the host (seconds long on
-    # shared machines) hits one round, not the calibration
-    small = prune_uniform(uniform_ratio) if prune_uniform is not None else None
-    d_runs, s_runs = [], []
-    for _ in range(3):
-        d_runs.append(whole_model_ms(model, example_inputs, device, runs=whole_runs))
-        if small is not None:
-            s_runs.append(whole_model_ms(small, example_inputs, device, runs=whole_runs))
-    dense_ms = min(d_runs)
+    # the uniform copy is timed as a ratio to dense over interleaved pairs: a transient slowdown of the host
+    # (seconds long on shared machines) slows both sides of a pair, not the calibration
+    small = prune_uniform(uniform_ratio, multiple) if prune_uniform is not None else None
+    dense_ms = min(whole_model_ms(model, example_inputs, device, runs=whole_runs) for _ in range(2))
+    small_ratio = paired_ms(model, small, example_inputs, device, pairs=3 * whole_runs)[2] if small is not None else 1.0
     ops_dense = sum(o.predict({}) for o in ops)
     lm = LatencyModel(ops, dense_ms, ops_dense, dense_ms - ops_dense, 0.0, fp, 0.0, measured, cached,
                       device=str(device), dtype=str(dtype).removeprefix("torch."))
     calibration: dict[str, float] = {"dense_measured_ms": dense_ms, "dense_ops_sum_ms": ops_dense,
                                      "cached_tables_rescaled_by": drift}
     if small is not None:
-        frac = {g: 1 - uniform_ratio for g in structure.groups}
-        small_ms = min(s_runs)
+        frac = {g: aligned_width(grp.units * (1 - uniform_ratio), multiple.get(g, 1), grp.units) / grp.units
+                for g, grp in structure.groups.items()}
+        small_ms = dense_ms * small_ratio
         act = lm.activation_fraction(frac)
         ops_small = sum(o.predict(frac) for o in ops)
         rest_dense, rest_small = dense_ms - ops_dense, small_ms - ops_small

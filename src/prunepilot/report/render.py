@@ -36,6 +36,7 @@ SHOWN_KEYS = {
     "kind", "model", "budget", "dense", "compressed", "within_band", "errors", "environment", "projection",
     "speedup", "ideal_speedup", "widths", "skipped", "export", "best_round", "stop_reason",
     "sparsity_per_layer", "quantized_layers", "quantization", "protected", "notes", "latency", "seconds",
+    "latency_targeting",
 }
 
 
@@ -342,6 +343,33 @@ def compare_section(r: dict[str, Any]) -> dict[str, Any]:
             timings.append({"name": str(name), "median": fmt("median_ms", t.get("median_ms")), "p90": fmt("p90_ms", t.get("p90_ms")),
                             "runs": str(t.get("runs", "—")), "threads": str(t.get("threads", "—"))})
     return {"rows": rows, "speed": speed, "timings": timings}
+
+
+def latency_section(r: dict[str, Any]) -> dict[str, Any] | None:
+    """The device's latency model (what the projector predicted from) and the channel multiple each family got."""
+    lat = r.get("latency_targeting")
+    if not isinstance(lat, dict) or not isinstance(lat.get("model"), dict):
+        return None
+    lm = lat["model"]
+    facts = [("device", str(lm.get("fingerprint", "—"))),
+             ("tables", f"{lm.get('ops', '?')} ops in {lm.get('tables', '?')} tables; {lm.get('measured_points', '?')} "
+                        f"points measured, {lm.get('cached_points', '?')} cached; {lm.get('seconds', '?')} s")]
+    if num(lm.get("dense_ms")) is not None and num(lm.get("ops_dense_ms")) is not None:
+        facts.append(("dense", f"measured {lm['dense_ms']:.2f} ms; the tables' ops sum {lm['ops_dense_ms']:.2f} ms, the "
+                               f"rest (norms, activations, pools, adds) {lm['dense_ms'] - lm['ops_dense_ms']:.2f} ms"))
+    comp = r.get("compressed") if isinstance(r.get("compressed"), dict) else {}
+    p, m = num(comp.get("latency_predicted_ms")), num(comp.get("latency_ms"))
+    if p and m:
+        facts.append(("pruned", f"predicted {p:.2f} ms, measured {m:.2f} ms ({m / p - 1:+.1%})"))
+    facts += [("note", str(n)) for n in lat.get("notes") or []]
+    rows = []
+    for fam, a in (lat.get("alignment") or {}).items():
+        if isinstance(a, dict):
+            vs = a.get("vs_trend") or {}
+            rows.append({"family": str(fam), "multiple": str(a.get("multiple", "—")),
+                         "vs_trend": ", ".join(f"{k}: {float(v):.3f}" for k, v in vs.items() if num(v) is not None),
+                         "ops": clip(a.get("op", ""), 80)})
+    return {"facts": facts, "alignment": rows}
 
 
 def facts_section(r: dict[str, Any], attempts: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -681,6 +709,7 @@ def build_context(run_dir: Path, rf: RunFiles) -> dict[str, Any]:
         "budget": _safe(problems, "budget", lambda: budget_section(r), {"rows": [], "band": None, "within": None}),
         "compare": _safe(problems, "dense vs compressed", lambda: compare_section(r), {"rows": [], "speed": None, "timings": []}),
         "facts": _safe(problems, "facts", lambda: facts_section(r, rf.attempts), []),
+        "latency_model": _safe(problems, "latency model", lambda: latency_section(r), None),
         "figures": figs,
         "distribution": _safe(problems, "distribution", lambda: _distribution_rows(dist), []),
         "attempts": _safe(problems, "attempts", lambda: attempts_section(rf.attempts, goals, r.get("best_round")), []),
