@@ -121,7 +121,10 @@ class TinyTransformer(nn.Module):
 
 
 @pytest.mark.parametrize("attn_cls,reason", [(ChannelAttention, "heads stay whole"), (KVAttention, "not 3 x its")])
-def test_attention_layouts_it_cannot_prune_by_heads_keep_them_whole(attn_cls, reason):
+def test_attention_layouts_it_cannot_prune_by_heads_keep_them_whole(attn_cls, reason, monkeypatch):
+    import prunepilot.structure as structure
+
+    monkeypatch.setattr(structure, "RUNAWAY_REPEATS", 10 ** 9)  # the torn-group check itself (not the early stop)
     torch.manual_seed(0)
     pruner = _pruner(TinyTransformer(attn_cls), torch.randn(1, 3, 32, 32))
     assert any(reason in why for why in pruner.structure.ignored.values()), pruner.structure.ignored
@@ -130,3 +133,19 @@ def test_attention_layouts_it_cannot_prune_by_heads_keep_them_whole(attn_cls, re
     assert rb.within("macs", cand.metrics["macs"]), (rb.error("macs", cand.metrics["macs"]), pruner.structure.ignored)
     with torch.no_grad():
         assert len(output_signature(call(cand.model, pruner.x))) == 1
+
+
+@pytest.mark.slow
+def test_group_whose_index_mappings_multiply_is_stopped_early_not_timed_out():
+    """EfficientViT (MSRA)'s cascaded group attention: chunks added into the next head's input make some groups
+    reach a layer with ever more channel sets; analysis stops them at once (was 10 s each, a minute in all)."""
+    timm = pytest.importorskip("timm")
+    from prunepilot.structure import analyse
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientvit_m0", pretrained=False).eval()
+    st, _ = analyse(model, torch.randn(1, 3, 128, 128))
+    reasons = list(st.ignored.values())
+    assert any("does not close" in why for why in reasons)
+    assert not any("took over" in why for why in reasons)  # no build ran into the time bound
+    assert st.groups

@@ -334,6 +334,10 @@ def regroup_tracing():
 
 
 _BUILDING: list = [None]
+# While analysis builds groups: a layer reached with more than this many different channel sets in one group
+# means index mappings that multiply (the group would not close); a sound group reaches each layer once.
+_RUNAWAY: list = [0]
+RUNAWAY_REPEATS = 32
 
 
 def _patch_group_lookup() -> None:
@@ -356,6 +360,12 @@ def _patch_group_lookup() -> None:
 
     def fast_add_dep(self, dep, idxs):
         _BUILDING[0] = self  # the group being built (what a timed-out build had reached)
+        if _RUNAWAY[0]:
+            seen = self.__dict__.setdefault("_pp_seen", {})
+            key = (id(dep.target), dep.handler)
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] > _RUNAWAY[0]:
+                raise _GroupRunaway(seen[key])
         add_dep(self, dep, idxs)
         idx = self.__dict__.get("_pp_index")
         if idx is not None and self.__dict__.get("_pp_len") == len(self._group) - 1:
@@ -954,6 +964,10 @@ class _GroupTimeout(Exception):
     pass
 
 
+class _GroupRunaway(_GroupTimeout):
+    """A group build stopped early: one layer reached with too many different channel sets."""
+
+
 @contextmanager
 def _time_limit(seconds: float):
     """SIGALRM-based bound (main thread on Unix; elsewhere unbounded)."""
@@ -996,27 +1010,26 @@ def _all_groups_unmapped(dg, ignored_modules: list[nn.Module], name_of: dict, ig
         # once TIMEOUT_BUDGET seconds went to builds that never ended, the rest get a short bound
         limit = GROUP_SECONDS if spent < TIMEOUT_BUDGET else SHORT_GROUP_SECONDS
         try:
+            _RUNAWAY[0] = RUNAWAY_REPEATS
             with _time_limit(limit):
                 group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except _GroupRunaway as exc:
+            why = (f"protected: its dependency group does not close (torch-pruning reaches one layer with {exc.args[0]} "
+                   f"different channel sets: index mappings that multiply; group of {name_of.get(m, 'a layer')})")
+            _protect_partial(dg, m, name_of, ignored, visited, why)
+            continue
         except _GroupTimeout:
             spent += limit
             why = (f"protected: its dependency group took over {limit:.0f} s to build (index mappings that "
                    f"multiply; group of {name_of.get(m, 'a layer')})")
-            if m in name_of:
-                ignored[name_of[m]] = why
-            # the layers the unfinished group had already reached share its fate: one timeout, not one per layer
-            partial = _BUILDING[0]
-            for dep, _ in (partial._group if partial is not None else []):
-                mod = dep.target.module
-                if isinstance(mod, ROOT_TYPES) and dg.is_out_channel_pruning_fn(dep.handler):
-                    visited.add(mod)
-                    if mod in name_of:
-                        ignored.setdefault(name_of[mod], why)
+            _protect_partial(dg, m, name_of, ignored, visited, why)
             continue
         except Exception as exc:  # noqa: BLE001
             if m in name_of:
                 ignored[name_of[m]] = f"protected: torch-pruning cannot follow its channels ({type(exc).__name__} in its group)"
             continue
+        finally:
+            _RUNAWAY[0] = 0
         prunable = True
         for dep, _ in group:
             if dg.is_out_channel_pruning_fn(dep.handler):
@@ -1025,6 +1038,20 @@ def _all_groups_unmapped(dg, ignored_modules: list[nn.Module], name_of: dict, ig
                     prunable = False
         if prunable:
             yield group
+
+
+def _protect_partial(dg, m, name_of: dict, ignored: dict[str, str], visited: set, why: str) -> None:
+    """A root whose group build was stopped, and the layers the unfinished group had already reached: they
+    share its fate (one stopped build, not one per layer)."""
+    if m in name_of:
+        ignored[name_of[m]] = why
+    partial = _BUILDING[0]
+    for dep, _ in (partial._group if partial is not None else []):
+        mod = dep.target.module
+        if isinstance(mod, ROOT_TYPES) and dg.is_out_channel_pruning_fn(dep.handler):
+            visited.add(mod)
+            if mod in name_of:
+                ignored.setdefault(name_of[mod], why)
 
 
 def _module_kind(m: nn.Module) -> str | None:
