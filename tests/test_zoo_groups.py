@@ -149,3 +149,30 @@ def test_group_whose_index_mappings_multiply_is_stopped_early_not_timed_out():
     assert any("does not close" in why for why in reasons)
     assert not any("took over" in why for why in reasons)  # no build ran into the time bound
     assert st.groups
+
+
+class FixedSplit(nn.Module):
+    """Res2Net / SelectiveKernel style: a conv's output split with sizes fixed in the forward (torch.split(x, c))."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.c = c
+        self.stem = nn.Conv2d(3, 2 * c, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(c, 2 * c, 3, padding=1), nn.Conv2d(c, 2 * c, 3, padding=1)
+        self.mix = nn.Conv2d(4 * c, 2 * c, 1)
+        self.head = nn.Linear(2 * c, 10)
+
+    def forward(self, x):
+        x1, x2 = torch.split(torch.relu(self.stem(x)), self.c, 1)
+        x = torch.relu(self.mix(torch.cat([torch.relu(self.b1(x1)), torch.relu(self.b2(x2))], 1)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_fixed_size_channel_split_is_protected_at_analysis():
+    torch.manual_seed(0)
+    pruner = _pruner(FixedSplit(), torch.randn(1, 3, 32, 32))
+    assert "torch.split(x, 16)" in pruner.structure.ignored.get("stem", ""), pruner.structure.ignored
+    rb = Budget.parse(macs="50%").resolve(pruner.profile.dense)
+    cand = pruner.candidate(Plan(), rb)
+    assert pruner.isolation_trials == 0
+    assert rb.within("macs", cand.metrics["macs"]), rb.error("macs", cand.metrics["macs"])

@@ -235,6 +235,7 @@ class _ChannelRegrouping(torch.overrides.TorchFunctionMode):
         self.grad_fns: set = set()
         self.reshapes: dict = {}  # grad_fn of every view/reshape/flatten output -> (input shape, output shape)
         self.cats: dict = {}  # grad_fn of every torch.cat output -> the inputs' sizes along the cat dim
+        self.fixed_splits: dict = {}  # grad_fn of torch.split(x, sizes) (sizes fixed in the forward) -> the sizes
 
     CATS = {"cat", "concat", "concatenate"}
     LINEAR = (nn.functional.linear, torch._C._nn.linear)
@@ -278,6 +279,11 @@ class _ChannelRegrouping(torch.overrides.TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
         src = args[0] if args else None
+        if name in ("split", "split_with_sizes") and isinstance(out, (list, tuple)) and out and len(args) > 1:
+            sizes = args[1] if len(args) > 1 else (kwargs or {}).get("split_size_or_sections")
+            first = out[0]
+            if isinstance(first, torch.Tensor) and first.grad_fn is not None and isinstance(sizes, (int, list, tuple)):
+                self.fixed_splits[first.grad_fn] = sizes
         if name in self.CATS and isinstance(out, torch.Tensor) and out.grad_fn is not None and isinstance(src, (list, tuple)):
             dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else 0)
             if isinstance(dim, int):
@@ -625,6 +631,22 @@ def _coupling_period(dg, g, root) -> int | None:
     return k if width % k == 0 and hit == [j * (width // k) for j in range(k)] else None
 
 
+def _fixed_split(dg, g):
+    """The sizes of a channel split in the group whose sizes are constants of the forward (torch.split(x, 32, 1),
+    not chunk), else None."""
+    import torch_pruning as tp
+
+    fixed = getattr(getattr(dg, "_prunepilot_regroup", None), "fixed_splits", {})
+    if not fixed:
+        return None
+    for item in g:
+        node = item.dep.target
+        if getattr(node, "type", None) == tp.ops.OPTYPE.SPLIT and getattr(node, "grad_fn", None) in fixed \
+                and getattr(node.module, "split_sizes", None) is not None:
+            return fixed[node.grad_fn]
+    return None
+
+
 def _torn_attention(dg, g, heads_of: dict, proj_of: dict):
     """(proj, mapped, expected) when a group holds a whole attention qkv output but only part of its output
     projection's input (torch-pruning lost channels in the head reshape/unbind), else None."""
@@ -840,6 +862,12 @@ def analyse(
                    f"multiplier, {mult.in_channels} -> {mult.out_channels} in {mult.groups} groups), which torch-pruning "
                    "cannot cut consistently (k outputs per input channel)")
             _protect_group_roots(g, dg, name_of, ignored, why)
+            continue
+        fixed = _fixed_split(dg, g)
+        if fixed is not None:
+            _protect_group_roots(g, dg, name_of, ignored, (
+                f"protected: its channels pass torch.split(x, {fixed}) on the channel dim, with sizes fixed in the "
+                "forward (pruned widths would no longer split into those parts)"))
             continue
         torn = _torn_attention(dg, g, heads_of, proj_of)
         if torn is not None:
