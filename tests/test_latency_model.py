@@ -90,17 +90,18 @@ def test_alignment_choice_is_one_of_the_candidates(tmp_path):
 
 def test_alignment_scores_widths_against_one_trend():
     """A staircase of 32 (every width costs what the next multiple of 32 costs): multiples of 32 sit below the
-    fitted trend and win; a straight line (no blocks): every multiple scores ~1 and the finest one wins the tie."""
-    from prunepilot.latency.alignment import TIE, _score, sweep_widths
+    fitted trend and win; a straight line (no blocks): every multiple scores ~1 and the SIMD block (8) stays."""
+    from prunepilot.latency.alignment import TIE, _choose, _score, sweep_widths
 
     widths = sweep_widths(256)
     assert widths[0] == 64 and widths[-1] == 256 and all(w % 4 == 0 for w in widths)
     stairs = [float(-(-w // 32) * 32) for w in widths]
     s = _score(widths, stairs, (1, 8, 16, 32, 64))
     assert min(s, key=s.get) in (32, 64) and s[32] < s[8] - TIE
+    assert _choose(s) == 32  # 64 is no faster than 32 by TIE
     line = [1.0 + 0.01 * w for w in widths]
     flat = _score(widths, line, (1, 8, 16, 32, 64))
-    assert all(abs(v - 1) < 1e-9 for v in flat.values())
+    assert all(abs(v - 1) < 1e-9 for v in flat.values()) and _choose(flat) == 8  # no evidence: the SIMD block
     assert len(sweep_widths(4096)) <= 64
 
 

@@ -7,7 +7,7 @@ over the pruning range), a straight line is fitted to latency vs width, and each
 how far below that line its own widths sit (latency / trend, averaged over the sweep's multiples of it). Judging
 every multiple against the same trend over the same widths removes the bias a per-channel ratio at different
 widths has (fixed overheads make wider ops look cheaper per channel). A larger multiple must beat the smaller
-ones by `TIE` to win: finer steps fit a budget better.
+choice by `TIE` to win; 8 (AVX2's block) is the choice unless the sweep says otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from ..structure import Structure
 from .model import Op, time_call
 
 CANDIDATES = (1, 8, 16, 32, 64)
-TIE = 0.02  # a larger multiple's widths must sit this much further below the trend to win
+TIE = 0.02  # another multiple's widths must sit this much further below the trend to win
+BASE = 8  # the choice unless measured otherwise: AVX2's channel block, the historic round_to
 STEP = 4  # sweep step: blocks of 8 and up are visible
 MAX_POINTS = 64  # widths per sweep (a window around 60% kept when the range is wider)
 
@@ -77,6 +78,19 @@ def _score(widths: list[int], ms: list[float], candidates: tuple[int, ...]) -> d
     return out
 
 
+def _choose(scores: dict[int, float], base: int = BASE) -> int:
+    """`base` (the usual SIMD block) unless the sweep shows another multiple clearly faster: a larger one wins by
+    beating the current choice by `TIE`; no alignment only when it beats `base` by `TIE`. Unaligned widths cost
+    real speed in whole models even where one op alone hides it, so the default leans to alignment."""
+    chosen = base if base in scores else min(scores)
+    for m in sorted(scores):
+        if m > chosen and scores[m] < scores[chosen] - TIE:
+            chosen = m
+    if 1 in scores and chosen == base and scores[1] < scores[base] - TIE:
+        chosen = 1
+    return chosen
+
+
 def choose_alignment(ops: list[Op], structure: Structure, *, device: torch.device, dtype: torch.dtype,
                      candidates: tuple[int, ...] = CANDIDATES, runs: int = 3,
                      timed: Callable[[Op, int, int], float] | None = None) -> dict[str, AlignmentChoice]:
@@ -102,7 +116,6 @@ def choose_alignment(ops: list[Op], structure: Structure, *, device: torch.devic
         scores = _score(widths, ms, tuple(c for c in candidates if c <= units // 4 or c == 1)) if len(widths) >= 4 else {}
         if not scores:
             continue
-        best = min(scores.values())
-        chosen = min(m for m, v in scores.items() if v <= best + TIE)
+        chosen = _choose(scores)
         out[fam] = AlignmentChoice(fam, ",".join(o.name for o in mine[:4]), chosen, scores)
     return out

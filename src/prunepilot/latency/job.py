@@ -68,7 +68,7 @@ class LatencyTargeting:
     def measure(self, model: torch.nn.Module, x: Any) -> float:
         return whole_model_ms(model, x, torch.device(self.model.device))
 
-    def measure_against(self, dense: torch.nn.Module, model: torch.nn.Module, x: Any, pairs: int = 31) -> tuple[float, float]:
+    def measure_against(self, dense: torch.nn.Module, model: torch.nn.Module, x: Any, pairs: int = 41) -> tuple[float, float]:
         """(dense ms, model ms): single forwards of the two interleaved `pairs` times; the model's time is the
         median of its paired ratios to dense, times dense's best, so the host's drift (tens of percent between
         minutes on shared machines) moves both sides of every ratio together."""
