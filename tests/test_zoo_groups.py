@@ -176,3 +176,33 @@ def test_fixed_size_channel_split_is_protected_at_analysis():
     cand = pruner.candidate(Plan(), rb)
     assert pruner.isolation_trials == 0
     assert rb.within("macs", cand.metrics["macs"]), rb.error("macs", cand.metrics["macs"])
+
+
+class LSTMMixer(nn.Module):
+    """Sequencer-style: a bidirectional LSTM over tokens between channel MLPs (the LSTM's input width is pruned)."""
+
+    def __init__(self, dim: int = 32, hidden: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 8, stride=8)
+        self.rnn = nn.LSTM(dim, hidden, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(2 * hidden, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.fc(self.rnn(x)[0])
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_lstm_cost_follows_its_pruned_input_width():
+    torch.manual_seed(0)
+    pruner = _pruner(LSTMMixer(), torch.randn(1, 3, 32, 32))
+    assert pruner.structure.modules["rnn"].in_groups  # its input width is a group's
+    rb = Budget.parse(macs="50%").resolve(pruner.profile.dense)
+    cand = pruner.candidate(Plan(), rb)
+    assert cand.corrections == 0
+    for metric in ("macs", "params"):  # the analytic count is the counter's, exactly
+        assert abs(cand.projection.predicted[metric] - cand.metrics[metric]) <= 1e-6 * cand.metrics[metric], metric
+    assert rb.within("macs", cand.metrics["macs"]), rb.error("macs", cand.metrics["macs"])

@@ -177,6 +177,10 @@ def build_cost_model(model: nn.Module, example_input, structure: Structure) -> C
             mac_terms.append(_Term(max(0.0, flops - quad - const), "out", out_comp=d.out_groups, out_dim=d.out_dim))
             last_out = (d.out_groups, d.out_dim)
             continue
+        if d is not None and d.kind == "rnn" and flops:
+            mac_terms.extend(_rnn_terms(m, d, flops))
+            last_out = (d.out_groups, d.out_dim)
+            continue
         if d is not None:
             if d.kind in ("conv", "linear"):
                 if flops:
@@ -195,6 +199,26 @@ def build_cost_model(model: nn.Module, example_input, structure: Structure) -> C
                    if n in structure.modules and structure.modules[n].kind in ("conv", "linear", "depthwise")
                    and is_supported_instance(m)}
     return CostModel(mac_terms, param_terms, float(total_macs), float(total_params), module_macs)
+
+
+def _rnn_terms(m: nn.Module, d, flops: float) -> list[_Term]:
+    """LSTM/GRU/RNN as torch-pruning's counter counts it: the per-step cost (input-hidden weights, which follow
+    the input width, plus hidden-hidden weights and gate ops, which do not) times the first sequence's
+    shape[0] x shape[1], where shape[1] is the feature (input) width: the input-weight part scales with the kept
+    input fraction squared, the rest linearly."""
+    gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[type(m)] if type(m) in (nn.LSTM, nn.GRU, nn.RNN) else 4
+    h = m.hidden_size
+    per_step = 0.0
+    for i in range(m.num_layers):
+        w_ih, w_hh = getattr(m, f"weight_ih_l{i}"), getattr(m, f"weight_hh_l{i}")
+        per_step += w_ih.shape[0] * w_ih.shape[1] + w_hh.shape[0] * w_hh.shape[1]
+        per_step += {4: 10 * h, 3: 7 * h, 1: h}[gates]
+        if m.bias:
+            per_step += 2 * gates * h
+    first = gates * h * m.input_size  # layer 0's input weights: the only part of a step that follows the input
+    quad = flops * first / per_step if per_step else 0.0
+    return [_Term(quad, "bilinear", d.in_groups, d.in_groups, d.in_dim, d.in_dim),
+            _Term(flops - quad, "out", out_comp=d.in_groups, out_dim=d.in_dim)]
 
 
 def _bias_flops(m: nn.Module, flops: float, per_sample: float) -> float:
@@ -219,6 +243,9 @@ def _param_terms(model: nn.Module, structure: Structure, name_of: dict) -> list[
                 # unwrapped parameters (cls_token, pos_embed, layer scales) follow their last dim's group
                 comp = structure.param_groups.get(f"{mname}.{pname}" if mname else pname, {})
                 terms.append(_Term(n, "out", out_comp=comp, out_dim=p.shape[-1]) if comp else _Term(n, "const"))
+            elif d.kind == "rnn":  # layer 0's input weights follow the input width; the rest stays
+                terms.append(_Term(n, "bilinear", d.in_groups, {}, d.in_dim, 1) if pname in ("weight_ih_l0", "weight_ih_l0_reverse")
+                             else _Term(n, "const"))
             elif d.kind in ("conv", "linear") and pname == "weight":
                 terms.append(_Term(n, "bilinear", d.in_groups, d.out_groups, d.in_dim, d.out_dim))
             else:  # biases, norm affine, depthwise kernels: one per output channel

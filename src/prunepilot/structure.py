@@ -1093,6 +1093,8 @@ def _module_kind(m: nn.Module) -> str | None:
         return "attention"
     if isinstance(m, nn.MultiheadAttention):
         return "mha"
+    if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)):
+        return "rnn"
     if type(m).__name__ == "LayerNorm2d" or (hasattr(m, "normalized_shape") and hasattr(m, "weight")):
         return "norm"
     return None
@@ -1114,6 +1116,8 @@ def _dims(m: nn.Module) -> tuple[int, int]:
         return m.qkv.in_features, m.proj.out_features
     if isinstance(m, nn.MultiheadAttention):
         return m.embed_dim, m.embed_dim
+    if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)):
+        return m.input_size, m.hidden_size * (2 if m.bidirectional else 1)
     return 0, 0
 
 
