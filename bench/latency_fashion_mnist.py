@@ -2,7 +2,7 @@
 
 Trained Fashion-MNIST ResNet-20 (bench/train_baseline.py's cached baseline), the sensitivity strategist, per seed:
   1. `macs` arm: MACs target (default 50%), the one loop, equal recovery budget (bench/agent_fashion_mnist.run_arm);
-     its latency measured against the dense model (paired, median ratio of 5 alternations).
+     its latency measured against the dense model (single forwards interleaved, median of 61 pair ratios).
   2. `latency` arm: a latency target equal to the macs arm's measured latency ratio: this device's latency tables
      in the projector, each group's latency from the tables in the profile (the sensitivity strategist trades
      sensitivity against measured latency saved, not MACs), measured fresh and corrected once.
@@ -26,22 +26,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from agent_fashion_mnist import run_arm  # noqa: E402  (the one-loop arm runner, shared)
 
 from prunepilot.evaluate.classification import evaluate_classifier  # noqa: E402
-from prunepilot.latency.model import whole_model_ms  # noqa: E402
+from prunepilot.latency.model import paired_ms  # noqa: E402
 from prunepilot.models.baseline import get_or_train_baseline  # noqa: E402
 from prunepilot.pipeline import count_real  # noqa: E402
 from prunepilot.results import environment, write_json_atomic  # noqa: E402
 from prunepilot.sources.data import load_data  # noqa: E402
 
 
-def latency_ratios(dense: torch.nn.Module, models: dict[str, torch.nn.Module], x, rounds: int = 5) -> dict[str, float]:
-    """Median over `rounds` of (model ms / dense ms), dense and every model alternated (each the best of 7)."""
-    dev = torch.device("cpu")
-    ratios: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
-        d = whole_model_ms(dense, x, dev)
-        for k, m in models.items():
-            ratios[k].append(whole_model_ms(m, x, dev) / d)
-    return {k: sorted(v)[len(v) // 2] for k, v in ratios.items()}
+def latency_ratios(dense: torch.nn.Module, models: dict[str, torch.nn.Module], x, pairs: int = 61) -> dict[str, float]:
+    """model ms / dense ms for each model: single forwards interleaved with dense, median of the pairs."""
+    return {k: paired_ms(dense, m, x, torch.device("cpu"), pairs=pairs)[2] for k, m in models.items()}
 
 
 def main() -> None:

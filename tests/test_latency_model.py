@@ -188,3 +188,31 @@ def test_sensitivity_strategist_trades_against_measured_latency_under_a_latency_
     assert by_macs.ratios["a"] > by_macs.ratios["b"]  # MAC-heavy family loses more
     assert by_latency.ratios["b"] > by_latency.ratios["a"]  # latency-heavy family loses more
     assert "measured latency" in by_latency.rationale
+
+
+def test_latency_candidate_corrects_a_biased_table_towards_the_band_middle():
+    """Tables that under-predict by 12% (and a host that adds a constant): the first candidate misses the band,
+    the corrections (bias, then secant) bring the measurement near the band's middle; the kept candidate is the
+    closest one and its measured latency is what the candidate reports."""
+    from types import SimpleNamespace
+
+    from prunepilot.budget import Budget
+    from prunepilot.latency.job import LatencyTargeting
+    from prunepilot.plan import Plan
+
+    goal = Budget.parse(latency_ms="10", tolerance="+1%/-5%").resolve({"latency_ms": 20.0})
+
+    class FakePruner:
+        dense, x = None, None
+
+        def candidate(self, plan, budget, **kw):
+            p = budget.goals["latency_ms"]
+            return SimpleNamespace(model=p, metrics={}, projection=SimpleNamespace(predicted={"latency_ms": p}, feasible=True))
+
+    targeting = LatencyTargeting(model=SimpleNamespace(dense_ms=20.0))
+    targeting._measured = lambda pruner, model: 1.12 * model + 0.3  # the host's truth: biased and offset
+    cand = targeting.candidate(FakePruner(), Plan(), goal)
+    assert targeting.corrections >= 1
+    assert goal.within("latency_ms", cand.metrics["latency_ms"])
+    assert abs(goal.error("latency_ms", cand.metrics["latency_ms"]) - (-0.02)) < 0.015  # near the middle (-2%)
+    assert cand.metrics["latency_ms"] == 1.12 * cand.model + 0.3

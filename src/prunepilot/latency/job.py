@@ -82,27 +82,40 @@ class LatencyTargeting:
         d, m = self.measure_against(pruner.dense, model, pruner.x, pairs=21)
         return m * self.model.dense_ms / d
 
-    def candidate(self, pruner: Any, plan: Plan, budget: ResolvedBudget, **kw: Any):
+    def candidate(self, pruner: Any, plan: Plan, budget: ResolvedBudget, *, corrections: int = 2, **kw: Any):
         """A verified candidate whose *measured* latency is in the band when the tables allow it.
 
         The projection aims at the middle of the band, not its edge: a measured latency carries the host's
-        noise, and the middle leaves it room on both sides. When the fresh measurement lands outside the inner
-        half of the band, the aim is retargeted by measured/predicted (the tables' bias on this candidate) once,
-        and the closer of the two candidates is kept."""
-        cand = pruner.candidate(plan, self._aim(budget, 1.0), **kw)
+        noise, and the middle leaves it room on both sides. While the fresh measurement lands outside the inner
+        half of the band, the aim is corrected (at most `corrections` times): first by the tables' bias on this
+        candidate (predicted / measured), then by the secant through the two last (aim, measured) points; the
+        candidate closest to the middle is kept."""
+        aim = self._aim(budget, 1.0)
+        cand = pruner.candidate(plan, aim, **kw)
         if METRIC not in budget.goals:
             return cand
         measured = self._measured(pruner, cand.model)
-        predicted = cand.projection.predicted.get(METRIC, measured)
-        if self._off_centre(budget, measured) > 0.5 and cand.projection.feasible and predicted > 0:
-            scale = self._aim(budget, 1.0).goals[METRIC] * predicted / measured / budget.goals[METRIC]
+        tried = [(1.0, measured, cand)]
+        centre = aim.goals[METRIC]
+        for _ in range(corrections):
+            best = min(tried, key=lambda t: self._off_centre(budget, t[1]))
+            if self._off_centre(budget, best[1]) <= 0.5 or not cand.projection.feasible or measured <= 0:
+                break
+            if len(tried) == 1:
+                predicted = cand.projection.predicted.get(METRIC, measured)
+                scale = predicted / measured  # the tables' bias on this candidate, taken out of the aim
+            else:
+                (s1, m1, _), (s2, m2, _) = tried[-2], tried[-1]
+                scale = s2 + (centre - m2) * (s2 - s1) / (m2 - m1) if abs(m2 - m1) > 1e-9 else s2 * centre / m2
+                scale = min(2 * s2, max(0.5 * s2, scale))
             retry = pruner.candidate(plan, self._aim(budget, scale), **kw)
             m2 = self._measured(pruner, retry.model)
             self.corrections += 1
-            self.notes.append(f"latency correction: predicted {predicted:.2f} ms, measured {measured:.2f} ms; "
-                              f"retargeted and measured {m2:.2f} ms")
-            if self._off_centre(budget, m2) < self._off_centre(budget, measured):
-                cand, measured = retry, m2
+            self.notes.append(f"latency correction: aimed at {centre * scale:.2f} ms (x{scale:.3f}), measured {m2:.2f} ms "
+                              f"(the previous candidate: {measured:.2f} ms)")
+            tried.append((scale, m2, retry))
+            cand, measured = retry, m2
+        _, measured, cand = min(tried, key=lambda t: self._off_centre(budget, t[1]))
         cand.metrics[METRIC] = measured
         cand.metrics["latency_predicted_ms"] = cand.projection.predicted.get(METRIC, float("nan"))
         return cand
