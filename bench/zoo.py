@@ -80,6 +80,12 @@ def family(uri: str) -> str:
 # ---------------------------------------------------------------- one model (runs in the worker subprocess)
 
 DET_SIZE = 320  # detection/segmentation: a small image keeps CPU tracing to seconds
+# Two-stage detectors run their box (mask, keypoint) heads once per proposal/detection left after NMS and the
+# score threshold: with random weights that count changes with every pruning, so a MAC count (and any MAC
+# target) would follow the weights, not the architecture. NMS and the score threshold are turned off, so the
+# heads always see rpn_post_nms_top_n_test proposals and box_detections_per_img detections.
+TWO_STAGE = ("fasterrcnn", "maskrcnn", "keypointrcnn")
+TWO_STAGE_FIXED = {"rpn_nms_thresh": 1.0, "box_nms_thresh": 1.0, "box_score_thresh": 0.0}
 
 
 def build(uri: str):
@@ -98,6 +104,8 @@ def build(uri: str):
         kw = {"weights": None, "weights_backbone": None}
         if not name.startswith("ssd"):
             kw.update(min_size=DET_SIZE, max_size=DET_SIZE)
+        if name.startswith(TWO_STAGE):
+            kw.update(TWO_STAGE_FIXED)
         model = torchvision.models.get_model(name, **kw).eval()
         size = 300 if name.startswith("ssd300") else DET_SIZE
         x = ([torch.rand(3, size, size)],)  # one positional argument: the list of images
