@@ -216,3 +216,10 @@ def test_latency_candidate_corrects_a_biased_table_towards_the_band_middle():
     assert goal.within("latency_ms", cand.metrics["latency_ms"])
     assert abs(goal.error("latency_ms", cand.metrics["latency_ms"]) - (-0.02)) < 0.015  # near the middle (-2%)
     assert cand.metrics["latency_ms"] == 1.12 * cand.model + 0.3
+
+
+def test_grid_keeps_a_grouped_convs_multiple():
+    """A grouped conv's widths stay multiples of its groups (regnet: 6 groups) when aligned to the step."""
+    g = _grid(48, 8, multiple=6)
+    assert all(w % 6 == 0 for w in g) and g[-1] == 48
+    assert all(w % 24 == 0 for w in _grid(96, 8, multiple=6))

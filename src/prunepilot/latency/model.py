@@ -181,7 +181,10 @@ def _bilinear(gi: list[int], go: list[int], table: list[list[float]], x: float, 
 
 def _grid(dense: int, step: int, multiple: int = 1) -> list[int]:
     """Kept widths to measure: GRID fractions of `dense`, rounded to the alignment step (and to `multiple`)."""
-    q = max(multiple, step if dense >= 4 * step else multiple)
+    q = multiple
+    if dense >= 4 * step:  # align to the step too, keeping the op's own multiple (grouped convs: its groups)
+        both = _lcm(multiple, step)
+        q = both if 2 * both <= dense else multiple
     widths = sorted({max(q, int(round(f * dense / q)) * q) for f in GRID} | {dense})
     return [w for w in widths if w <= dense]
 
@@ -437,7 +440,13 @@ def build_latency_model(model: nn.Module, example_inputs: Any, structure: Struct
             go = _grid(op.dense_out, step if op.kind != "attn" else max(step, op.signature["heads"]),
                        _lcm(mult, _multiple(op.dims.out_groups, multiple)) if op.kind != "attn"
                        else op.signature["heads"]) if prunable_out else [op.dense_out]
-            rows = [[timed(op, cin, cout) for cout in go] for cin in gi]
+            try:
+                rows = [[timed(op, cin, cout) for cout in go] for cin in gi]
+            except (RuntimeError, ValueError) as exc:  # a width this op can't run at: time it dense only
+                if log:
+                    log(f"latency model: {op.name} timed at its dense width only ({type(exc).__name__}: {exc})")
+                gi, go = [op.dense_in], [op.dense_out]
+                rows = [[timed(op, op.dense_in, op.dense_out)]]
             tables[key] = (gi, go, _monotone(rows, lambda i, j: time_call(op.build(gi[i], go[j], device, dtype),
                                                                          device, runs=2 * runs)))
         op.in_grid, op.out_grid, op.table = tables[key]
