@@ -1,10 +1,10 @@
-"""Latency budgets met by the projector: a latency model in the profile, per-family alignment, one correction.
+"""Latency budgets met by the projector: a latency model in the profile, per-family alignment, corrections.
 
 `LatencyTargeting.enable(pruner)` builds the device's latency model for the pruner's dense model (tables
 cached), chooses each family's channel multiple by measurement (unless the user fixed `round_to`), and gives
-the pruner a projector that predicts `latency_ms` like MACs. `candidate` projects a plan onto a budget that has
-a latency goal, builds it, measures it fresh (the tables' statistic: least disturbed of N runs) and, when the
-measurement misses the band, retargets the goal by measured/predicted once and rebuilds.
+the pruner a projector that predicts `latency_ms` like MACs. `candidate` projects a plan onto the middle of a
+latency band, builds it, measures it fresh (interleaved pairs with the dense model for a relative target) and,
+while the measurement sits outside the band's inner half, corrects the aim (at most twice) and rebuilds.
 """
 
 from __future__ import annotations
