@@ -51,6 +51,7 @@ def test_one_shot_prune_returns_the_model_in_band_without_files():
 
 def test_agent_loop_on_user_dataloaders_with_evaluate(tmp_path, fmnist_loaders):
     train, val = fmnist_loaders
+    torch.manual_seed(0)  # the near-chance check below needs a random init that is near chance, whatever ran before
     model = GreyResidual().eval()
     x = torch.randn(1, 1, 28, 28)
     calls = []
