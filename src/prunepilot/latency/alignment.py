@@ -52,8 +52,8 @@ def sweep_widths(units: int, step: int = STEP, max_points: int = MAX_POINTS) -> 
     return list(range(lo, hi + 1, step))
 
 
-def _kept(op: Op, group: str, frac: dict[str, float]) -> tuple[int, int] | None:
-    """(cin, cout) of `op` with the group's kept fraction in `frac`; None where a grouped conv can't run it."""
+def _kept(op: Op, frac: dict[str, float]) -> tuple[int, int] | None:
+    """(cin, cout) of `op` at the kept fractions in `frac`; None where a grouped conv can't run it."""
     d = op.dims
     cin = op.dense_in if not d else max(1, int(round(_phi(d.in_groups, d.in_dim, frac) * op.dense_in)))
     cout = op.dense_out if not d else max(1, int(round(_phi(d.out_groups, d.out_dim, frac) * op.dense_out)))
@@ -108,7 +108,7 @@ def choose_alignment(ops: list[Op], structure: Structure, *, device: torch.devic
         widths, ms = [], []
         for w in sweep_widths(units):
             frac = {g: w / units}
-            shapes = [_kept(o, g, frac) for o in mine]
+            shapes = [_kept(o, frac) for o in mine]
             if any(s is None for s in shapes):
                 continue
             widths.append(w)

@@ -211,8 +211,8 @@ def _rescale_to_now(ops: list[Op], tables: dict[str, tuple[list[int], list[int],
     runs faster or slower than then by more than `tolerance`, scale every table to now (the median ratio), so
     tables and the whole-model measurements the rest is calibrated from share one frame. Returns the factor."""
     heavy = sorted({o.key(): o for o in ops}.values(), key=lambda o: -o.predict({}))[:probes]
-    ratios = sorted(time_call(o.build(o.dense_in, o.dense_out, device, dtype), device, runs=2 * runs) / o.predict({})
-                    for o in heavy if o.predict({}) > 0)
+    ratios = sorted(time_call(o.build(o.dense_in, o.dense_out, device, dtype), device, runs=2 * runs) / then
+                    for o, then in ((o, o.predict({})) for o in heavy) if then > 0)
     if not ratios:
         return 1.0
     factor = ratios[len(ratios) // 2]
