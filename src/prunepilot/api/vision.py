@@ -193,6 +193,8 @@ def compress(
     evaluate: Callable[[nn.Module], float] | None = None,
     quantization: Sequence[str] = ("none", "int8_dynamic"),
     finetune_steps: int = 40,
+    finetune_epochs: float = 1.0,
+    kd: bool = True,
     eval_limit: int = 1000,
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -204,7 +206,9 @@ def compress(
 ) -> Result:
     """Joint pruning + int8 quantization under measured budgets (memory, latency, serialized size) and static ones (MACs, params):
     every quantization option is bracketed to its least pruning that meets the measured budget, and the best
-    scoring point (top-1 on `val`, or `evaluate(model)`) wins; without data the least pruning wins.
+    scoring point (top-1 on `val`, or `evaluate(model)`) wins; without data the least pruning wins. With `train`
+    the winner then gets a final recovery: `finetune_epochs` of fine-tuning (distilled from the dense model with
+    `kd`; 0: none), int8 applied again, measured again (`raw["recovery"]`: dense / before / after quality).
     Eager dynamic int8 is a CPU format: `device` other than CPU is refused for it. Every measurement is
     journaled in `out`; `resume=True` continues a killed run there with the measurements it had."""
     from ..jobs.compress import CompressRun, CompressSettings, run_compress_job
@@ -223,7 +227,9 @@ def compress(
         from ..sources.user_data import UserData
 
         data = UserData(train if train is not None else val, val)
+    # never fine-tuned on the scoring data: without train= neither the short nor the final recovery runs
     settings = CompressSettings(quant_options=tuple(quantization), finetune_steps=finetune_steps if train is not None else 0,
+                                finetune_epochs=finetune_epochs if train is not None else 0.0, kd=kd,
                                 eval_limit=eval_limit, seed=seed)
     with run_folder(out) as (folder, keep):
         run = CompressRun(budget, folder, data=data, plan=_plan(plan) or Plan(round_to=8), settings=settings,

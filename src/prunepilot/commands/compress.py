@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         round_to: int = typer.Option(8, "--round-to", help="Channel multiple for pruned widths (1: none)."),
         quantization: str = typer.Option("none,int8_dynamic", "--quantization", help="Comma list of the options searched: none, int8_dynamic."),
         finetune_steps: int = typer.Option(40, "--finetune-steps", help="Fine-tune steps before scoring each feasible point (with --data)."),
+        finetune_epochs: float = typer.Option(1.0, "--finetune-epochs", help="Final recovery of the winner, in epochs of the training data (with --data; 0: none)."),
+        kd: bool = typer.Option(True, "--kd/--no-kd", help="Distil from the dense model in the final recovery."),
         eval_limit: int = typer.Option(1000, "--eval-limit", help="Validation images per score (with --data)."),
         seed: int = typer.Option(0, "--seed"),
         normalize: str = NormalizeOpt,
@@ -38,7 +40,9 @@ def register(app: typer.Typer) -> None:
         state_dict: Optional[Path] = StateDictOpt,
     ) -> None:
         """Search pruning and int8 quantization together: for each quantization option the pruning amount is
-        bracketed against the measured targets; the best feasible combination (by accuracy with --data) wins.
+        bracketed against the measured targets; the best feasible combination (by accuracy with --data) wins,
+        and with --data it is then fine-tuned for --finetune-epochs (distilled from the dense model; int8 applied again
+        afterwards) and measured again: result.json's `recovery` holds dense / before / after accuracy.
         The report shows the accuracy-latency-memory trade-off of every point measured. Runs on the CPU: the
         latency and memory budgets are measured here, and dynamic int8 is a CPU format. Every measurement is
         journaled (OUT/journal.sqlite): `prunepilot runs resume ID --journal OUT/journal.sqlite` continues a killed
@@ -51,7 +55,8 @@ def register(app: typer.Typer) -> None:
         budget = Budget.parse(tolerance=tolerance, memory_mb=target_memory, latency_ms=target_latency,
                               size_mb=target_size, macs=target_macs)
         options = tuple(o.strip() for o in quantization.split(",") if o.strip())
-        settings = CompressSettings(quant_options=options, finetune_steps=finetune_steps, eval_limit=eval_limit, seed=seed)
+        settings = CompressSettings(quant_options=options, finetune_steps=finetune_steps, eval_limit=eval_limit, seed=seed,
+                                    finetune_epochs=finetune_epochs, kd=kd)
         run = CompressRun(budget, out, data=data, plan=Plan(round_to=None if round_to == 1 else round_to),
                           settings=settings, normalize=normalize, resize=resize, crop=crop)
         loaded = load(model, weights, trust, input_shape, state_dict)

@@ -6,13 +6,16 @@ pruning is the knob: knob k removes a fraction k of the MACs (projected exactly)
 Measured targets are bracketed with real measurements (evaluate.measured_budget), one journaled attempt per
 sample: the next knob is the bracketing algorithm replayed over the recorded samples, so a run killed at any
 moment resumes with exactly the measurements it had. Then every feasible option's least-pruned point is scored
-(accuracy after BN recalibration and a short fine-tune with data; least pruning without) and the best is
-exported without a pickle: the pruned float weights (model.safetensors), the structure and the quantization
+(accuracy after BN recalibration and a short fine-tune with data; least pruning without). With data the winner
+then gets a final recovery, journaled as one more step ("final") so a run killed during it resumes into it: its
+pruned float model is fine-tuned for `finetune_epochs` (distilled from the dense model), int8 is applied again and
+accuracy and the budget are measured once more. The recovered model (else the winner) is exported without a pickle: the pruned float weights (model.safetensors), the structure and the quantization
 recipe (structure.json; dynamic int8 is a pure function of the float weights), and model.pt2 where it exports."""
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +49,8 @@ class CompressSettings:
     latency_runs: int = 5
     max_measurements: int = 12  # per option: the bracketing always terminates
     seed: int = 0
+    finetune_epochs: float = 1.0  # final recovery of the winner (with data); 0: none
+    kd: bool = True  # distil from the dense model in the final recovery
 
 
 @dataclass
@@ -67,6 +72,10 @@ class CompressRun:
         if bad or not self.settings.quant_options:
             raise BudgetError("quantization options are none and int8_dynamic", bad or "nothing",
                               "pass quantization=('none', 'int8_dynamic') or one of them")
+        e = self.settings.finetune_epochs
+        if not isinstance(e, (int, float)) or isinstance(e, bool) or not math.isfinite(e) or e < 0:
+            raise BudgetError("finetune_epochs (the final recovery) must be a number >= 0", repr(e),
+                              "e.g. --finetune-epochs 1, or 0 to skip the final recovery")
 
     @property
     def data_from_python(self) -> bool:
@@ -142,6 +151,7 @@ class CompressJob:
         self.auto = select_layers_auto(layer_rows(pruner.dense, pruner.x))
         self.options = [o for o in settings.quant_options if o != "int8_dynamic" or self.auto.plan_map]
         self._last: tuple[tuple[str, float], _Point] | None = None  # repeated samples reuse one build
+        self._winner: Attempt | None = None  # the attempt the final step recovers (named by next_step)
 
     # ---------------------------------------------------------------------------------------- the protocol
     def context_profile(self) -> dict[str, Any]:
@@ -163,9 +173,38 @@ class CompressJob:
                 why = (f"score {option} at its least pruning that meets the budget ({knob:.1%} of the MACs)"
                        + (" after a short recovery" if self.evaluator is not None else ""))
                 return Step("select", {"option": option, "knob": knob}, plan=self.plan.model_copy(update={"rationale": why}))
+        return self.final_step(history)
+
+    def final_step(self, history: list[Attempt]) -> Step | None:
+        """The winner's final recovery, asked once (a failed one is not retried: the winner is exported as it is)."""
+        best = self.best(history)
+        if best is None or self.recovery_skipped() or any(a.phase == "final" for a in history):
+            return None
+        self._winner = best
+        s, option = self.settings, best.step["option"]
+        why = (f"final recovery of attempt {best.index} ({option}, {float(best.step['knob']):.1%} of the MACs): "
+               f"{s.finetune_epochs:g} epoch(s) of fine-tuning{' distilled from the dense model' if s.kd else ''}"
+               + (", int8 applied again" if option == "int8_dynamic" else "") + ", then measured again")
+        return Step("final", {"option": option, "knob": best.step["knob"], "of": best.index, "epochs": s.finetune_epochs},
+                    plan=self.plan.model_copy(update={"rationale": why}))
+
+    def recovery_skipped(self) -> str | None:
+        """Why there is no final recovery (None: there is one)."""
+        if self.evaluator is None:
+            return "no data: nothing to recover (pass --data for a final recovery)"
+        if self.settings.finetune_epochs <= 0:
+            return "final recovery disabled (finetune_epochs 0)"
         return None
 
     def project(self, plan: Plan | None, step: Step) -> _Point:
+        if step.phase == "final":  # the winner as scored: its kept recovered weights, the option applied again
+            winner = self._winner
+            if winner is None or winner.index != step.info["of"]:
+                raise PrunepilotError("the final step names an attempt the job did not select", step.info.get("of"),
+                                      "resume the run again (next_step names the winner)")
+            float_model, model = self.rebuild(winner)
+            return _Point(winner.step["option"], float(winner.step["knob"]), float_model, model,
+                          Allocation.from_json(winner.allocation))
         return self.point(step.info["option"], float(step.info["knob"]))
 
     def evaluate(self, point: _Point, step: Step, history: list[Attempt]) -> Outcome:
@@ -176,21 +215,43 @@ class CompressJob:
             errors = {t: self.rb.error(t, m[t]) for t in self.measured}
             return Outcome(self.allocation_json(point), {}, metrics, errors, value <= 1 + self.rb.band.over,
                            extra={"phase": "bracket"})
+        if step.phase == "final":
+            return self.recover(point, step)
         metrics = {**self.counts(point), **self.measure(point.model, {"memory_mb"}), "knob": point.knob}
         if self.evaluator is not None:
-            steps = self.settings.finetune_steps
-            if point.option == "none":
-                metrics.update(self.evaluator.score(point.float_model, steps))
-            else:  # quantized modules do not train: recover the pruned float model, then quantize it again
-                self.evaluator.score(point.float_model, steps)
-                point.model = self.quantized(point.float_model)
-                metrics.update(self.evaluator.score(point.model, 0))
+            metrics.update(self.scored(point, self.settings.finetune_steps))
         else:
             metrics["score"] = -point.knob  # without data the least pruning is the most faithful
         goals = [g for g in self.static if g in metrics]
         errors = {g: self.rb.error(g, metrics[g]) for g in goals}
         return Outcome(self.allocation_json(point), {}, metrics, errors, all(self.static_ok(g, metrics[g]) for g in goals),
                        candidate=point, extra={"phase": "select"})
+
+    def scored(self, point: _Point, steps: int) -> dict[str, float]:
+        """The evaluator's score after `steps` of short recovery. Quantized modules do not train: the pruned float
+        model is recovered, then quantized again with the same recipe (point.model is replaced)."""
+        if point.option == "none":
+            return self.evaluator.score(point.float_model, steps)
+        self.evaluator.score(point.float_model, steps)
+        point.model = self.quantized(point.float_model)
+        return self.evaluator.score(point.model, 0)
+
+    def recover(self, point: _Point, step: Step) -> Outcome:
+        """The final recovery: fine-tune the float model for finetune_epochs, quantize again, measure quality and
+        every budget metric again (shapes are unchanged, so the budget should still hold: recorded either way)."""
+        from ..engines.recover import finetune
+
+        ev, s = self.evaluator, self.settings
+        stats = finetune(point.float_model, ev.train_loader(), epochs=s.finetune_epochs, lr=ev.cfg.lr * 2,
+                         teacher=self.pruner.dense if (s.kd or not ev.labelled) else None, seed=s.seed, progress=True)
+        quality = self.scored(point, 0)  # BN recalibrated as every in-loop score was
+        metrics = {**self.counts(point), **self.measure(point.model, set(self.measured) | {"memory_mb"}), **quality,
+                   "knob": point.knob, "final_loss": stats.loss_last}
+        goals = [g for g in self.rb.goals if g in metrics]
+        errors = {g: self.rb.error(g, metrics[g]) for g in goals}
+        held = all(self.rb.meets_cap(g, metrics[g]) if g in self.measured else self.static_ok(g, metrics[g]) for g in goals)
+        return Outcome(self.allocation_json(point), {}, metrics, errors, held, candidate=point,
+                       extra={"phase": "final", "of": step.info["of"]})
 
     def static_ok(self, metric: str, value: float) -> bool:
         """MACs/params alone are met inside the band; beside a measured target they are caps (the measured
@@ -199,6 +260,12 @@ class CompressJob:
 
     def judge(self, step: Step, outcome: Outcome, history: list[Attempt]) -> Judgement:
         m = outcome.metrics
+        if step.phase == "final":  # the recovered winner is exported whatever it scores (as prune does)
+            before = next((a.score for a in history if a.index == step.info["of"]), None)
+            text = f"final recovery: score {before:.4f} -> {m['score']:.4f}" if before is not None else "final recovery"
+            if not outcome.within_band:
+                text += "; the recovered model misses the budget: " + ", ".join(f"{g} {e:+.2%}" for g, e in outcome.errors.items())
+            return Judgement("accept", m.get("score"), text)
         if step.phase == "bracket":
             cap = 1 + self.rb.band.over
             if m["value"] > cap:
@@ -213,7 +280,7 @@ class CompressJob:
                          f"{step.info['option']} with {m['knob']:.1%} MAC reduction: score {score:.4f}" if score is not None else "")
 
     def keep(self, index: int, outcome: Outcome) -> None:
-        if outcome.extra.get("phase") != "select":
+        if outcome.extra.get("phase") not in ("select", "final"):
             return
         cand_dir = self.out / "candidates"
         cand_dir.mkdir(exist_ok=True)
@@ -325,7 +392,7 @@ class CompressJob:
         return measure_metrics(model, self.pruner.x, need, self.settings.latency_runs)
 
     def rebuild(self, attempt: Attempt) -> tuple[nn.Module, nn.Module]:
-        """(float model, final model) of a scored attempt: the dense model pruned to its allocation, its kept
+        """(float model, final model) of a scored (or finally recovered) attempt: the dense model pruned to its allocation, its kept
         recovered weights, and the option applied again."""
         from ..engines.structured import apply_allocation
 
@@ -428,17 +495,22 @@ def finish(job: CompressJob, best: Attempt, history: list[Attempt], loaded, run:
     from ..results import build_result, files_on_disk_mb, write_text_atomic
 
     pruner, rb, out = job.pruner, job.rb, Path(run.out)
-    float_model, model = job.rebuild(best)
+    final = next((a for a in history if a.phase == "final"), None)
+    chosen = final if final is not None and final.verdict == "accept" else best  # the recovered winner when there is one
+    float_model, model = job.rebuild(chosen)
     option, knob = best.step["option"], float(best.step["knob"])
     lat = compare_latency({"dense": pruner.dense, "compressed": model}, pruner.x, rounds=10)
     # without data the ranking "score" is only -knob (least pruning first): not a quality to report
-    drop = {"knob"} | ({"score"} if job.evaluator is None else set())
-    comp = {**{k: v for k, v in best.metrics.items() if k not in drop}, "latency_ms": lat["compressed"].median_ms,
+    drop = {"knob", "final_loss"} | ({"score"} if job.evaluator is None else set())
+    comp = {**{k: v for k, v in chosen.metrics.items() if k not in drop}, "latency_ms": lat["compressed"].median_ms,
             "size_mb": model_size_mb(model)}
     dense_block = {**job.dense_m, "latency_ms": lat["dense"].median_ms}
     if job.evaluator is not None:
         dense_q = job.evaluator.score(copy.deepcopy(pruner.dense), 0)
         dense_block.update({k: dense_q[k] for k in ("score", "accuracy", "evaluate") if k in dense_q})
+    recovery = recovery_json(job, best, final, dense_block)
+    if chosen is final:
+        comp["before_recovery"] = {k: best.metrics[k] for k in QUALITY if k in best.metrics}
     if any(t.metric == "latency_ms" and t.relative for t in run.budget.targets):  # judged against the dense timed alongside
         rb = run.budget.resolve({**job.dense_m, "latency_ms": dense_block["latency_ms"]})
     errors = {m: rb.error(m, comp[m]) for m in rb.goals if m in comp}
@@ -450,21 +522,67 @@ def finish(job: CompressJob, best: Attempt, history: list[Attempt], loaded, run:
     comp["files_mb"] = files_on_disk_mb(out, export)
     tradeoff = [{"option": a.step.get("option"), "knob": a.step.get("knob"), "combined_ratio": a.metrics.get("value"),
                  **({"selected_point": True, **a.metrics} if a.phase == "select" else {})}
-                for a in history if a.metrics]
+                for a in history if a.metrics and a.phase != "final"]  # the final step re-measures a selected point
     result = build_result(
         kind=KIND, model=loaded.uri, budget=rb.to_json(), dense=dense_block, compressed=comp, within_band=within,
         errors=errors, choice={"quantization": option, "mac_reduction": knob}, quantized_layers=sorted(layers),
         tradeoff=tradeoff, brackets=job.bracket_results(history), speedup=dense_block["latency_ms"] / comp["latency_ms"],
         export=export, skipped=pruner.profile.ignored, run_id=run_id, rounds=len(history), best_round=best.index,
-        seconds=time.perf_counter() - t0,
+        recovery=recovery, notes=[recovery_line(recovery)], seconds=time.perf_counter() - t0,
     )
     if not within:
         result["out_of_band_reason"] = ("the final side-by-side measurement misses the band the bracketing met: "
                                         + ", ".join(f"{m} {e:+.2%}" for m, e in errors.items())
                                         + " (measurement noise on a shared machine, or a target at the edge of the band)")
+    log(recovery_line(recovery))
     write_json_atomic(out / "result.json", result)
-    write_text_atomic(out / "summary.md", summary_markdown(result))
+    write_text_atomic(out / "summary.md", summary_markdown(result) + recovery_markdown(recovery))
     for f in (out / "candidates").glob("attempt-*.pt") if (out / "candidates").exists() else []:
-        if f.name != f"attempt-{best.index}.pt":
+        if f.name != f"attempt-{chosen.index}.pt":
             f.unlink(missing_ok=True)
     return result, model
+
+
+QUALITY = ("score", "accuracy", "fidelity_agreement", "fidelity_kl", "evaluate")
+
+
+def recovery_json(job: CompressJob, best: Attempt, final: Attempt | None, dense: dict[str, Any]) -> dict[str, Any]:
+    """result.json's `recovery`: the settings, and dense / before / after quality with the budget re-measured."""
+    s = job.settings
+    base: dict[str, Any] = {"final_epochs": s.finetune_epochs, "kd": s.kd,
+                            "in_loop_steps": s.finetune_steps if job.evaluator is not None else 0}
+    skipped = job.recovery_skipped()
+    if skipped:
+        return {**base, "status": "skipped", "reason": skipped}
+    if final is None or final.verdict != "accept":
+        why = final.error if final is not None and final.error else "the final step did not run"
+        return {**base, "status": "failed", "reason": why, "attempt": final.index if final is not None else None}
+    metric = "accuracy" if "accuracy" in final.metrics else "score"
+    return {**base, "status": "done", "attempt": final.index, "metric": metric, "dense": dense.get(metric),
+            "before": best.metrics.get(metric), "after": final.metrics.get(metric), "final_loss": final.metrics.get("final_loss"),
+            "budget_after": {m: final.metrics[m] for m in job.rb.goals if m in final.metrics},
+            "budget_errors": dict(final.errors), "budget_holds": final.within_band, "seconds": round(final.seconds, 1)}
+
+
+def recovery_line(rec: dict[str, Any]) -> str:
+    if rec["status"] == "skipped":
+        return f"no final recovery: {rec['reason']}"
+    if rec["status"] == "failed":
+        return f"the final recovery failed ({rec['reason']}): the winner is exported as the loop scored it"
+
+    def f(v: Any) -> str:
+        return "—" if v is None else f"{v:.4f}"
+
+    kd = ", distilled from the dense model" if rec["kd"] else ""
+    budget = ("the budget still holds" if rec["budget_holds"] else "the recovered model MISSES the budget: "
+              + ", ".join(f"{m} {e:+.2%}" for m, e in rec["budget_errors"].items()))
+    return (f"final recovery ({rec['final_epochs']:g} epoch(s){kd}): {rec['metric']} dense {f(rec['dense'])}, "
+            f"before recovery {f(rec['before'])}, after {f(rec['after'])}; {budget}")
+
+
+def recovery_markdown(rec: dict[str, Any]) -> str:
+    text = f"\n## Final recovery\n\n{recovery_line(rec)}\n"
+    if rec["status"] == "done":
+        cells = " | ".join("—" if rec[k] is None else f"{rec[k]:.4f}" for k in ("dense", "before", "after"))
+        text += f"\n| metric | dense | before recovery | after recovery |\n|---|---|---|---|\n| {rec['metric']} | {cells} |\n"
+    return text
