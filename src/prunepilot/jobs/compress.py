@@ -9,8 +9,9 @@ moment resumes with exactly the measurements it had. Then every feasible option'
 (accuracy after BN recalibration and a short fine-tune with data; least pruning without). With data the winner
 then gets a final recovery, journaled as one more step ("final") so a run killed during it resumes into it: its
 pruned float model is fine-tuned for `finetune_epochs` (distilled from the dense model), int8 is applied again and
-accuracy and the budget are measured once more. The recovered model (else the winner) is exported without a pickle: the pruned float weights (model.safetensors), the structure and the quantization
-recipe (structure.json; dynamic int8 is a pure function of the float weights), and model.pt2 where it exports."""
+accuracy and the budget are measured once more. The recovered model (else the winner) is exported without a
+pickle: the pruned float weights (model.safetensors), the structure and the quantization recipe (structure.json;
+dynamic int8 is a pure function of the float weights), and model.pt2 where it exports."""
 
 from __future__ import annotations
 
@@ -392,8 +393,8 @@ class CompressJob:
         return measure_metrics(model, self.pruner.x, need, self.settings.latency_runs)
 
     def rebuild(self, attempt: Attempt) -> tuple[nn.Module, nn.Module]:
-        """(float model, final model) of a scored (or finally recovered) attempt: the dense model pruned to its allocation, its kept
-        recovered weights, and the option applied again."""
+        """(float model, final model) of a scored or finally recovered attempt: the dense model pruned to its
+        allocation, its kept recovered weights, and the option applied again."""
         from ..engines.structured import apply_allocation
 
         float_model = copy.deepcopy(self.pruner.dense)
