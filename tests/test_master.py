@@ -241,6 +241,8 @@ CASES = {
     "prune-grid": Case("prune", lambda: make_builtin("grid", "prune")),
     "prune-sensitivity": Case("prune", lambda: make_builtin("sensitivity", "prune")),
     "prune-optuna": Case("prune", lambda: make_builtin("optuna", "prune")),
+    "prune-evolve": Case("prune", lambda: make_builtin("evolve", "prune")),
+    "prune-evolve-llm": Case("prune", lambda: make_strategist("evolve+x", "prune", client=ScriptedClient(_prune_reply))[0]),
     "prune-llm": Case("prune", _llm("prune", _prune_reply), source="llm:scripted"),
     "prune-llm-fallback": Case("prune", _llm("prune", _garbage), source="sensitivity (fallback from llm:scripted)"),
     "sparsify-uniform": Case("sparsify", lambda: make_builtin("uniform", "sparsify"), uses_history=False),
@@ -356,7 +358,7 @@ class TestStrategistConformance:
 
 def test_builtins_table_complete():
     assert set(BUILTINS) == {"uniform", "grid", "sensitivity", "optuna", "owl", "evolve"}
-    assert builtin_names("prune") == ["uniform", "sensitivity", "grid", "optuna"]
+    assert builtin_names("prune") == ["uniform", "sensitivity", "grid", "optuna", "evolve"]
     assert builtin_names("sparsify") == ["uniform", "sensitivity", "owl", "evolve"]
     covered = set(CASES) | {"sparsify-evolve"}  # evolve's conformance runs in tests/test_evolve.py (same class)
     for name in BUILTINS:
@@ -753,16 +755,17 @@ class _OneAtATime:
         return self.inner.propose(ctx)
 
 
-@pytest.mark.parametrize("name", ["grid", "sensitivity"])
+@pytest.mark.parametrize("name", ["grid", "sensitivity", "evolve"])
 def test_prune_strategists_batches_read_like_one_at_a_time(name, pruner, rb, evaluator, tmp_path):
     from prunepilot.agents.registry import make_builtin
 
     runs = {}
     for arm in ("batched", "serial"):
-        job = prune_job(pruner, rb, evaluator, tmp_path / arm, rounds=3)
+        rounds = 9 if name == "evolve" else 3  # evolve: 3 seeds, then a generation of 4 measured as one batch
+        job = prune_job(pruner, rb, evaluator, tmp_path / arm, rounds=rounds)
         journal, run_id = new_run(tmp_path, arm)
         strategist = make_builtin(name, "prune")
         assert hasattr(strategist, "independent")
         run_master(job, strategist if arm == "batched" else _OneAtATime(strategist), journal, run_id)
         runs[arm] = [(a.plan, a.verdict, a.allocation, a.score) for a in journal.attempts(run_id)]
-    assert runs["batched"] == runs["serial"] and len(runs["batched"]) == 3
+    assert runs["batched"] == runs["serial"] and len(runs["batched"]) == rounds

@@ -18,6 +18,10 @@ def _prune(name: str) -> Callable[[], Strategist]:
     def make() -> Strategist:
         from . import strategists as s
 
+        if name == "evolve":
+            from .evolve_prune import PruneEvolveStrategist
+
+            return PruneEvolveStrategist()
         return {"uniform": s.UniformStrategist, "grid": s.GridStrategist, "sensitivity": s.SensitivityStrategist,
                 "optuna": s.OptunaStrategist}[name]()
     return make
@@ -42,7 +46,7 @@ BUILTINS: dict[str, dict[str, Callable[[], Strategist]]] = {
     "grid": {"prune": _prune("grid")},
     "optuna": {"prune": _prune("optuna")},
     "owl": {"sparsify": _sparsify("owl")},
-    "evolve": {"sparsify": _sparsify("evolve")},
+    "evolve": {"prune": _prune("evolve"), "sparsify": _sparsify("evolve")},
 }
 LLM_SPECS = "local, anthropic[:MODEL], openai[:MODEL], openai-compatible:MODEL"
 STEERED = "evolve+"  # evolve+SPEC: the evolve search with every 4th offspring proposed by the LLM SPEC
@@ -92,13 +96,18 @@ def _steered(spec: str, kind: str, *, base_url: str | None, api_key: str | None,
     if "evolve" not in BUILTINS or kind not in BUILTINS["evolve"]:
         raise PrunepilotError(f"the evolve search has no {kind} job yet", f"{STEERED}{spec}",
                               f"use one of {', '.join(builtin_names(kind))}, auto, or an LLM ({LLM_SPECS})")
-    from .evolve import EvolveStrategist
-
     if client is None:
         if not spec.strip():
             raise PrunepilotError("evolve+ needs an LLM after the plus", STEERED, f"e.g. --agent evolve+local ({LLM_SPECS})")
         from .llm.factory import make_client
 
         client = make_client(spec.strip(), base_url=base_url, api_key=api_key, transcripts=transcripts)
-    s = EvolveStrategist(client=client)
+    if kind == "prune":
+        from .evolve_prune import PruneEvolveStrategist
+
+        s: Any = PruneEvolveStrategist(client=client)
+    else:
+        from .evolve import EvolveStrategist
+
+        s = EvolveStrategist(client=client)
     return s, s.name

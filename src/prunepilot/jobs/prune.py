@@ -5,6 +5,7 @@ and the final recovery / export / report."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..plan import Plan
 from ..results import write_json_atomic
 
 KIND = "prune"
+REPEAT_CAP = 3  # attempts per round at most when repeats do not use rounds (a strategist stuck on one shape)
 
 
 @dataclass
@@ -39,6 +41,7 @@ class PruneSettings:
     finetune_epochs: float = 1.0  # final recovery of the winner
     kd: bool = True
     wall_time_s: float | None = None
+    repeats_use_rounds: bool = True  # False: a round is a measured candidate (a repeat costs none; searches)
 
     def scoring(self) -> ScoringConfig:
         return ScoringConfig(finetune_steps=self.finetune_steps, eval_limit=self.eval_limit, bn_batches=self.bn_batches,
@@ -117,12 +120,13 @@ class PruneJob:
 
     def next_step(self, history: list[Attempt]) -> Step | None:
         s = self.settings
-        if len(history) >= s.rounds:
+        done = len(history) if s.repeats_use_rounds else sum(1 for a in history if a.verdict != "repeat")
+        if done >= s.rounds or len(history) >= REPEAT_CAP * s.rounds:
             return None
         best = best_feasible(history)
         if best is not None and len(history) - 1 - best.index >= s.patience:
             return None
-        info = {"round": len(history), "rounds": s.rounds, "guidance": divergence_guidance(history),
+        info = {"round": done, "rounds": s.rounds, "guidance": divergence_guidance(history),
                 "user_constraints": self.user.to_json()}
         if not history and self.user.plan is not None:
             return Step("search", info, plan=self.user.plan.model_copy(update={"source": "user plan"}))
@@ -156,6 +160,7 @@ class PruneJob:
             within_band=all(self.budget.within(m, metrics[m]) for m in goals),
             candidate=cand,
             extra={"predicted": cand.projection.predicted, "projection_reason": cand.projection.reason,
+                   "scale": cand.projection.scale,
                    "corrections": cand.corrections, **({"repeat_of": same.index} if same is not None else {})},
         )
 
@@ -425,6 +430,7 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
         strategist, resolved = make_strategist(run.agent, KIND, base_url=run.base_url, api_key=api_key,
                                                transcripts=transcripts, client=client, say=log)
         log(f"strategist: {resolved}")
+        s = search_settings(strategist, s, log)
         job = PruneJob(pruner, rb, evaluator, s, out, run.user, warm_start=warm, latency=latency)
         master = Master(job, strategist, journal, run_id, seed=s.seed, priors=prior_summary(priors),
                         limits=LoopLimits(wall_time_s=s.wall_time_s), log=log)
@@ -444,6 +450,17 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
 
     render_safely(out, log)
     return (result, model) if return_model else result
+
+
+def search_settings(strategist: Any, s: PruneSettings, log: Callable[[str], None] = print) -> PruneSettings:
+    """A search (a strategist with `explores`) spends its rounds on offspring that mostly lose, and on coarse
+    channel grids some children project onto an allocation measured before: every round is a measured candidate
+    and no early stop after `patience` rounds without a new best."""
+    if not getattr(strategist, "explores", False):
+        return s
+    log(f"{getattr(strategist, 'name', 'the strategist')} searches: {s.rounds} measured candidates (a repeated "
+        "allocation uses no round; no early stop without a new best)")
+    return dataclasses.replace(s, patience=max(s.patience, REPEAT_CAP * s.rounds), repeats_use_rounds=False)
 
 
 def place_loaded(loaded, device: str | None, dtype: str | None) -> None:
@@ -505,6 +522,7 @@ def finish(job: PruneJob, best: Attempt, history: list[Attempt], loaded, run: Pr
     from ..engines.recover import finetune
     from ..evaluate.speed import compare_latency
     from ..pipeline import count_real, measure_block, save_model, summary_markdown
+    from ..agents.evolve_prune import search_report
     from ..results import build_result, files_on_disk_mb, write_text_atomic
 
     s, pruner, out = run.settings, job.pruner, run.out
@@ -545,6 +563,8 @@ def finish(job: PruneJob, best: Attempt, history: list[Attempt], loaded, run: Pr
         kind=KIND, model=loaded.uri, budget=rb.to_json(), dense=dense_block, compressed=comp_block,
         within_band=all(rb.within(m, comp_block[m]) for m in rb.goals), errors=errors,
         agent=strategist, data=data.to_json(), rounds=len(history), best_round=best.index,
+        evals=sum(1 for a in history if a.score is not None and a.verdict not in ("repeat", "failed")),
+        **({"search": search_report(history)} if strategist.startswith("evolve") else {}),
         within_band_rate=sum(a.within_band for a in history) / max(1, len(history)),
         speedup=dense_block["latency_ms"] / comp_block["latency_ms"], ideal_speedup=dense_block["macs"] / comp_block["macs"],
         widths={g: list(w) for g, w in Allocation.from_json(best.allocation).widths(pruner.structure).items()},
