@@ -1,7 +1,8 @@
 """Agent arms on a trained Fashion-MNIST ResNet-20 at 50% and 30% MACs, equal recovery budget for every arm.
 
 Arms: uniform, grid, tp_global (torch-pruning global isomorphic Taylor at a bisected ratio: the AgenticPruner
-engine), sensitivity (built-in default), optuna (TPE), local (SmolLM2 analyst, schema-constrained).
+engine), sensitivity (built-in default), optuna (TPE), local (SmolLM2 analyst, schema-constrained), evolve
+(elitist level-switch search over per-family ratios), evolve+local (evolve with every 4th offspring by SmolLM2).
 Every arm gets the same number of rounds, the same in-loop recovery steps per candidate, and the same final
 recovery (steps with distillation) for its best candidate; top-1 is measured on the official 10k test split.
 Every arm but tp_global runs through the one loop: `Master(PruneJob(..., Evaluator), strategist, journal, run_id)`,
@@ -11,12 +12,16 @@ its wall time (`attempts`, `loop_seconds`).
 
     python bench/agent_fashion_mnist.py [--arms a,b] [--targets 50%,30%] [--seeds 0,1] [--rounds 4] [--runs-dir D]
         -> bench/results/agent_fashion_mnist.json
+    # the allocation-search arms (issue 12) at equal measured evaluations:
+    python bench/agent_fashion_mnist.py --arms tp_global,sensitivity,evolve,evolve+local --targets 30% \
+        --rounds 12 --equal-evals --out bench/results/agent_fashion_mnist_evolve.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -32,7 +37,8 @@ from prunepilot.engines.recover import finetune
 from prunepilot.errors import PrunepilotError
 from prunepilot.evaluate.classification import evaluate_classifier
 from prunepilot.evaluate.scoring import Evaluator, measure_sensitivity
-from prunepilot.jobs.prune import PruneJob, PruneSettings, UserConstraints
+from prunepilot.agents.evolve_prune import search_report
+from prunepilot.jobs.prune import REPEAT_CAP, PruneJob, PruneSettings, UserConstraints, search_settings
 from prunepilot.journal import Journal, prepare_out
 from prunepilot.loop import Master
 from prunepilot.models.baseline import get_or_train_baseline
@@ -104,9 +110,12 @@ def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root:
         row.update(rounds=1, attempts=1, loop_seconds=time.perf_counter() - tl,
                    within_band_rate=float(rb.within("macs", macs)), global_ratio=ratio)
     else:
-        if arm == "sensitivity" or arm == "local":
+        if arm in ("sensitivity", "local") or arm.startswith("evolve"):
             pruner.profile.sensitivity = measure_sensitivity(pruner, ev, settings.sensitivity_ratio)
         strategist, resolved = make_strategist(arm, "prune", say=print)
+        settings = search_settings(strategist, settings, log=print)
+        if getattr(args, "equal_evals", False):  # every arm measures --rounds candidates: repeats use no round
+            settings = dataclasses.replace(settings, repeats_use_rounds=False, patience=REPEAT_CAP * args.rounds)
         journal = Journal(out / "journal.sqlite")
         run_id = journal.start_run("prune", {"bench": "agent_fashion_mnist", "arm": arm, "target": target, "seed": seed,
                                              "settings": vars(args)}, out)
@@ -122,6 +131,9 @@ def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root:
         job.prune_stale_candidates(hist)
         calls = journal.llm_calls(run_id)
         row.update(rounds=len(hist), attempts=len(hist), loop_seconds=loop_s,
+                   evals=sum(1 for h in hist if h.score is not None and h.verdict not in ("repeat", "failed")),
+                   repeats=sum(1 for h in hist if h.verdict == "repeat"),
+                   **({"search": search_report(hist)} if arm.startswith("evolve") else {}),
                    within_band_rate=sum(1 for h in hist if h.within_band) / max(1, len(hist)),
                    resolved=resolved, llm_calls=len(calls), llm_fallbacks=sum(1 for h in hist if h.fallback_reason),
                    failed=sum(1 for h in hist if h.verdict == "failed"), best_round=best.index if best else None,
@@ -175,6 +187,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest for ResNet-20 on a shared machine)")
     ap.add_argument("--out", default="bench/results/agent_fashion_mnist.json")
     ap.add_argument("--runs-dir", default="runs/bench_agent", help="per-arm journals and kept candidates")
+    ap.add_argument("--equal-evals", action="store_true",
+                    help="every loop arm measures exactly --rounds candidates (repeats use no round, no early stop)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dense, info = get_or_train_baseline("resnet20")

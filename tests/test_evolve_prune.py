@@ -16,7 +16,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import prunepilot
 from prunepilot.agents.evolve import LLM, MUTATION, SEED
-from prunepilot.agents.evolve_prune import PruneEvolveStrategist, cost_key, genome, mutate, search_report
+from prunepilot.agents.evolve_prune import (
+    PruneEvolveStrategist,
+    cost_key,
+    genome,
+    level_units,
+    mutate,
+    search_report,
+)
 from prunepilot.agents.llm.scripted import ScriptedClient
 from prunepilot.agents.registry import make_builtin, make_strategist
 from prunepilot.plan import MAX_RATIO
@@ -33,6 +40,15 @@ def test_a_level_switch_keeps_the_first_order_cost():
         assert all(0.0 <= v <= MAX_RATIO for v in child.values())
         moved += bool(moves) and child != parent
     assert moved > 150  # nearly every draw moves something
+
+
+def test_a_level_is_one_rounding_unit_of_the_narrowest_group():
+    profile = {"families": [{"family": "stem", "width": [16]}, {"family": "wide", "width": [64, 128]},
+                            {"family": "huge", "width": [2048]}]}
+    assert level_units(profile, 8) == {"stem": 0.5, "wide": 0.125, "huge": 0.05}
+    shares = {"stem": 0.2, "wide": 0.5, "huge": 0.3}
+    child, moves = mutate({"stem": 0.0, "wide": 0.3, "huge": 0.3}, shares, random.Random(4), level_units(profile, 8))
+    assert moves and any(abs(child[f] - v) >= 0.05 for f, v in {"stem": 0.0, "wide": 0.3, "huge": 0.3}.items())
 
 
 def test_cost_key_follows_the_budget():

@@ -3,7 +3,8 @@ EvoPress, arXiv 2410.14649), optionally steered by an LLM analyst.
 
 Genome: each family's effective ratio at the budget (the plan's ratio times the projector's scale, so parents
 and children live on the budget, not on an arbitrary plan scale). A mutation makes 1-2 level switches: one
-family prunes a level more (0.05-0.15 of its channels), another a matching amount less, weighted by their
+family prunes a level more (one or two rounding units of its narrowest group: a smaller move would project back
+onto the parent's channel counts), another a matching amount less, weighted by their
 shares of the budget's cost (MACs, params or measured latency), so the total stays at the budget to first
 order; the job's projector then lands it exactly. Fitness is the job's score (accuracy after the equal short
 recovery). The population is seeded with uniform and the sensitivity strategist's first settings.
@@ -30,7 +31,8 @@ from .context import Context
 from .evolve import LLM, MUTATION, ORIGINS, SEED
 from .strategists import SensitivityStrategist, _families
 
-LEVELS = (0.05, 0.1, 0.15)  # one level switch: this share of a family's channels
+LEVELS = (0.05, 0.1, 0.15)  # level sizes without a channel grid (a share of the family's channels)
+ROUND_TO = 8  # the channel multiple the plans ask for (a user's --round-to replaces it)
 SWITCHES = (1, 2)
 
 
@@ -56,8 +58,21 @@ def genome(a: Attempt, fams: list[str], *, scaled: bool = True) -> dict[str, flo
     return {f: round(min(MAX_RATIO, max(0.0, scale * plan.ratio_for(f, f))), 4) for f in fams}
 
 
-def mutate(parent: dict[str, float], shares: dict[str, float], rng: random.Random) -> tuple[dict[str, float], list[str]]:
-    """1-2 level switches between families; returns the child and the moves, in words."""
+def level_units(profile: dict[str, Any], round_to: int | None) -> dict[str, float]:
+    """Each family's level: one rounding unit of its narrowest group as a ratio (a smaller move projects back onto
+    the parent's allocation), at least the smallest of LEVELS."""
+    out = {}
+    for f in _families(profile):
+        widths = [int(w) for w in (f.get("width") or []) if int(w) > 0]
+        unit = (round_to or 1) / min(widths) if widths else 0.0
+        out[f["family"]] = max(LEVELS[0], min(unit, 0.5))
+    return out
+
+
+def mutate(parent: dict[str, float], shares: dict[str, float], rng: random.Random,
+           units: dict[str, float] | None = None) -> tuple[dict[str, float], list[str]]:
+    """1-2 level switches between families; returns the child and the moves, in words. A level is `units[f]`
+    (one rounding unit of the family), or one of LEVELS when no units are given."""
     child = dict(parent)
     moves: list[str] = []
     fams = list(child)
@@ -67,7 +82,8 @@ def mutate(parent: dict[str, float], shares: dict[str, float], rng: random.Rando
         if not downs or child[up] >= MAX_RATIO:
             continue
         down = rng.choice(downs)
-        step = min(rng.choice(LEVELS), MAX_RATIO - child[up])
+        level = units[up] * rng.choice((1, 1, 2)) if units else rng.choice(LEVELS)
+        step = min(level, MAX_RATIO - child[up])
         # the cost the up-family gives away, taken back from the down-family at its own share
         back = min(child[down], step * shares[up] / max(shares[down], 1e-6))
         step = back * shares[down] / max(shares[up], 1e-6)  # the down-family may have had less to give
@@ -190,7 +206,7 @@ class PruneEvolveStrategist:
     def _plan(self, child: dict[str, float], parent: Attempt, rationale: str, params: dict[str, float],
               origin: float) -> Plan:
         imp = (parent.plan or {}).get("importance", "l2")
-        return Plan(ratios=child, default_ratio=0.0, round_to=8, importance=imp if imp != "random" else "l2",
+        return Plan(ratios=child, default_ratio=0.0, round_to=ROUND_TO, importance=imp if imp != "random" else "l2",
                     rationale=rationale, params={**params, "origin": origin})
 
     def _mutation(self, ctx: Context, fams: list[str], parent: Attempt, rng: random.Random,
@@ -198,10 +214,11 @@ class PruneEvolveStrategist:
         key = cost_key(ctx.budget)
         shares = {f["family"]: max(1e-6, float(f.get(key, 0.0))) for f in _families(ctx.profile)}
         base = genome(parent, fams)
+        units = level_units(ctx.profile, (ctx.step.get("user_constraints") or {}).get("round_to") or ROUND_TO)
         seen = {_key(genome(a, fams, scaled=sc)) for a in ctx.history if a.plan for sc in (True, False)}
         child, moves = base, []
         for _ in range(20):  # a child already tried teaches nothing: draw again
-            child, moves = mutate(base, shares, rng)
+            child, moves = mutate(base, shares, rng, units)
             if moves and _key(child) not in seen:
                 break
         what = "; ".join(moves) or "no room to move"
