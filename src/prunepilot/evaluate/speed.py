@@ -1,4 +1,4 @@
-"""CPU latency measured honestly: fixed threads, warm-up, medians, models timed side by side."""
+"""Latency measured honestly: fixed threads, warm-up, medians, models timed side by side, CUDA synchronized."""
 
 from __future__ import annotations
 
@@ -36,10 +36,22 @@ def fixed_threads(threads: int | None) -> Iterator[int]:
 
 
 def _runner(model: nn.Module | Callable[[], Any], example_input: Any) -> Callable[[], Any]:
+    """A zero-argument forward that returns when the work is done: CUDA kernels run asynchronously, so a CUDA
+    model's forward is followed by a synchronize (else the timer measures the launch)."""
     if isinstance(model, nn.Module):
+        from ..device import synchronize
         from ..inputs import call
 
         model.eval()
+        p = next(model.parameters(), None)
+        if p is not None and p.device.type == "cuda":
+            dev = p.device
+
+            def forward() -> Any:
+                out = call(model, example_input)
+                synchronize(dev)
+                return out
+            return forward
         return lambda: call(model, example_input)  # a tensor, a tuple of positional inputs, or a dict of keywords
     return model  # already a zero-argument callable (e.g. an ONNX Runtime session wrapper)
 
@@ -81,15 +93,15 @@ def compare_latency(
     rounds: int = 10,
     threads: int | None = None,
 ) -> dict[str, LatencyStats]:
-    """Time several models interleaved (A B C A B C ...) so machine noise hits them alike."""
+    """Time several models interleaved (A B C, then C B A, ...) so machine noise and cache warmth hit them alike."""
     fns = {k: _runner(m, example_input) for k, m in models.items()}
     samples: dict[str, list[float]] = {k: [] for k in fns}
     with fixed_threads(threads) as n:
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
-        for _ in range(rounds):
-            for k, fn in fns.items():
+        for r in range(rounds):
+            for k, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
                 t0 = time.perf_counter()
                 fn()
                 samples[k].append((time.perf_counter() - t0) * 1e3)
