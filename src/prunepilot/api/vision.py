@@ -228,6 +228,9 @@ def compress(
 
         data = UserData(train if train is not None else val, val)
     # never fine-tuned on the scoring data: without train= neither the short nor the final recovery runs
+    if train is None and data is not None and (finetune_steps > 0 or finetune_epochs > 0) and log is not None:
+        log("no train= batches: candidates are scored without recovery and the winner gets no final fine-tune "
+            "(pass train= to recover; the scoring data is never trained on)")
     settings = CompressSettings(quant_options=tuple(quantization), finetune_steps=finetune_steps if train is not None else 0,
                                 finetune_epochs=finetune_epochs if train is not None else 0.0, kd=kd,
                                 eval_limit=eval_limit, seed=seed)
