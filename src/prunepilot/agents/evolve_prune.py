@@ -146,7 +146,7 @@ class PruneEvolveStrategist:
     @staticmethod
     def _parent(hist: list[Attempt], gen: int) -> Attempt | None:
         """The best feasible attempt recorded before generation `gen` began (ties: the earliest)."""
-        pool = [a for a in hist if a.feasible and a.score is not None and not (_p(a, "gen") >= gen)]
+        pool = [a for a in hist if a.feasible and a.score is not None and _p(a, "gen") < gen]
         return max(pool, key=lambda a: (a.score, -a.index), default=None)
 
     @staticmethod
@@ -159,16 +159,15 @@ class PruneEvolveStrategist:
     def propose(self, ctx: Context) -> Plan | None:
         fams = [f["family"] for f in _families(ctx.profile)]
         hist = ctx.history
-        seeded = self._seeded(hist)
         if not fams:
             return Plan(default_ratio=0.5, round_to=8, rationale="no family profile: uniform",
                         params={"origin": SEED})
-        if seeded < self.seeds:
-            return self._seed(ctx, seeded)
+        if self._seeded(hist) < self.seeds:
+            return self._seed(ctx)
         gen, n = self._generation(hist)
         parent = self._parent(hist, gen)
         if parent is None:  # nothing feasible yet: keep seeding with the sensitivity line search
-            return self._seed(ctx, seeded)
+            return self._seed(ctx)
         rng = random.Random(f"evolve-prune:{ctx.seed}:{len(hist)}")
         params = {"gen": float(gen), "parent": float(parent.index)}
         slot = sum(1 for a in hist if _p(a, "gen") >= 0)
@@ -195,7 +194,7 @@ class PruneEvolveStrategist:
         rounds, done = ctx.step.get("rounds"), ctx.step.get("round", len(hist))
         return max(1, min(k, int(rounds) - int(done))) if rounds is not None else max(1, k)
 
-    def _seed(self, ctx: Context, seeded: int) -> Plan:
+    def _seed(self, ctx: Context) -> Plan:
         if not ctx.history:
             return Plan(default_ratio=0.5, round_to=8, importance="l2", params={"origin": SEED},
                         rationale="evolve seed: uniform shape (every family loses the same fraction)")
