@@ -318,3 +318,13 @@ def test_real_prune_run(tmp_path: Path) -> None:
     for fam in json.loads((tmp_path / "profile.json").read_text())["families"]:
         assert f"<code>{fam['family']}</code>" in html  # per-family table under the distribution plot
     assert "model.pt" in md_path.read_text()
+
+
+def test_compare_section_shows_the_score_before_the_final_recovery() -> None:
+    from prunepilot.report.render import compare_section
+
+    r = {"dense": {"accuracy": 0.90, "macs": 10.0},
+         "compressed": {"accuracy": 0.874, "macs": 4.0, "before_recovery": {"accuracy": 0.830}}}
+    rows = {row["metric"]: row for row in compare_section(r)["rows"]}
+    assert rows["accuracy"]["compressed"] != rows["accuracy before the final recovery"]["compressed"]
+    assert rows["accuracy before the final recovery"]["compressed"] == "83.00%"

@@ -319,6 +319,12 @@ def compare_section(r: dict[str, Any]) -> dict[str, Any]:
         else:
             change = "—"
         rows.append({"metric": k, "dense": fmt(k, dense.get(k)), "compressed": fmt(k, comp.get(k)), "change": change})
+    before = (r.get("compressed") or {}).get("before_recovery") if isinstance(r.get("compressed"), dict) else None
+    for k, v in (before.items() if isinstance(before, dict) else []):  # the winner as the loop scored it
+        d, c = num(dense.get(k)), num(v)
+        change = f"{100 * (c - d):+.2f} pt" if k in PERCENT_METRICS and d is not None and c is not None else "—"
+        rows.append({"metric": f"{k} before the final recovery", "dense": fmt(k, dense.get(k)), "compressed": fmt(k, v),
+                     "change": change})
     speed = None
     sp, ideal = num(r.get("speedup")), num(r.get("ideal_speedup"))
     if ideal is None and num(dense.get("macs")) and num(comp.get("macs")):
