@@ -219,8 +219,8 @@ def test_a_useless_analyst_costs_only_its_slots(env: dict[str, Any], tmp_path: P
 def test_registry_refuses_bad_steering_specs() -> None:
     with pytest.raises(PrunepilotError, match="needs an LLM"):
         make_strategist("evolve+", "sparsify")
-    with pytest.raises(PrunepilotError, match="no prune job"):
-        make_strategist("evolve+local", "prune")
+    with pytest.raises(PrunepilotError, match="no compress job"):
+        make_strategist("evolve+local", "compress")
     s, name = make_strategist("evolve", "sparsify")
     assert name == "evolve" and s.name == "evolve" and s.needs_ramp is False  # type: ignore[attr-defined]
 

@@ -292,7 +292,7 @@ class EvolveStrategist:
         sub = dataclasses.replace(ctx, phase="evolve", step={**ctx.step, "current": current,
                                                              "search": search_view(ctx.history, parent, ctx.profile,
                                                                                    int(ctx.step.get("probe_seqs", 1)))})
-        fallback = _Fallback(lambda: self._mutation(ctx.history, g, parent, rng, params))
+        fallback = MutationFallback(lambda: self._mutation(ctx.history, g, parent, rng, params))
         plan = LLMAnalyst(self.client, fallback).propose(sub)
         ctx.fallback_reason = sub.fallback_reason
         assert plan is not None  # the fallback always answers
@@ -310,11 +310,11 @@ class EvolveStrategist:
                           **params, origin=LLM, parent=float(parent.index)).model_copy(update={"source": plan.source})
 
 
-class _Fallback:
-    """The mutation an LLM slot falls back to when the analyst's answer is unusable."""
+class MutationFallback:
+    """The mutation an LLM slot falls back to when the analyst's answer is unusable (either evolve)."""
 
     name = "evolve"
-    kinds = ("sparsify",)
+    kinds = ("prune", "sparsify")
 
     def __init__(self, make: Any) -> None:
         self.make = make

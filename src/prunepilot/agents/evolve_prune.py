@@ -28,7 +28,7 @@ from typing import Any
 from ..attempt import Attempt
 from ..plan import MAX_RATIO, Plan
 from .context import Context
-from .evolve import LLM, MUTATION, ORIGINS, SEED
+from .evolve import LLM, MUTATION, ORIGINS, SEED, MutationFallback
 from .strategists import SensitivityStrategist, _families
 
 LEVELS = (0.05, 0.1, 0.15)  # level sizes without a channel grid (a share of the family's channels)
@@ -231,7 +231,7 @@ class PruneEvolveStrategist:
 
         view = search_view(ctx.history, parent, fams)
         sub = dataclasses.replace(ctx, step={**ctx.step, "guidance": list(ctx.step.get("guidance") or []) + view})
-        fallback = _Fallback(lambda: self._mutation(ctx, fams, parent, rng, params))
+        fallback = MutationFallback(lambda: self._mutation(ctx, fams, parent, rng, params))
         plan = LLMAnalyst(self.client, fallback).propose(sub)
         ctx.fallback_reason = sub.fallback_reason
         assert plan is not None  # the fallback always answers
@@ -241,19 +241,6 @@ class PruneEvolveStrategist:
         out = self._plan(child, parent, f"LLM proposal for #{parent.index}: {plan.rationale}"[:2000], params, LLM)
         return out.model_copy(update={"source": plan.source, "importance": plan.importance,
                                       "protected": plan.protected})
-
-
-class _Fallback:
-    """The mutation an LLM slot falls back to when the analyst's answer is unusable."""
-
-    name = "evolve"
-    kinds = ("prune",)
-
-    def __init__(self, make: Any) -> None:
-        self.make = make
-
-    def propose(self, ctx: Context) -> Plan:
-        return self.make()
 
 
 def search_view(history: list[Attempt], parent: Attempt, fams: list[str], k: int = 6) -> list[str]:
