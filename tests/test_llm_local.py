@@ -144,3 +144,13 @@ def test_prompt_longer_than_the_context_is_a_clear_error():
     client = LocalClient("tiny", loader=small_ctx, max_new_tokens=32)
     with pytest.raises(LLMError, match="exceeds the local model's context"):
         client.complete([Message("user", "x" * 100)], narrow_schema(NAMES))
+
+
+def test_default_token_budget_has_room_for_every_named_field():
+    from prunepilot.agents.llm.local import token_budget
+
+    small = {"type": "object", "properties": {"rationale": {"type": "string", "maxLength": 80}}}
+    groups = {"type": "object", "properties": {"ratios": {"type": "object", "properties": {
+        f"mlp.gate_proj@{i}-{i + 9}": {"type": "number"} for i in range(21)}}, "rationale": {"type": "string"}}}
+    assert token_budget(small) == 256  # the old fixed bound stays the floor
+    assert token_budget(groups) >= 16 * 21 + 160  # 21 groups: ~350 tokens of JSON, more than 256

@@ -5,7 +5,7 @@ Why our own decode loop: lm-format-enforcer's transformers integration imports n
 removed, so we use its framework-free core (TokenEnforcer + a tokenizer table we build) and mask the logits
 ourselves, one token at a time with a KV cache. Decoding stops as soon as the text is a complete JSON
 object, so the enforcer's permitted trailing whitespace costs nothing. Output length is bounded by
-`max_new_tokens` and by the schema itself (the analyst's schema caps string lengths and array sizes).
+`max_new_tokens` (default: room for every field the schema names) and by the schema itself (the analyst's schema caps string lengths and array sizes).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class LocalClient:
         self,
         model: str = DEFAULT_MODEL,
         *,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         max_whitespace: int = 1,
         threads: int | None = 1,
         loader: Loader | None = None,
@@ -187,10 +187,11 @@ class LocalClient:
         parser.config.force_json_field_order = True
         parser.config.max_consecutive_whitespaces = self.max_whitespace
         prompt = self._prompt_ids(messages)
+        budget = self.max_new_tokens if self.max_new_tokens is not None else token_budget(schema)
         context = int(getattr(self._model.config, "max_position_embeddings", 0) or 0)
-        if context and len(prompt) + self.max_new_tokens > context:
+        if context and len(prompt) + budget > context:
             raise LLMError(
-                f"the prompt ({len(prompt)} tokens) plus {self.max_new_tokens} new tokens exceeds the local "
+                f"the prompt ({len(prompt)} tokens) plus {budget} new tokens exceeds the local "
                 f"model's context of {context} tokens; fix: use a remote backend (--agent anthropic/openai) for "
                 "models with this many groups, or fewer history rows"
             )
@@ -203,7 +204,7 @@ class LocalClient:
         with torch.inference_mode():
             cache, reused = self._reuse_prefix(prompt)
             x = torch.tensor([prompt[reused:]])  # [1, new prompt tokens]
-            for step in range(self.max_new_tokens):
+            for step in range(budget):
                 kwargs = {"input_ids": x, "use_cache": True, "logits_to_keep": 1, self._cache_kw: cache}
                 o = self._model(**kwargs)
                 cache = getattr(o, "cache", None) if self._cache_kw == "cache" else o.past_key_values
@@ -249,6 +250,24 @@ class LocalClient:
                 "constrained": True,
             },
         )
+
+
+TOKENS_PER_FIELD = 16  # a quoted group name ("mlp.gate_proj@10-19"), a colon, a number, a comma and a newline
+
+
+def token_budget(schema: Any, floor: int = 256) -> int:
+    """New tokens a reply to `schema` may need (the default bound): at least `floor`, and room for every named
+    field. A schema naming the 21 groups of a sparsify profile needs ~350 tokens; a fixed 256 cut such replies off
+    mid-object (bench/results/llm_sparsity_evolve_llm50.json: all 18 steering calls)."""
+    def fields(node: Any) -> int:
+        if isinstance(node, dict):
+            props = node.get("properties")
+            n = len(props) if isinstance(props, dict) else 0
+            return n + sum(fields(v) for v in node.values())
+        if isinstance(node, list):
+            return sum(fields(v) for v in node)
+        return 0
+    return max(floor, TOKENS_PER_FIELD * fields(schema) + 160)  # + a bounded rationale
 
 
 def _complete_object(text: str) -> dict[str, Any] | None:
