@@ -153,4 +153,6 @@ def test_default_token_budget_has_room_for_every_named_field():
     groups = {"type": "object", "properties": {"ratios": {"type": "object", "properties": {
         f"mlp.gate_proj@{i}-{i + 9}": {"type": "number"} for i in range(21)}}, "rationale": {"type": "string"}}}
     assert token_budget(small) == 256  # the old fixed bound stays the floor
-    assert token_budget(groups) >= 16 * 21 + 160  # 21 groups: ~350 tokens of JSON, more than 256
+    assert token_budget(groups) >= 16 * 23 + 64  # 21 groups: ~380 tokens of JSON, more than 256
+    bounded = {**groups, "properties": {**groups["properties"], "rationale": {"type": "string", "maxLength": 160}}}
+    assert token_budget(bounded) == token_budget(groups) - 64 + 160  # a string costs up to its maxLength

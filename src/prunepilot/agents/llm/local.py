@@ -253,21 +253,25 @@ class LocalClient:
 
 
 TOKENS_PER_FIELD = 16  # a quoted group name ("mlp.gate_proj@10-19"), a colon, a number, a comma and a newline
+UNBOUNDED_STRING = 64  # tokens allowed for a string without maxLength
 
 
 def token_budget(schema: Any, floor: int = 256) -> int:
-    """New tokens a reply to `schema` may need (the default bound): at least `floor`, and room for every named
-    field. A schema naming the 21 groups of a sparsify profile needs ~350 tokens; a fixed 256 cut such replies off
-    mid-object (bench/results/llm_sparsity_evolve_llm50.json: all 18 steering calls)."""
-    def fields(node: Any) -> int:
+    """New tokens a reply to `schema` may need (the default bound; decoding stops as soon as the object is
+    complete): at least `floor`, room for every named field, and for every string at one token per character of
+    its maxLength. A fixed 256 cut the 21-group sparsify replies off mid-object (~380 tokens of ratios, then two
+    160-character strings; bench/results/llm_sparsity_evolve_llm50.json: all 18 steering calls)."""
+    def need(node: Any) -> int:
         if isinstance(node, dict):
             props = node.get("properties")
-            n = len(props) if isinstance(props, dict) else 0
-            return n + sum(fields(v) for v in node.values())
+            n = TOKENS_PER_FIELD * len(props) if isinstance(props, dict) else 0
+            if node.get("type") == "string":
+                n += int(node.get("maxLength") or UNBOUNDED_STRING)
+            return n + sum(need(v) for k, v in node.items() if isinstance(v, (dict, list)))
         if isinstance(node, list):
-            return sum(fields(v) for v in node)
+            return sum(need(v) for v in node)
         return 0
-    return max(floor, TOKENS_PER_FIELD * fields(schema) + 160)  # + a bounded rationale
+    return max(floor, need(schema) + 64)
 
 
 def _complete_object(text: str) -> dict[str, Any] | None:
