@@ -28,16 +28,12 @@ from typing import Any
 from ..attempt import Attempt
 from ..plan import MAX_RATIO, Plan
 from .context import Context
-from .evolve import LLM, MUTATION, ORIGINS, SEED, MutationFallback
+from .evolve import LLM, MUTATION, ORIGINS, SEED, MutationFallback, _p
 from .strategists import SensitivityStrategist, _families
 
 LEVELS = (0.05, 0.1, 0.15)  # level sizes without a channel grid (a share of the family's channels)
 ROUND_TO = 8  # the channel multiple the plans ask for (a user's --round-to replaces it)
 SWITCHES = (1, 2)
-
-
-def _p(a: Attempt, key: str, default: float = -1.0) -> float:
-    return float(a.plan_params.get(key, default))
 
 
 def cost_key(budget: dict[str, Any]) -> str:
