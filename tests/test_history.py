@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,10 @@ def prior(run_id: str, fp: Fingerprint, budget: dict[str, float], score: float, 
 
 
 def test_default_path(tmp_path, monkeypatch):
+    assert default_history_path() == Path(os.environ["PRUNEPILOT_HISTORY"])  # conftest: one store per test
+    monkeypatch.setenv("PRUNEPILOT_HISTORY", str(tmp_path / "mine.sqlite"))
+    assert HistoryStore().path == tmp_path / "mine.sqlite"
+    monkeypatch.delenv("PRUNEPILOT_HISTORY")
     assert default_history_path() == tmp_path / "cache" / "history.sqlite"
     monkeypatch.delenv("PRUNEPILOT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

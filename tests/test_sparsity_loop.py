@@ -627,3 +627,50 @@ def test_end_to_end_interrupted_run_resumes_by_run_id(tiny_files: dict[str, Path
     assert res["loop"] == e2e["result"]["loop"]
     assert res["compressed"]["sparsity"] == e2e["result"]["compressed"]["sparsity"]
     assert json.loads((out / "plan.json").read_text())["counts"] == json.loads((e2e["out"] / "plan.json").read_text())["counts"]
+
+
+# ------------------------------------------------------------------------------------- learning across runs
+def test_history_warm_starts_the_next_run_and_a_resume_keeps_its_seed(tiny_files: dict[str, Path], tmp_path: Path) -> None:
+    """A finished run is recorded; the next run on the same model tries its best allocation first at the target
+    (no LLM call for it), the analyst sees the earlier run, and a resumed run takes the journaled seed even when
+    the store is gone meanwhile."""
+    import dataclasses
+
+    from prunepilot.history import HistoryStore
+    from prunepilot.sparsify.prior import SEED_KEY
+    from prunepilot.sparsify.run import run_sparsify
+
+    store = tmp_path / "history.sqlite"
+    cfg = lambda client, **kw: dataclasses.replace(_e2e_cfg(tiny_files, client), history=str(store), **kw)  # noqa: E731
+    first = run_sparsify(cfg(_e2e_client()), tmp_path / "a", say=lambda s: None)
+    from prunepilot.sparsify.prior import fingerprint
+
+    model = tiny_llama()
+    (prior,) = HistoryStore(store).matching(fingerprint(model, linear_layers(model)))
+    assert prior.run_id == first["run_id"] and prior.budget == {"sparsity": 0.5}
+    assert prior.score == -first["loop"]["probe_kl_final"] and len(prior.layers) == len(linear_layers(tiny_llama()))
+
+    out = tmp_path / "b"
+    client = _e2e_client(interrupt_on=2)  # the first LLM call of the refine phase, after the warm start
+    with pytest.raises(KeyboardInterrupt):
+        run_sparsify(cfg(client, sparsity="45%"), out, say=lambda s: None)
+    j = Journal(out / "journal.sqlite")
+    run_id = (out / "run_id").read_text()
+    seed = j.run(run_id)["config"][SEED_KEY]
+    assert seed["from_run"] == first["run_id"] and seed["priors"][0]["budget"] == {"sparsity": 0.5}
+    done = j.attempts(run_id)
+    assert [(a.phase, a.strategist) for a in done][-2:] == [("reference", "uniform"), ("refine", "history")]
+    warm = done[-1]
+    assert warm.plan["ratios"] == prior.layers and warm.llm_calls == 0 and warm.within_band
+    assert "earlier_runs_on_a_matching_model" in client.calls[-1][0][-1].content
+
+    store.unlink()  # a fresh look-up would find nothing now: the resumed run must still take its journaled seed
+    res = run_sparsify(cfg(_e2e_client(), sparsity="45%"), out, say=lambda s: None, run_id=run_id)
+    again = j.attempts(run_id)
+    assert [a.strategist for a in again].count("history") == 1 and again[len(done) - 1] == warm
+    assert res["loop"]["warm_start_from"] == first["run_id"]
+    assert j.run(run_id)["config"][SEED_KEY] == seed
+
+    cold = run_sparsify(cfg(_e2e_client(), use_history=False), tmp_path / "c", say=lambda s: None)
+    assert "warm_start_from" not in cold["loop"]
+    assert SEED_KEY in Journal(tmp_path / "c" / "journal.sqlite").runs()[0]["config"]

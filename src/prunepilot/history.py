@@ -30,8 +30,11 @@ SUMMARY_SHAPE_ENTRIES = 8
 
 
 def default_history_path() -> Path:
-    """$PRUNEPILOT_CACHE/history.sqlite, else $XDG_CACHE_HOME/prunepilot/history.sqlite, else ~/.cache/prunepilot/..."""
+    """$PRUNEPILOT_HISTORY (the file itself), else $PRUNEPILOT_CACHE/history.sqlite, else
+    $XDG_CACHE_HOME/prunepilot/history.sqlite, else ~/.cache/prunepilot/history.sqlite."""
     # Same roots as models.baseline.default_cache_dir (not imported: that module pulls in torch).
+    if os.environ.get("PRUNEPILOT_HISTORY"):
+        return Path(os.environ["PRUNEPILOT_HISTORY"]).expanduser()
     if os.environ.get("PRUNEPILOT_CACHE"):
         return Path(os.environ["PRUNEPILOT_CACHE"]).expanduser() / "history.sqlite"
     base = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
@@ -73,6 +76,7 @@ class PriorRun(BaseModel):
     rounds_to_best: int
     strategist: str
     prunepilot_version: str
+    layers: dict[str, float] = {}  # per-layer shape where the job has one (sparsify); plan_shape stays per group
 
 
 def budget_distance(a: dict[str, float], b: dict[str, float]) -> float:

@@ -94,6 +94,17 @@ class Journal:
             raise PrunepilotError("this journal's attempts are not in the current Attempt format (written by an older "
                                   "prunepilot?)", f"{self.path}: {str(exc)[:200]}", "start a new run") from None
 
+    def add_to_config(self, run_id: str, key: str, value: Any) -> None:
+        """Record one more fact of the run's configuration learned after it started (what the history store
+        gave it), so a resumed run reads it back instead of looking it up again. A key once written is kept."""
+        with closing(self._conn()) as c, c:
+            row = c.execute("SELECT config FROM runs WHERE id=?", (run_id,)).fetchone()
+            if row is None:
+                return
+            config = json.loads(row[0])
+            config.setdefault(key, value)
+            c.execute("UPDATE runs SET config=? WHERE id=?", (json.dumps(config, default=str), run_id))
+
     def set_status(self, run_id: str, status: str) -> None:
         with closing(self._conn()) as c, c:
             c.execute("UPDATE runs SET status=? WHERE id=?", (status, run_id))

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..attempt import Attempt
+from ..jobs.sparsify import WARM
 from ..plan import Plan
 from ..sparsify.plan import MAX_RATIO, project
 from ..sparsify.strategies import SensitivityStrategist
@@ -127,6 +128,11 @@ def at_target(history: list[Attempt], target: float) -> list[Attempt]:
             and abs(float(a.step.get("level", -1.0)) - target) < 1e-9]
 
 
+def _seeded(history: list[Attempt]) -> int:
+    """Seeds measured so far: the line search's, and an earlier run's best (the job's warm start) as one more."""
+    return sum(1 for a in history if _p(a, "origin") == SEED or (a.phase == "refine" and a.strategist == WARM))
+
+
 def best_full(history: list[Attempt], target: float, full: int) -> Attempt | None:
     """The parent: the lowest KL on the whole probe at the target (elitism; ties: the earliest)."""
     scored = [a for a in at_target(history, target) if _seqs(a, full) >= full]
@@ -185,7 +191,7 @@ class EvolveStrategist:
         hist = ctx.history
         g = genes_of(ctx.profile, target, self.spread)
         # 1. seeds: the sensitivity strategist's line search, on the whole probe
-        if sum(1 for a in hist if _p(a, "origin") == SEED) < self.seeds:
+        if _seeded(hist) < self.seeds:
             plan = self.sensitivity.propose(ctx)
             if plan is not None:
                 return plan.model_copy(update={"params": {**plan.params, "origin": SEED, "probe_seqs": float(full)}})
@@ -220,7 +226,7 @@ class EvolveStrategist:
         target = float(ctx.step["target"])
         full = int(ctx.step.get("probe_seqs", 1))
         hist = ctx.history
-        if sum(1 for a in hist if _p(a, "origin") == SEED) < self.seeds:
+        if _seeded(hist) < self.seeds:
             return 1
         parent = best_full(hist, target, full)
         fids = fidelities(full)

@@ -17,7 +17,7 @@ from ..errors import PlanError, PrunepilotError, SourceError
 from .result import Result, option_text, run_folder
 
 # SparsifyConfig fields the API sets itself (the rest may be passed as **options)
-_OWN = {"model", "sparsity", "method", "agent", "calib", "device", "dtype", "seed", "client", "progress"}
+_OWN = {"model", "sparsity", "method", "agent", "calib", "device", "dtype", "seed", "client", "progress", "history", "use_history"}
 
 
 def _sparsity(value: float | str) -> str:
@@ -70,6 +70,7 @@ def sparsify(
     log: Callable[[str], None] | None = print,
     workers: int = 1,
     ray_address: str | None = None,
+    history: bool | str | Path = True,
     **options: Any,
 ) -> Result:
     """Sparsify a causal LM to an exact global sparsity (unstructured `0.5` / `"50%"`, or `"2:4"`).
@@ -85,6 +86,9 @@ def sparsify(
     `progress`: fn(phase, done, total) for the block-by-block phases (None: a bar on a terminal; False: none).
     `workers`/`ray_address`: measure the loop's independent candidates (evolve's offspring) on Ray workers, each
     holding the model once (`pip install 'prunepilot[ray]'`); same seed, same plans as in-process.
+    `history`: True = the cross-run history store in the prunepilot cache (a finished loop run is recorded; a
+    new run on the same model starts its re-allocations from the nearest earlier run's best), a path = that
+    store, False = neither read nor record.
     `**options`: any other SparsifyConfig field (calib_seqs, calib_seqlen, eval_seqs, eval_seqlen, probe_seqs,
     fidelity_seqs, grad_seqs, refine_iters, bands, export_format, offload, ...).
     """
@@ -113,7 +117,8 @@ def sparsify(
     options.setdefault("export", out is not None)
     cfg = SparsifyConfig(model=loaded.spec, sparsity=_sparsity(sparsity), method=method, agent=agent,
                          calib=spec or "pydocs", device=option_text(device), dtype=option_text(dtype), seed=seed, client=client,
-                         progress=progress, **options)
+                         progress=progress, history=str(history) if isinstance(history, (str, Path)) else None,
+                         use_history=history is not False, **options)
     say = log or (lambda _msg: None)
     with executor.scoped(pool), run_folder(out, "prunepilot-sparsify-") as (folder, keep):
         run_id = _resume_id(folder) if resume else None

@@ -50,6 +50,8 @@ def register(app: typer.Typer) -> None:
         grad_seqs: int = typer.Option(2, "--grad-seqs", min=0, help="Sequences for gradient importance in the profile (0: skip the backward pass)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out (otherwise a second run there is refused)."),
         seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
+        history: Optional[Path] = typer.Option(None, "--history", help="Cross-run history store (default: the prunepilot cache, history.sqlite): a finished loop run is recorded there; a new run on the same model starts its re-allocations from the nearest earlier run's best."),
+        no_history: bool = typer.Option(False, "--no-history", help="Neither read nor record cross-run history."),
         workers: int = typer.Option(1, "--workers", min=1, help="Measure a batch of independent candidates (evolve's offspring of one generation) on N Ray workers, each holding the model once; 1 = in this process. Same seed, same plans."),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running Ray cluster (HOST:PORT from `ray start --head`, ray://HOST:PORT, or auto) instead of starting a local one."),
     ) -> None:
@@ -76,6 +78,7 @@ def register(app: typer.Typer) -> None:
                              calib_seqs=calib_seqs, calib_seqlen=seqlen, eval_seqs=eval_seqs,
                              eval_seqlen=eval_seqlen, probe_seqs=probe_seqs, probe_seqlen=probe_seqlen, bands=bands, llm_base_url=llm_base_url, export=not no_export, seed=seed,
                              export_format=export_format, device=device, dtype=dtype, grad_seqs=grad_seqs,
+                             history=str(history) if history else None, use_history=not no_history,
                              extra={"executor": {"workers": workers, "ray_address": ray_address}} if pool.remote else {})
         with executor.scoped(pool):
             result = run_sparsify(cfg, out, say=lambda s: console.print(s), overwrite=overwrite)

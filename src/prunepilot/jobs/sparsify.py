@@ -33,6 +33,7 @@ from ..sparsify.plan import MAX_RATIO, counts_to_ratios, global_sparsity, projec
 from ..sparsify.profile import SensitivityProfile, WandaBank
 
 KIND = "sparsify"
+WARM = "history"  # the source (and so the attempt's strategist) of the warm start from an earlier run
 
 
 @dataclass
@@ -90,9 +91,9 @@ class SparsifyJob:
     kind = KIND
 
     def __init__(self, model: nn.Module, bank: WandaBank, infos: list[LinearInfo], profile: SensitivityProfile,
-                 probe: Probe, cfg: RampSettings, budget: dict[str, Any]) -> None:
+                 probe: Probe, cfg: RampSettings, budget: dict[str, Any], warm_start: Plan | None = None) -> None:
         self.model, self.bank, self.infos, self.profile, self.probe = model, bank, infos, profile, probe
-        self.cfg, self.budget = cfg, budget
+        self.cfg, self.budget, self.warm_start = cfg, budget, warm_start
         self.total = sum(i.params for i in infos)
         self.target_count = int(round(cfg.target * self.total))
         self.uniform_counts = [project({}, infos, cfg.target)[i.name] for i in infos]
@@ -195,6 +196,8 @@ class SparsifyJob:
                     "probe_seqs": self.full_seqs, "evals": st.evals}
             if self.cfg.evals is not None:
                 info["evals_left"] = self.cfg.evals - st.evals
+            if self.warm_start is not None and not any(a.phase == "refine" and a.strategist == WARM for a in history):
+                return Step("refine", info, plan=self.warm_start)  # an earlier run's best shape, tried once, first
             return Step("refine", info)
         return None
 

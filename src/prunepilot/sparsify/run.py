@@ -20,6 +20,7 @@ import torch
 from ..budget import Budget
 from ..engines import sparsity as sp
 from ..errors import PlanError
+from ..plan import Plan
 from ..errors import SourceError
 from ..evaluate.language import dense_reference, fidelity, knowledge_retention, knowledge_targets, mean_nll
 from ..results import build_result, write_json_atomic, write_text_atomic
@@ -69,6 +70,8 @@ class SparsifyConfig:
     dtype: str = "auto"  # auto (the checkpoint's dtype) | float32 | bfloat16 | float16
     offload: bool | None = None  # CUDA: keep blocks on the CPU, one on the device at a time (None: when it does not fit)
     upcast: bool | None = None  # CPU: run bf16/fp16 blocks in float32 one at a time (None: when the CPU lacks bf16 units)
+    history: str | None = None  # cross-run history store (None: the prunepilot cache's history.sqlite)
+    use_history: bool = True  # read (warm start, the analyst's context) and record cross-run history
     llm_base_url: str | None = None
     client: Any = None  # an LLMClient to use instead of building one from `agent` (tests, benches)
     progress: Any = None  # None: a rich progress bar on a terminal, quiet otherwise; False: quiet; or a callable
@@ -325,8 +328,9 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
                 assert plan is not None  # one-shot strategists always answer on the ramp
                 counts = project(resolve(plan, infos, profile.groups, {}), infos, target)
             else:
+                learned = _history_seed(cfg, model, infos, profile, target, journal, run_id, say)
                 counts, loop_info, history = _loop(cfg, model, bank, infos, profile, probe.to(placement.device),
-                                                   target, strategist, journal, run_id, say, lap, report)
+                                                   target, strategist, journal, run_id, say, lap, report, learned)
             profile_json = profile.to_json()
         finally:  # also when interrupted: a model handed in from Python is left dense, so the run can resume
             bank.restore()
@@ -352,6 +356,12 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
         reference.close()  # its scratch file
         del reference
     lap("final_eval", t0)
+    if history and nm is None:
+        from .prior import fingerprint, record
+
+        best = next((a for a in history if a.index == loop_info.get("best_attempt")), None)
+        record(_store(cfg), fingerprint(model, infos), run_id, target, best, history, infos, counts,
+               compressed["perplexity"], agent_used, say)
     say(f"{cfg.method} @ {cfg.sparsity} ({agent_used}): perplexity {compressed['perplexity']:.2f}, sparsity {achieved_global:.4f}")
 
     placement.detach()  # hooks off; an upcast model's embeddings/head back in the checkpoint dtype
@@ -399,9 +409,31 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
     return result
 
 
+def _store(cfg: SparsifyConfig) -> Any:
+    from ..history import HistoryStore, NullHistory
+
+    return HistoryStore(cfg.history) if cfg.use_history else NullHistory()
+
+
+def _history_seed(cfg: SparsifyConfig, model: Any, infos: list, profile: Any, target: float, journal: Any, run_id: str,
+                  say: Callable[[str], None]) -> dict[str, Any]:
+    """What earlier runs on this model give this one (warm start, priors for the analyst), journaled once."""
+    from .prior import SEED_KEY, fingerprint, seed
+
+    journaled = journal.run(run_id)["config"].get(SEED_KEY)
+    learned = seed(_store(cfg), fingerprint(model, infos), target, infos, profile.groups, journaled)
+    if journaled is None:
+        journal.add_to_config(run_id, SEED_KEY, learned)
+    if learned.get("warm_start"):
+        say(f"history: {len(learned['priors'])} earlier run(s) on this model; the first re-allocation at the target "
+            f"starts from run {learned['from_run']}")
+    return learned
+
+
 def _loop(cfg: SparsifyConfig, model: Any, bank: WandaBank, infos: list, profile: Any, probe_ids: torch.Tensor,
           target: float, strategist: Any, journal: Any, run_id: str, say: Callable[[str], None],
-          lap: Callable[[str, float], None], report: Reporter | None = None) -> tuple[dict[str, int], dict[str, Any], list[Any]]:
+          lap: Callable[[str, float], None], report: Reporter | None = None,
+          learned: dict[str, Any] | None = None) -> tuple[dict[str, int], dict[str, Any], list[Any]]:
     """Cost probes, then the one Master over the sparsify job (ramp, reference, refine)."""
     from ..jobs.sparsify import RampSettings, SparsifyJob
     from ..loop import LoopLimits, Master
@@ -422,13 +454,20 @@ def _loop(cfg: SparsifyConfig, model: Any, bank: WandaBank, infos: list, profile
                       refine_iters=evals if evals is not None else cfg.refine_iters, evals=evals,
                       ramp=getattr(strategist, "needs_ramp", True))
     budget = Budget.parse(sparsity=f"{target * 100:.6g}%").resolve({}).to_json()
-    job = SparsifyJob(model, bank, infos, profile, probe_set, rs, budget)
+    learned = learned or {}
+    warm = Plan.model_validate(learned["warm_start"]) if learned.get("warm_start") else None
+    job = SparsifyJob(model, bank, infos, profile, probe_set, rs, budget, warm_start=warm)
     # cached repeats cost no evaluation but are attempts: leave room for them past the evaluation budget
     limits = LoopLimits(max_attempts=max(200, 2 * (evals or 0) + rs.max_iters + 10))
-    Master(job, strategist, journal, run_id, seed=cfg.seed, limits=limits, log=say).run()
+    Master(job, strategist, journal, run_id, seed=cfg.seed, limits=limits, priors=learned.get("priors") or [],
+           log=say).run()
     history = journal.attempts(run_id)
     counts = job.best_counts(history)
-    loop_info = {**job.summary(history), "llm_fallbacks": sum(1 for a in history if a.fallback_reason)}
+    best = job.best(history)
+    loop_info = {**job.summary(history), "llm_fallbacks": sum(1 for a in history if a.fallback_reason),
+                 "best_attempt": best.index if best else None}
+    if warm is not None:
+        loop_info["warm_start_from"] = learned.get("from_run")
     if getattr(strategist, "needs_ramp", True) is False:
         from ..agents.evolve import evolve_report
 
