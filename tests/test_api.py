@@ -259,3 +259,33 @@ def test_hf_bert_encoder_with_token_inputs():
     res = prunepilot.prune(model, example, target_macs=0.6, log=None)
     assert res.within_band, res.raw["errors"]
     assert res.model(**example).logits.shape == (1, 2)
+
+
+def test_history_warm_start_for_prune_is_journaled_and_kept_on_resume(tmp_path):
+    """A finished prune run is recorded; the next run on the same architecture proposes its best shape first
+    (attempt 0, strategist 'history'), and what the store gave a run sits in its journaled config."""
+    from prunepilot.history import SEED_KEY
+    from prunepilot.journal import Journal
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 12, generator=g), torch.randn(128, 6, generator=g)
+    y = (a[:, 0] + b[:, 0] > 0).long()
+    ds = [{"image_feats": a[i], "meta": b[i], "labels": y[i]} for i in range(128)]
+    loader = DataLoader(ds, batch_size=32)
+    example = {"image_feats": a[:1], "meta": b[:1]}
+    store = tmp_path / "history.sqlite"
+    kw = dict(train=loader, val=loader, agent="uniform", rounds=2, finetune_steps=1, finetune_epochs=0.1,
+              history=store, log=None)
+    first = prunepilot.prune(TwoInputNet().eval(), example, target_params=0.6, out=tmp_path / "a", **kw)
+    second = prunepilot.prune(TwoInputNet().eval(), example, target_params=0.55, out=tmp_path / "b", **kw)
+    j = Journal(tmp_path / "b" / "journal.sqlite")
+    seed = j.run(second.run_id)["config"][SEED_KEY]
+    assert seed["from_run"] == first.run_id and seed["priors"][0]["budget"]["params"] == pytest.approx(0.6)
+    attempts = j.attempts(second.run_id)
+    assert attempts[0].strategist == "history" and attempts[0].plan["source"] == "history"
+    assert all(x.strategist == "uniform" for x in attempts[1:])
+    cold = prunepilot.prune(TwoInputNet().eval(), example, target_params=0.55, out=tmp_path / "c",
+                            **(kw | {"history": False}))
+    c = Journal(tmp_path / "c" / "journal.sqlite")
+    assert c.run(cold.run_id)["config"][SEED_KEY]["warm_start"] is None
+    assert all(x.strategist == "uniform" for x in c.attempts(cold.run_id))

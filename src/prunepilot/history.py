@@ -27,6 +27,7 @@ CREATE INDEX IF NOT EXISTS priors_family ON priors (kind, family);
 """
 
 SUMMARY_SHAPE_ENTRIES = 8
+SEED_KEY = "history_seed"  # a run's journaled config: what the store gave it (warm start, priors), for resumes
 
 
 def default_history_path() -> Path:

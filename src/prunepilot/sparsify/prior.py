@@ -15,12 +15,12 @@ import time
 from typing import Any, Callable
 
 from ..attempt import Attempt
-from ..history import Fingerprint, History, PriorRun, prior_summary
+from ..history import SEED_KEY, Fingerprint, History, PriorRun, prior_summary
 from ..plan import Plan
 from .calibrate import LinearInfo
 
 KIND = "sparsify"
-SEED_KEY = "history_seed"  # the journaled config's record of what the history gave this run
+__all__ = ["SEED_KEY", "fingerprint", "record", "seed", "warm_plan"]
 
 
 def fingerprint(model: Any, infos: list[LinearInfo]) -> Fingerprint:
