@@ -223,3 +223,48 @@ def test_grid_keeps_a_grouped_convs_multiple():
     g = _grid(48, 8, multiple=6)
     assert all(w % 6 == 0 for w in g) and g[-1] == 48
     assert all(w % 24 == 0 for w in _grid(96, 8, multiple=6))
+
+
+def test_whole_network_check_overrides_the_per_family_choice_only_when_clearly_faster():
+    """The per-family multiples against one multiple for every family, ranked by latency per MAC kept: a global
+    multiple that runs 10% faster per MAC replaces the choice (families too narrow for it keep theirs); one
+    within TIE does not."""
+    from prunepilot.latency.alignment import TIE, AlignmentChoice, confirm_alignment
+
+    _, _, st = _setup(lambda: ResidualCNN(c=64))
+    per_family = {f: AlignmentChoice(f, "op", 8, {8: 1.0}) for f in st.families}
+    built: list[dict] = []
+
+    def build(mult):
+        built.append(mult)
+        return mult
+
+    def run(speed_of_16: float):
+        built.clear()
+        return confirm_alignment(per_family, st, build, macs=lambda m: 100.0,
+                                 latency_ratio=lambda m: speed_of_16 if max(m.values()) == 16 else 0.5,
+                                 dense_macs=200.0)
+
+    chosen, check = run(0.45)
+    assert check.chosen == "all 16" and {"per family", "all 16"} <= set(check.options)
+    assert check.options["per family"]["per_mac"] == pytest.approx(1.0) and check.options["all 16"]["per_mac"] == pytest.approx(0.9)
+    assert all(c.multiple == 16 for f, c in chosen.items() if st.groups[st.families[f][0]].units >= 64)
+    assert len(built) == len(check.options) and all(set(b) == set(st.groups) for b in built)  # every group
+    chosen, check = run(0.5 * (1 - TIE / 2))
+    assert check.chosen == "per family" and chosen is per_family
+    narrow = {f: c for f, c in per_family.items() if st.groups[st.families[f][0]].units < 64}
+    if narrow:
+        assert all(chosen[f].multiple == 8 for f in narrow)
+
+
+def test_latency_model_checks_its_alignment_in_the_whole_network(tmp_path):
+    model, x, st = _setup(lambda: ResidualCNN(c=64))
+    from prunepilot.pipeline import count_real
+
+    lm = build_latency_model(model, x, st, runs=1, whole_runs=2, cache_dir=tmp_path, align=True,
+                             prune_uniform=lambda r, mult: _uniform(model, x, st, r),
+                             count_macs=lambda m: count_real(m, x)["macs"])
+    check = lm.alignment_check
+    assert {"per family", "all 16"} <= set(check["options"]) and check["chosen"] in check["options"]
+    assert all(o["latency_ratio"] > 0 and 0 < o["macs_ratio"] < 1 for o in check["options"].values())
+    assert lm.to_json()["alignment_check"] == check

@@ -119,3 +119,48 @@ def choose_alignment(ops: list[Op], structure: Structure, *, device: torch.devic
         chosen = _choose(scores)
         out[fam] = AlignmentChoice(fam, ",".join(o.name for o in mine[:4]), chosen, scores)
     return out
+
+
+WHOLE = (16, 32)  # one multiple for every family, tried against the per-family choice in the whole network
+
+
+@dataclass(frozen=True)
+class WholeModelCheck:
+    """The per-family choice against one global multiple, each as the uniform copy timed in pairs with dense."""
+
+    chosen: str  # the option kept: "per family" or "all N"
+    options: dict[str, dict[str, float]]  # option -> latency ratio, MAC ratio, latency per MAC kept
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chosen": self.chosen,
+                "options": {k: {m: round(v, 4) for m, v in o.items()} for k, o in self.options.items()}}
+
+
+def confirm_alignment(alignment: dict[str, AlignmentChoice], structure: Structure,
+                      build: Callable[[dict[str, int]], torch.nn.Module], macs: Callable[[torch.nn.Module], float],
+                      latency_ratio: Callable[[torch.nn.Module], float], dense_macs: float,
+                      multiples: tuple[int, ...] = WHOLE) -> tuple[dict[str, AlignmentChoice], WholeModelCheck]:
+    """Check the per-family choice in the whole network, where one op alone can hide what a width costs (layout
+    reorders, the next op's blocking): the uniform copy built on the per-family multiples and on one multiple
+    for every family that has room for it, each timed as a ratio to dense (`latency_ratio`), ranked by latency
+    per MAC kept. A global multiple replaces the per-family choice only when it is `TIE` better."""
+    per_family = {f: c.multiple for f, c in alignment.items()}
+    options: dict[str, dict[str, int]] = {"per family": per_family}
+    for m in multiples:
+        fams = {f: (m if structure.groups[structure.families[f][0]].units >= 4 * m else c) for f, c in per_family.items()}
+        if fams != per_family and fams not in options.values():
+            options[f"all {m}"] = fams
+    if len(options) == 1:  # no family has room for a coarser multiple: nothing to compare
+        return alignment, WholeModelCheck("per family", {})
+    scored: dict[str, dict[str, float]] = {}
+    for name, fams in options.items():
+        model = build({g: fams[f] for f, names in structure.families.items() if f in fams for g in names})
+        lat, q = latency_ratio(model), macs(model) / dense_macs
+        scored[name] = {"latency_ratio": lat, "macs_ratio": q, "per_mac": lat / q if q > 0 else math.inf}
+        del model
+    best = min(scored, key=lambda k: scored[k]["per_mac"])
+    if best == "per family" or scored[best]["per_mac"] > scored["per family"]["per_mac"] * (1 - TIE):
+        return alignment, WholeModelCheck("per family", scored)
+    won = options[best]
+    return ({f: (c if c.multiple == won[f] else AlignmentChoice(c.family, c.op, won[f], c.vs_trend))
+             for f, c in alignment.items()}, WholeModelCheck(best, scored))

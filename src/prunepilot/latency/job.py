@@ -51,8 +51,11 @@ class LatencyTargeting:
             model = copy_model(pruner.dense)  # detaches cached graph tensors a plain deepcopy chokes on
             return apply_allocation(model, pruner.x, st, Allocation(kept, {})).eval()
 
+        from ..pipeline import count_real
+
         lm = build_latency_model(pruner.dense, pruner.x, st, prune_uniform=uniform if st.groups else None,
-                                 cache_dir=cache_dir, runs=runs, align=align, log=log)
+                                 cache_dir=cache_dir, runs=runs, align=align,
+                                 count_macs=lambda m: count_real(m, pruner.x)["macs"], log=log)
         alignment: dict[str, AlignmentChoice] = lm.alignment
         pruner.projector = Projector(st, pruner.cost, latency=lm,
                                      align={f: c.multiple for f, c in alignment.items()})
@@ -193,6 +196,11 @@ def latency_summary(result: dict[str, Any]) -> str:
         for f, a in al.items():
             vs = ", ".join(f"{k}: {v:.3f}" for k, v in (a.get("vs_trend") or {}).items())
             lines.append(f"- `{f}`: **{a['multiple']}** ({vs}; ops `{a['op']}`)")
+    check = lm.get("alignment_check") or {}
+    if check.get("options"):
+        opts = "; ".join(f"{k} {o['per_mac']:.3f}" for k, o in check["options"].items())
+        lines.append(f"- whole-network check (uniform copies, latency ratio per MAC ratio: {opts}): "
+                     f"**{check['chosen']}** kept")
     for n in lat.get("notes") or []:
         lines.append(f"- {n}")
     return "\n".join(lines) + "\n"

@@ -314,6 +314,7 @@ class LatencyModel:
     measured_points: int
     cached_points: int
     calibration: dict[str, float] = field(default_factory=dict)
+    alignment_check: dict[str, Any] = field(default_factory=dict)  # alignment.WholeModelCheck.to_json()
     device: str = "cpu"
     dtype: str = "float32"
     alignment: dict[str, Any] = field(default_factory=dict)  # family -> alignment.AlignmentChoice
@@ -360,7 +361,7 @@ class LatencyModel:
                 "rest_model": {"a": self.rest_a, "b": self.rest_b}, "fingerprint": self.fingerprint,
                 "ops": len(self.ops), "tables": len({o.key() for o in self.ops}), "seconds": round(self.seconds, 2),
                 "measured_points": self.measured_points, "cached_points": self.cached_points,
-                "calibration": self.calibration}
+                "calibration": self.calibration, "alignment_check": self.alignment_check}
 
 
 class TableCache:
@@ -394,14 +395,16 @@ class TableCache:
 def build_latency_model(model: nn.Module, example_inputs: Any, structure: Structure, *, step: int = 8,
                         runs: int = 3, cache_dir: Path | None | bool = True, uniform_ratio: float = 0.5,
                         whole_runs: int = 7, prune_uniform: Callable[[float, dict[str, int]], nn.Module] | None = None,
-                        align: bool = False, log: Callable[[str], None] | None = None) -> LatencyModel:
+                        align: bool = False, count_macs: Callable[[nn.Module], float] | None = None,
+                        log: Callable[[str], None] | None = None) -> LatencyModel:
     """Measure (or read from the cache) every op's table, then calibrate the rest of the network.
 
     `prune_uniform(ratio, multiple)` returns the model with every group pruned by `ratio`, kept widths on
     `multiple[group]` (the caller's engine); without it
     the rest is taken as constant (rest_b = 0). `align`: choose each family's channel multiple by measurement
     first (latency.alignment) and measure the tables at widths on those multiples, the widths the projector
-    will pick."""
+    will pick; with `count_macs` too, that choice is checked in the whole network against one multiple for every
+    family (alignment.confirm_alignment) before the tables are measured."""
     t0 = time.perf_counter()
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = p.device if p is not None else torch.device("cpu")
@@ -423,10 +426,21 @@ def build_latency_model(model: nn.Module, example_inputs: Any, structure: Struct
         return ms
 
     alignment: dict[str, Any] = {}
+    whole_check = None
     if align:
         from .alignment import choose_alignment
 
         alignment = choose_alignment(ops, structure, device=device, dtype=dtype, runs=runs, timed=timed)
+        if alignment and prune_uniform is not None and count_macs is not None:
+            from .alignment import confirm_alignment
+
+            alignment, whole_check = confirm_alignment(
+                alignment, structure, lambda mult: prune_uniform(uniform_ratio, mult), count_macs,
+                lambda small: paired_ms(model, small, example_inputs, device, pairs=3 * whole_runs)[2],
+                count_macs(model))
+            if log and whole_check.chosen != "per family":
+                log(f"latency model: {whole_check.chosen} runs faster per MAC in the whole network than the "
+                    f"per-family multiples; taken")
     multiple = {g: alignment[f].multiple for f, names in structure.families.items() if f in alignment for g in names}
     tables: dict[str, tuple[list[int], list[int], list[list[float]]]] = {}
     for op in ops:
@@ -477,6 +491,7 @@ def build_latency_model(model: nn.Module, example_inputs: Any, structure: Struct
                             "uniform_ops_sum_ms": ops_small})
     lm.calibration = calibration
     lm.alignment = alignment
+    lm.alignment_check = whole_check.to_json() if whole_check is not None else {}
     lm.seconds = time.perf_counter() - t0
     if log:
         log(f"latency model: {len(ops)} ops, {len(tables)} tables ({measured} points measured, {cached} cached) in "

@@ -367,6 +367,11 @@ def latency_section(r: dict[str, Any]) -> dict[str, Any] | None:
     p, m = num(comp.get("latency_predicted_ms")), num(comp.get("latency_ms"))
     if p and m:
         facts.append(("pruned", f"predicted {p:.2f} ms, measured {m:.2f} ms ({m / p - 1:+.1%})"))
+    check = lm.get("alignment_check") if isinstance(lm.get("alignment_check"), dict) else {}
+    if check.get("options"):
+        opts = "; ".join(f"{k}: {float(o.get('per_mac', 0)):.3f}" for k, o in check["options"].items() if isinstance(o, dict))
+        facts.append(("alignment check", f"uniform copies in the whole network, latency per MAC kept ({opts}); kept: "
+                                         f"{check.get('chosen', '?')}"))
     facts += [("note", str(n)) for n in lat.get("notes") or []]
     rows = []
     for fam, a in (lat.get("alignment") or {}).items():
