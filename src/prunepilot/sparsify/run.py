@@ -20,8 +20,8 @@ import torch
 from ..budget import Budget
 from ..engines import sparsity as sp
 from ..errors import PlanError
-from ..plan import Plan
 from ..errors import SourceError
+from ..plan import Plan
 from ..evaluate.language import dense_reference, fidelity, knowledge_retention, knowledge_targets, mean_nll
 from ..results import build_result, write_json_atomic, write_text_atomic
 from ..sources.llm import LoadedLM, load_causal_lm
