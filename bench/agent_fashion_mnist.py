@@ -85,7 +85,7 @@ def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root:
     """One arm at one target of `metric` ("macs", or "latency_ms": projected on this device's latency tables and
     measured fresh, bench/latency_fashion_mnist.py); `models` receives the recovered best model by arm."""
     torch.manual_seed(seed)
-    x = torch.randn(1, *info["input_shape"])
+    x = torch.randn(getattr(args, "batch", 1), *info["input_shape"])  # the example input latency is timed on
     loaded = LoadedModel(copy.deepcopy(dense), x, "prunepilot:fmnist_resnet20", "trained ResNet-20")
     settings = PruneSettings(rounds=args.rounds, patience=args.rounds, finetune_steps=args.loop_steps,
                              eval_limit=args.eval_limit, bn_batches=10, seed=seed)

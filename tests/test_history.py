@@ -152,3 +152,22 @@ def test_prior_summary_is_json_and_truncates():
     assert s["plan_shape_omitted"] == 4 and s["score"] is None and s["outcome"]["perplexity"] == 20.1235
     assert "r1" not in text and fp.structure not in text
     assert prior_summary([]) == []
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["prune", "torchvision:resnet18", "--target-macs", "50%", "--data", "fashion-mnist", "--history", "h.sqlite",
+      "--no-history"], "contradict"),
+    (["prune", "torchvision:resnet18", "--target-macs", "50%", "--history", "h.sqlite"], "needs --data"),
+    (["sparsify", "hf:/nonexistent/model", "--history", "h.sqlite", "--no-history"], "contradict"),
+    (["sparsify", "hf:/nonexistent/model", "--agent", "owl", "--history", "h.sqlite"], "has no loop"),
+    (["sparsify", "hf:/nonexistent/model", "--sparsity", "2:4", "--history", "h.sqlite"], "has no loop"),
+])
+def test_history_options_that_would_be_ignored_are_refused(argv, says, tmp_path):
+    """No silently ignored option: --history where no loop reads it, or beside --no-history, is an error."""
+    from typer.testing import CliRunner
+
+    from prunepilot.cli import app
+
+    r = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "run")])
+    assert isinstance(r.exception, PrunepilotError) and says in str(r.exception), r.output
+    assert not (tmp_path / "run").exists()

@@ -90,6 +90,12 @@ def register(app: typer.Typer) -> None:
                             "pass --data, or use --importance l2")
         if rounds < 1:
             raise PlanError("--rounds must be at least 1", rounds, "e.g. --rounds 8")
+        if history is not None and no_history:
+            raise PlanError("--history and --no-history contradict each other", f"--history {history} --no-history",
+                            "keep one of them")
+        if history is not None and data is None:
+            raise PlanError("--history is read and written by the agent loop, which needs --data", f"--history {history}",
+                            "pass --data, or drop --history (a run without data is one projection, nothing to learn)")
         if (workers > 1 or ray_address) and data is None:
             raise PlanError("--workers/--ray-address measure the agent loop's candidates, which needs --data",
                             "no --data given", "pass --data, or drop --workers/--ray-address")

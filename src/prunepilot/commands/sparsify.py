@@ -72,6 +72,17 @@ def register(app: typer.Typer) -> None:
             raise PlanError("--workers/--ray-address measure the loop's candidates, and this run has no loop",
                             f"--agent {agent} --sparsity {sparsity}", "drop --workers/--ray-address, or use a loop "
                             "strategist (evolve batches its offspring)")
+        if history is not None and no_history:
+            from ..errors import PlanError
+
+            raise PlanError("--history and --no-history contradict each other", f"--history {history} --no-history",
+                            "keep one of them")
+        if history is not None and (agent.strip() in ("uniform", "owl") or ":" in sparsity):
+            from ..errors import PlanError
+
+            raise PlanError("--history is read and written by the allocation loop, and this run has no loop",
+                            f"--agent {agent} --sparsity {sparsity}", "drop --history, or use a loop strategist "
+                            "(sensitivity, evolve, an LLM)")
         pool = executor.make(workers, ray_address, log=lambda s: console.print(s))  # ray missing / unreachable: now
         cfg = SparsifyConfig(model=model, sparsity=sparsity, method=method, agent=agent, calib=calib,
                              eval=eval_text, rollback_threshold=_fraction(rollback_threshold), step=step, refine_iters=refine_iters, evals=evals,
