@@ -261,10 +261,17 @@ def test_latency_model_checks_its_alignment_in_the_whole_network(tmp_path):
     model, x, st = _setup(lambda: ResidualCNN(c=64))
     from prunepilot.pipeline import count_real
 
+    from prunepilot.latency.model import aligned_width
+
+    def aligned_uniform(r, mult):
+        kept = {n: aligned_width(g.units * (1 - r), mult.get(n, 1), g.units) for n, g in st.groups.items()}
+        return apply_allocation(copy.deepcopy(model), x, st, Allocation(kept, {})).eval()
+
     lm = build_latency_model(model, x, st, runs=1, whole_runs=2, cache_dir=tmp_path, align=True,
-                             prune_uniform=lambda r, mult: _uniform(model, x, st, r),
-                             count_macs=lambda m: count_real(m, x)["macs"])
+                             prune_uniform=aligned_uniform, count_macs=lambda m: count_real(m, x)["macs"])
     check = lm.alignment_check
     assert {"per family", "all 16"} <= set(check["options"]) and check["chosen"] in check["options"]
     assert all(o["latency_ratio"] > 0 and 0 < o["macs_ratio"] < 1 for o in check["options"].values())
+    # the check prunes to widths where the multiples differ: the options are different networks
+    assert len({round(o["macs_ratio"], 6) for o in check["options"].values()}) == len(check["options"])
     assert lm.to_json()["alignment_check"] == check

@@ -637,7 +637,7 @@ def test_history_warm_starts_the_next_run_and_a_resume_keeps_its_seed(tiny_files
     import dataclasses
 
     from prunepilot.history import HistoryStore
-    from prunepilot.sparsify.prior import SEED_KEY
+    from prunepilot.history import SEED_KEY
     from prunepilot.sparsify.run import run_sparsify
 
     store = tmp_path / "history.sqlite"

@@ -13,7 +13,7 @@ import os
 import sqlite3
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from pydantic import BaseModel, ConfigDict
 
@@ -213,3 +213,23 @@ def prior_summary(priors: list[PriorRun]) -> list[dict[str, Any]]:
             item["plan_shape_omitted"] = len(shape) - SUMMARY_SHAPE_ENTRIES
         out.append(item)
     return out
+
+
+def journaled_seed(journal: Any, run_id: str, lookup: Callable[[], tuple[list[PriorRun], Any]]) -> dict[str, Any]:
+    """What the store gives a run: {"warm_start": plan dict or None, "from_run": id or None, "priors": compact
+    views}. Looked up once (`lookup() -> (priors, warm Plan or None)`) and written into the run's journaled
+    config, so a resumed or replayed run takes the same warm start even when the store changed meanwhile."""
+    learned = journal.run(run_id)["config"].get(SEED_KEY)
+    if learned is None:
+        priors, plan = lookup()
+        learned = {"warm_start": plan.model_dump(exclude_unset=True) if plan is not None else None,
+                   "from_run": priors[0].run_id if plan is not None else None, "priors": prior_summary(priors)}
+        journal.add_to_config(run_id, SEED_KEY, learned)
+    return learned
+
+
+def seed_plan(learned: dict[str, Any]) -> Any:
+    """The warm-start Plan of a journaled seed, or None."""
+    from .plan import Plan
+
+    return Plan.model_validate(learned["warm_start"]) if learned.get("warm_start") else None

@@ -388,7 +388,7 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
     report. Every attempt is in OUT/journal.sqlite as soon as it is measured. Returns result.json's content,
     or (result, compressed model) with `return_model`."""
     from ..agents.registry import make_strategist
-    from ..history import SEED_KEY, HistoryStore, NullHistory, prior_summary
+    from ..history import HistoryStore, NullHistory, journaled_seed, seed_plan
     from ..sources.data import load_data
 
     out, s = run.out, run.settings
@@ -423,14 +423,13 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
         write_json_atomic(out / "profile.json", pruner.profile.to_json())
         store = HistoryStore(run.history_path) if run.use_history else NullHistory()
         fp = fingerprint(pruner)
-        learned = journal.run(run_id)["config"].get(SEED_KEY)  # a resumed run takes what it was given then
-        if learned is None:
+
+        def lookup():
             priors = store.nearest(fp, budget_fractions(rb, pruner.profile.dense))
-            plan = warm_start_plan(priors[0], list(pruner.structure.families)) if priors else None
-            learned = {"warm_start": plan.model_dump(exclude_unset=True) if plan else None,
-                       "from_run": priors[0].run_id if plan else None, "priors": prior_summary(priors)}
-            journal.add_to_config(run_id, SEED_KEY, learned)
-        warm = Plan.model_validate(learned["warm_start"]) if learned.get("warm_start") else None
+            return priors, warm_start_plan(priors[0], list(pruner.structure.families)) if priors else None
+
+        learned = journaled_seed(journal, run_id, lookup)
+        warm = seed_plan(learned)
         if warm is not None:
             log(f"history: {len(learned['priors'])} earlier run(s) on this architecture; the first proposal starts "
                 f"from run {learned['from_run']}")

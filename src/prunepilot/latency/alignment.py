@@ -122,6 +122,9 @@ def choose_alignment(ops: list[Op], structure: Structure, *, device: torch.devic
 
 
 WHOLE = (16, 32)  # one multiple for every family, tried against the per-family choice in the whole network
+# the check's uniform pruning ratio: kept widths off every candidate multiple (half of a power-of-two width is a
+# multiple of all of them, so at 0.5 every option builds the same network)
+CHECK_RATIO = 0.37
 
 
 @dataclass(frozen=True)

@@ -432,10 +432,10 @@ def build_latency_model(model: nn.Module, example_inputs: Any, structure: Struct
 
         alignment = choose_alignment(ops, structure, device=device, dtype=dtype, runs=runs, timed=timed)
         if alignment and prune_uniform is not None and count_macs is not None:
-            from .alignment import confirm_alignment
+            from .alignment import CHECK_RATIO, confirm_alignment
 
             alignment, whole_check = confirm_alignment(
-                alignment, structure, lambda mult: prune_uniform(uniform_ratio, mult), count_macs,
+                alignment, structure, lambda mult: prune_uniform(CHECK_RATIO, mult), count_macs,
                 lambda small: paired_ms(model, small, example_inputs, device, pairs=3 * whole_runs)[2],
                 count_macs(model))
             if log and whole_check.chosen != "per family":

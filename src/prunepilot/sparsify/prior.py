@@ -15,12 +15,11 @@ import time
 from typing import Any, Callable
 
 from ..attempt import Attempt
-from ..history import SEED_KEY, Fingerprint, History, PriorRun, prior_summary
+from ..history import Fingerprint, History, PriorRun
 from ..plan import Plan
 from .calibrate import LinearInfo
 
 KIND = "sparsify"
-__all__ = ["SEED_KEY", "fingerprint", "record", "seed", "warm_plan"]
 
 
 def fingerprint(model: Any, infos: list[LinearInfo]) -> Fingerprint:
@@ -49,16 +48,11 @@ def warm_plan(prior: PriorRun, fp: Fingerprint, infos: list[LinearInfo], groups:
                           f"shifted onto this run's target")
 
 
-def seed(store: History, fp: Fingerprint, target: float, infos: list[LinearInfo], groups: dict[str, list[str]],
-         journaled: dict[str, Any] | None) -> dict[str, Any]:
-    """{"warm_start": plan dict or None, "from_run": id or None, "priors": compact views}: the journaled seed of a
-    resumed run as it was, else a fresh look-up in the store."""
-    if journaled is not None:
-        return journaled
+def lookup(store: History, fp: Fingerprint, target: float, infos: list[LinearInfo],
+           groups: dict[str, list[str]]) -> tuple[list[PriorRun], Plan | None]:
+    """The comparable earlier runs nearest this target, and the warm start taken from the first of them."""
     priors = store.nearest(fp, {"sparsity": target})
-    plan = warm_plan(priors[0], fp, infos, groups) if priors else None
-    return {"warm_start": plan.model_dump(exclude_unset=True) if plan else None, "from_run": priors[0].run_id if plan else None,
-            "priors": prior_summary(priors)}
+    return priors, warm_plan(priors[0], fp, infos, groups) if priors else None
 
 
 def record(store: History, fp: Fingerprint, run_id: str, target: float, best: Attempt | None, history: list[Attempt],

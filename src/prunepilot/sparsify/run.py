@@ -21,7 +21,6 @@ from ..budget import Budget
 from ..engines import sparsity as sp
 from ..errors import PlanError
 from ..errors import SourceError
-from ..plan import Plan
 from ..evaluate.language import dense_reference, fidelity, knowledge_retention, knowledge_targets, mean_nll
 from ..results import build_result, write_json_atomic, write_text_atomic
 from ..sources.llm import LoadedLM, load_causal_lm
@@ -418,12 +417,11 @@ def _store(cfg: SparsifyConfig) -> Any:
 def _history_seed(cfg: SparsifyConfig, model: Any, infos: list, profile: Any, target: float, journal: Any, run_id: str,
                   say: Callable[[str], None]) -> dict[str, Any]:
     """What earlier runs on this model give this one (warm start, priors for the analyst), journaled once."""
-    from .prior import SEED_KEY, fingerprint, seed
+    from ..history import journaled_seed
+    from .prior import fingerprint, lookup
 
-    journaled = journal.run(run_id)["config"].get(SEED_KEY)
-    learned = seed(_store(cfg), fingerprint(model, infos), target, infos, profile.groups, journaled)
-    if journaled is None:
-        journal.add_to_config(run_id, SEED_KEY, learned)
+    learned = journaled_seed(journal, run_id,
+                             lambda: lookup(_store(cfg), fingerprint(model, infos), target, infos, profile.groups))
     if learned.get("warm_start"):
         say(f"history: {len(learned['priors'])} earlier run(s) on this model; the first re-allocation at the target "
             f"starts from run {learned['from_run']}")
@@ -435,6 +433,7 @@ def _loop(cfg: SparsifyConfig, model: Any, bank: WandaBank, infos: list, profile
           lap: Callable[[str, float], None], report: Reporter | None = None,
           learned: dict[str, Any] | None = None) -> tuple[dict[str, int], dict[str, Any], list[Any]]:
     """Cost probes, then the one Master over the sparsify job (ramp, reference, refine)."""
+    from ..history import seed_plan
     from ..jobs.sparsify import RampSettings, SparsifyJob
     from ..loop import LoopLimits, Master
 
@@ -455,7 +454,7 @@ def _loop(cfg: SparsifyConfig, model: Any, bank: WandaBank, infos: list, profile
                       ramp=getattr(strategist, "needs_ramp", True))
     budget = Budget.parse(sparsity=f"{target * 100:.6g}%").resolve({}).to_json()
     learned = learned or {}
-    warm = Plan.model_validate(learned["warm_start"]) if learned.get("warm_start") else None
+    warm = seed_plan(learned)
     job = SparsifyJob(model, bank, infos, profile, probe_set, rs, budget, warm_start=warm)
     # cached repeats cost no evaluation but are attempts: leave room for them past the evaluation budget
     limits = LoopLimits(max_attempts=max(200, 2 * (evals or 0) + rs.max_iters + 10))
