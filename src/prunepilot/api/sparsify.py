@@ -94,7 +94,7 @@ def sparsify(
     """
     from ..loop import executor
     from ..sources.llm import LoadedLM, load_causal_lm
-    from ..sparsify.run import SparsifyConfig, run_sparsify
+    from ..sparsify.run import SparsifyConfig, has_loop, run_sparsify
 
     valid = {f.name for f in fields(SparsifyConfig)} - _OWN
     unknown = sorted(set(options) - valid)
@@ -103,7 +103,7 @@ def sparsify(
     if resume and out is None:
         raise PrunepilotError("resume needs the run folder", "resume=True without out=", "pass out=<the run's folder>")
     spec, calib_input = _calib(calib)
-    if (workers > 1 or ray_address) and (agent.strip() in ("uniform", "owl") or ":" in str(sparsity)):
+    if (workers > 1 or ray_address) and not has_loop(agent, str(sparsity)):
         raise PlanError("workers/ray_address measure the loop's candidates, and this run has no loop",
                         f"agent={agent!r}, sparsity={sparsity!r}", "drop workers/ray_address, or use a loop "
                         "strategist (evolve batches its offspring)")

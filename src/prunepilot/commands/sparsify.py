@@ -62,24 +62,19 @@ def register(app: typer.Typer) -> None:
         report.html and model/ (save_pretrained)."""
         from rich.console import Console
 
+        from ..errors import PlanError
         from ..loop import executor
-        from ..sparsify.run import SparsifyConfig, run_sparsify
+        from ..sparsify.run import SparsifyConfig, has_loop, run_sparsify
 
         console = Console(stderr=True)
-        if (workers > 1 or ray_address) and (agent.strip() in ("uniform", "owl") or ":" in sparsity):
-            from ..errors import PlanError
-
+        if (workers > 1 or ray_address) and not has_loop(agent, sparsity):
             raise PlanError("--workers/--ray-address measure the loop's candidates, and this run has no loop",
                             f"--agent {agent} --sparsity {sparsity}", "drop --workers/--ray-address, or use a loop "
                             "strategist (evolve batches its offspring)")
         if history is not None and no_history:
-            from ..errors import PlanError
-
             raise PlanError("--history and --no-history contradict each other", f"--history {history} --no-history",
                             "keep one of them")
-        if history is not None and (agent.strip() in ("uniform", "owl") or ":" in sparsity):
-            from ..errors import PlanError
-
+        if history is not None and not has_loop(agent, sparsity):
             raise PlanError("--history is read and written by the allocation loop, and this run has no loop",
                             f"--agent {agent} --sparsity {sparsity}", "drop --history, or use a loop strategist "
                             "(sensitivity, evolve, an LLM)")
