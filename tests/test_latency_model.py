@@ -275,7 +275,10 @@ def test_latency_model_checks_its_alignment_in_the_whole_network(tmp_path):
     lm = build_latency_model(model, x, st, runs=1, whole_runs=2, cache_dir=tmp_path, align=True,
                              prune_uniform=aligned_uniform, count_macs=lambda m: count_real(m, x)["macs"])
     check = lm.alignment_check
-    assert {"per family", "all 16"} <= set(check["options"]) and check["chosen"] in check["options"]
+    # the per-family choice is measured, so it may coincide with one global multiple (that option is then
+    # dropped as a duplicate); at least one global multiple always differs from it on a 64-wide network
+    assert "per family" in check["options"] and check["chosen"] in check["options"]
+    assert any(k in check["options"] for k in ("all 16", "all 32")) and len(check["options"]) >= 2
     assert all(o["latency_ratio"] > 0 and 0 < o["macs_ratio"] < 1 for o in check["options"].values())
     # the check prunes to widths where the multiples differ: the options are different networks
     assert len({round(o["macs_ratio"], 6) for o in check["options"].values()}) == len(check["options"])
