@@ -242,6 +242,7 @@ CASES = {
     "prune-sensitivity": Case("prune", lambda: make_builtin("sensitivity", "prune")),
     "prune-optuna": Case("prune", lambda: make_builtin("optuna", "prune")),
     "prune-evolve": Case("prune", lambda: make_builtin("evolve", "prune")),
+    "prune-blocks": Case("prune", lambda: make_builtin("blocks", "prune")),
     "prune-evolve-llm": Case("prune", lambda: make_strategist("evolve+x", "prune", client=ScriptedClient(_prune_reply))[0]),
     "prune-llm": Case("prune", _llm("prune", _prune_reply), source="llm:scripted"),
     "prune-llm-fallback": Case("prune", _llm("prune", _garbage), source="sensitivity (fallback from llm:scripted)"),
@@ -273,7 +274,7 @@ def envs(pruner, rb, evaluator, tmp_path_factory) -> dict[str, Env]:
     groups, families = list(pruner.structure.groups), list(pruner.structure.families)
 
     def valid_prune(plan: Plan, ctx: Context) -> None:
-        plan.check_names(groups, families)
+        plan.check_names(groups, families, blocks=list(pruner.structure.blocks))
         assert pruner.projector.project(pj.user.apply(plan), rb).feasible  # the projector can scale it onto the budget
 
     sj = sparsify_job()
@@ -357,8 +358,8 @@ class TestStrategistConformance:
 
 
 def test_builtins_table_complete():
-    assert set(BUILTINS) == {"uniform", "grid", "sensitivity", "optuna", "owl", "evolve"}
-    assert builtin_names("prune") == ["uniform", "sensitivity", "grid", "optuna", "evolve"]
+    assert set(BUILTINS) == {"uniform", "grid", "sensitivity", "optuna", "owl", "evolve", "blocks"}
+    assert builtin_names("prune") == ["uniform", "sensitivity", "grid", "optuna", "blocks", "evolve"]
     assert builtin_names("sparsify") == ["uniform", "sensitivity", "owl", "evolve"]
     covered = set(CASES) | {"sparsify-evolve"}  # evolve's conformance runs in tests/test_evolve.py (same class)
     for name in BUILTINS:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -12,10 +12,11 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Allocation:
     """Kept decision units per group (channel units; head-dim positions for attention groups) and, when pruning
-    whole heads, kept heads per attention group."""
+    whole heads, kept heads per attention group; `skip`: residual blocks replaced by the identity (blocks.py)."""
 
     kept: dict[str, int]
     heads: dict[str, int]
+    skip: tuple[str, ...] = field(default=())
 
     def fractions(self, structure: "Structure") -> dict[str, float]:
         """Kept fraction of each group's channels (removing heads removes their channels too)."""
@@ -36,9 +37,14 @@ class Allocation:
             out[name] = (g.width, int(round(g.width * f * h)))
         return out
 
-    def to_json(self) -> dict[str, dict[str, int]]:
-        return {"kept": dict(self.kept), "heads": dict(self.heads)}
+    def to_json(self) -> dict:
+        out: dict = {"kept": dict(self.kept), "heads": dict(self.heads)}
+        if self.skip:  # absent when empty: records of runs that skip nothing read as before
+            out["skip"] = list(self.skip)
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> "Allocation":
-        return cls({k: int(v) for k, v in data.get("kept", {}).items()}, {k: int(v) for k, v in data.get("heads", {}).items()})
+        return cls({str(k): int(v) for k, v in data.get("kept", {}).items()},
+                   {str(k): int(v) for k, v in data.get("heads", {}).items()},
+                   tuple(sorted(str(b) for b in data.get("skip", []))))

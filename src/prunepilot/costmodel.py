@@ -25,6 +25,7 @@ class _Term:
     in_dim: int = 1
     out_dim: int = 1
     attn: tuple[str, int, int, int, int, bool] | None = None  # (group, tokens, embed_in, qdim, heads, bias)
+    module: str = ""  # the module whose cost this is (a skipped block drops its modules' terms)
 
 
 def _phi(comp: dict[str, int], dim: int, frac: dict[str, float]) -> float:
@@ -44,6 +45,22 @@ class CostModel:
 
     def __post_init__(self) -> None:
         self._index: dict[str, dict[str, list[_Term]]] = {}
+        self._views: dict[tuple[str, ...], CostModel] = {}
+
+    def without(self, skip: tuple[str, ...] | list[str]) -> "CostModel":
+        """The model with the residual blocks `skip` replaced by the identity: their modules cost nothing. The
+        dense totals stay those of the whole model (budgets are fractions of it)."""
+        from .blocks import inside
+
+        key = tuple(sorted(skip))
+        if not key:
+            return self
+        if key not in self._views:
+            self._views[key] = CostModel([t for t in self.mac_terms if not inside(t.module, key)],
+                                         [t for t in self.param_terms if not inside(t.module, key)],
+                                         self.dense_macs, self.dense_params,
+                                         {n: v for n, v in self.module_macs.items() if not inside(n, key)})
+        return self._views[key]
 
     def macs(self, frac: dict[str, float], head_frac: dict[str, float] | None = None) -> float:
         return sum(self._eval(t, frac, head_frac or {}) for t in self.mac_terms)
@@ -141,10 +158,14 @@ def build_cost_model(model: nn.Module, example_input, structure: Structure) -> C
     mac_terms: list[_Term] = []
     last_out: tuple[dict[str, int], int] = ({}, 1)
     seen: set[str] = set()
+    tagged, current = 0, ""  # the terms the module handled last added are tagged when the next one starts
     for n in order:
         if n in seen:
             continue
         seen.add(n)
+        for t in mac_terms[tagged:]:
+            t.module = current
+        tagged, current = len(mac_terms), n
         m = modules[n]
         # only modules the counter hooks count themselves: for any other module it reports the sum of its
         # children (a BEiT/EVA attention's proj), which the children's own terms already cover
@@ -194,6 +215,8 @@ def build_cost_model(model: nn.Module, example_input, structure: Structure) -> C
         elif flops:
             mac_terms.append(_Term(flops, "out", out_comp=last_out[0], out_dim=last_out[1]))
 
+    for t in mac_terms[tagged:]:
+        t.module = current
     param_terms = _param_terms(model, structure, name_of)
     module_macs = {n: float(layer_flops.get(m) or 0.0) * per_sample for n, m in modules.items()
                    if n in structure.modules and structure.modules[n].kind in ("conv", "linear", "depthwise")
@@ -234,6 +257,7 @@ def _param_terms(model: nn.Module, structure: Structure, name_of: dict) -> list[
     terms: list[_Term] = []
     for mname, m in model.named_modules():
         d = structure.modules.get(mname)
+        first = len(terms)
         for pname, p in m.named_parameters(recurse=False):
             n = float(p.numel())
             if d is not None and d.kind == "mha":  # in_proj_weight [3E, E]: both dims are the embed dim
@@ -250,4 +274,6 @@ def _param_terms(model: nn.Module, structure: Structure, name_of: dict) -> list[
                 terms.append(_Term(n, "bilinear", d.in_groups, d.out_groups, d.in_dim, d.out_dim))
             else:  # biases, norm affine, depthwise kernels: one per output channel
                 terms.append(_Term(n, "out", out_comp=d.out_groups, out_dim=d.out_dim))
+        for t in terms[first:]:
+            t.module = mname
     return terms

@@ -221,7 +221,8 @@ class Pruner:
                 continue
             real = count_real(model, self.x)
             if "macs" in budget.goals and abs(real["macs"] - proj.predicted["macs"]) > 0.02 * real["macs"]:
-                bad = inconsistent_groups(model, self.x, self.structure, self.cost, proj.allocation)
+                bad = inconsistent_groups(model, self.x, self.structure, self.cost.without(proj.allocation.skip),
+                                          proj.allocation)
                 if bad:  # torch-pruning cut these groups differently from the plan: protect them, re-project
                     for g in bad:
                         self.protect_group(g, "protected: torch-pruning prunes this group inconsistently (realised "
@@ -252,7 +253,7 @@ class Pruner:
         if ratios != plan.ratios:
             plan = plan.model_copy(update={"ratios": ratios})
         plan.model_copy(update={"protected": [p for p in plan.protected if not known(p)]}).check_names(
-            list(self.structure.groups), list(self.structure.families))
+            list(self.structure.groups), list(self.structure.families), blocks=list(self.structure.blocks))
         return plan
 
 
@@ -337,7 +338,7 @@ def write_candidate(loaded: LoadedModel, pruner: Pruner, plan: Plan, cand: Candi
     alloc = cand.projection.allocation
     # a module handed in from Python has no spec: weights + pt2 are still written, pickle-free
     record = {"model": loaded.spec.model_dump() if loaded.spec else None,
-              "allocation": {"kept": alloc.kept, "heads": alloc.heads}, "protected": plan.protected}
+              "allocation": alloc.to_json(), "protected": plan.protected}
     export = save_model(cand.model, pruner.x, out, record=record)
     comp_block["files_mb"] = files_on_disk_mb(out, export)
     projected = plan.model_copy(update={"ratios": cand.projection.ratios(pruner.structure), "default_ratio": 0.0})
@@ -357,6 +358,7 @@ def write_candidate(loaded: LoadedModel, pruner: Pruner, plan: Plan, cand: Candi
         speedup=dense_block["latency_ms"] / comp_block["latency_ms"] if comp_block["latency_ms"] else None,
         ideal_speedup=dense_block["macs"] / comp_block["macs"],
         widths={g: list(w) for g, w in alloc.widths(pruner.structure).items()},
+        blocks_removed=list(alloc.skip),
         skipped=profile.ignored,
         export=export,
         seconds=time.perf_counter() - t0,
@@ -394,6 +396,10 @@ def summary_markdown(r: dict[str, Any]) -> str:
         p = r["projection"]
         if p.get("seconds") is not None:
             lines.append(f"Projection: {p['iterations']} evaluations in {p['seconds']:.2f} s, {p.get('corrections', 0)} real-count corrections. {p.get('reason', '')}")
+    if r.get("blocks_removed"):
+        lines.append("")
+        lines.append(f"Residual blocks removed (replaced by the identity, {len(r['blocks_removed'])}): "
+                     + ", ".join(f"`{b}`" for b in r["blocks_removed"]))
     if r.get("skipped"):
         lines.append("")
         lines.append("Layers not pruned:")

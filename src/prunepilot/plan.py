@@ -38,6 +38,7 @@ class Plan(BaseModel):
     protected: list[str] = Field(default_factory=list)
     prune_heads: bool = False
     quantize: dict[str, QuantScheme] = Field(default_factory=dict)
+    skip: list[str] = Field(default_factory=list)  # residual blocks replaced by the identity (`profile` lists them)
     rationale: str = ""
     reflection: str = ""  # the analyst's comment on the history it read
     source: str = ""  # which strategist wrote it (fallbacks say so)
@@ -95,8 +96,17 @@ class Plan(BaseModel):
                 return True
         return False
 
-    def check_names(self, groups: list[str], families: list[str], layers: list[str] | None = None) -> None:
+    def check_names(self, groups: list[str], families: list[str], layers: list[str] | None = None,
+                    blocks: list[str] | None = None) -> None:
         """Unknown names are an error, never silently ignored."""
+        for key in self.skip:
+            if key not in (blocks or []):
+                raise PlanError(
+                    "a plan skips a module that is not a skippable residual block",
+                    key,
+                    f"skip one of the blocks `prunepilot profile` lists ({', '.join((blocks or [])[:4]) or 'this model has none'}"
+                    f"{', ...' if len(blocks or []) > 4 else ''})",
+                )
         known = set(groups) | set(families)
         for key in list(self.ratios) + list(self.protected):
             if key.startswith("re:"):

@@ -38,6 +38,8 @@ class Profile:
     dense: dict[str, float]  # macs, params, latency_ms, size_mb
     threads: int
     sensitivity: dict[str, float] = field(default_factory=dict)  # family -> z-score (higher = more sensitive)
+    # skippable residual blocks: {"block", "macs_share", "params_share", ["latency_share"], ["sensitivity_z"]}
+    blocks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def families(self) -> dict[str, list[GroupProfile]]:
@@ -69,6 +71,7 @@ class Profile:
             "families": self.family_table(),
             "groups": [g.name for g in self.groups],
             "ignored": self.ignored,
+            **({"blocks": self.blocks} if self.blocks else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -80,6 +83,7 @@ class Profile:
             "families": self.family_table(),
             "groups": [asdict(g) for g in self.groups],
             "sensitivity": self.sensitivity,
+            "blocks": self.blocks,
         }
 
 
@@ -131,10 +135,15 @@ def build_profile(
     protected: list[str] | None = None,
     latency_runs: int = 5,
 ) -> tuple[Profile, Structure, CostModel]:
+    from .blocks import block_rows, find_blocks
+
     if structure is None:
         structure, _ = analyse(model, example_input, protected)
     if cost is None:
         cost = build_cost_model(model, example_input, structure)
+    if not structure.blocks:  # output and protected layers stay: a block holding one is never skipped
+        avoid = [n for n, why in structure.ignored.items() if why.startswith(("output layer", "protected by the plan"))]
+        structure.blocks = find_blocks(model, example_input, avoid)
     times = module_times(model, example_input, runs=latency_runs) if latency_runs else {}
     lat = measure_latency(model, example_input, warmup=2, runs=max(3, latency_runs)) if latency_runs else None
     modules = dict(model.named_modules())
@@ -162,4 +171,5 @@ def build_profile(
     }
     if lat is not None:
         dense["latency_ms"] = lat.median_ms
-    return Profile(uri, groups, structure.ignored, dense, torch.get_num_threads()), structure, cost
+    prof = Profile(uri, groups, structure.ignored, dense, torch.get_num_threads(), blocks=block_rows(structure, cost))
+    return prof, structure, cost

@@ -51,6 +51,7 @@ class Projection:
             "reason": self.reason,
             "notes": self.notes,
             "ratios": self.ratios(structure),
+            **({"skip": list(self.allocation.skip)} if self.allocation.skip else {}),
         }
 
 
@@ -87,8 +88,29 @@ class Projector:
         self.align = dict(align or {})
         self.metric_names = STATIC_METRICS + (("latency_ms",) if latency is not None else ())
         self.last_notes: list[str] = []
+        self.skip: tuple[str, ...] = ()  # a view's skipped blocks (see `view`)
+        self.fixed: set[str] = set()  # groups wholly inside them: their width no longer matters, so it stays
+        self._views: dict[tuple[str, ...], Projector] = {}
+        self._base = self
+
+    def view(self, skip: tuple[str, ...] | list[str]) -> "Projector":
+        """The projector of the model with the residual blocks `skip` replaced by the identity: costs without
+        their modules' terms, and the groups inside them left whole (they are removed with the block)."""
+        key = tuple(sorted(set(skip)))
+        if not key or key == self.skip:
+            return self
+        base = self._base
+        if key not in base._views:
+            v = Projector(base.structure, base.cost.without(key),
+                          latency=base.latency.without(key) if base.latency is not None else None, align=base.align)
+            v.skip, v._base = key, base
+            v.fixed = {n for n in base.structure.groups if base.structure.inside_blocks(n, key)}
+            base._views[key] = v
+        return base._views[key]
 
     def metrics(self, alloc: Allocation) -> dict[str, float]:
+        if tuple(sorted(alloc.skip)) != self.skip:
+            return self.view(alloc.skip).metrics(alloc)
         f = alloc.fractions(self.structure)
         h = alloc.head_fractions(self.structure)
         out = {"macs": self.cost.macs(f, h), "params": self.cost.params(f, h)}
@@ -120,12 +142,19 @@ class Projector:
             k = g.units - r * g.units
             k = int(round(k / q)) * q
             kept[name] = int(min(g.units, max(q, k)))
-        return Allocation(kept, heads)
+        return Allocation(kept, heads, self.skip)
 
     def project(self, plan: Plan, budget: ResolvedBudget, max_refine_steps: int = 400) -> Projection:
+        if tuple(sorted(set(plan.skip))) != self.skip:
+            view = self.view(plan.skip)
+            proj = view.project(plan, budget, max_refine_steps)
+            self.last_notes = view.last_notes
+            return proj
         t0 = time.perf_counter()
         goals = {m: budget.goals[m] for m in self.metric_names if m in budget.goals}
         shape, notes = plan_shape(plan, self.structure)
+        for n in self.fixed:  # inside a skipped block: removed whole, so no channel of it is cut
+            shape[n] = 0.0
         self.last_notes = notes
         if not goals:
             alloc = self.allocation_at(shape, 1.0, plan)
@@ -221,12 +250,12 @@ class Projector:
         st = self.structure
         frac = Allocation(kept, heads).fractions(st)
         hfrac = Allocation(kept, heads).head_fractions(st)
-        cur_vals = self.metrics(Allocation(kept, heads))
+        cur_vals = self.metrics(Allocation(kept, heads, self.skip))
         cur = errs(cur_vals)
         steps = 0
         t0 = time.perf_counter()
         groups = [g for g in st.groups.values() if not (plan.prune_heads and g.num_heads)]
-        groups = [g for g in groups if not plan.is_protected(g.name, g.family)]
+        groups = [g for g in groups if not plan.is_protected(g.name, g.family) and g.name not in self.fixed]
         metrics = list(goals)
         while steps < max_steps and max(abs(v) for v in cur.values()) > INNER_TOLERANCE:
             if time.perf_counter() - t0 > max_seconds:
@@ -254,11 +283,11 @@ class Projector:
             name, k, nf, cur_vals, cur = best_move
             kept[name] = k
             frac[name] = nf
-        return Allocation(kept, heads), steps
+        return Allocation(kept, heads, self.skip), steps
 
     def _dense(self, metric: str) -> float:
         if metric == "latency_ms":
-            return self.latency.predict({})
+            return self._base.latency.predict({})  # the whole model's, not this view's
         return self.cost.dense_macs if metric == "macs" else self.cost.dense_params
 
     def _floor(self, metric: str) -> float:

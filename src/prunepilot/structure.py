@@ -60,6 +60,14 @@ class Structure:
     param_groups: dict[str, dict[str, int]] = field(default_factory=dict)  # unwrapped param -> last-dim groups
     tables: list[str] = field(default_factory=list)  # parameters read by index (bias tables): never pruned
     paired: dict[str, int] = field(default_factory=dict)  # root -> k: channel j couples j + w/k, ... (concat of halves)
+    blocks: dict[str, list[str]] = field(default_factory=dict)  # skippable residual block -> its conv/linear modules
+
+    def inside_blocks(self, group: str, skip) -> bool:
+        """Every member of `group` lies within the skipped blocks: its width no longer matters."""
+        from .blocks import inside
+
+        g = self.groups[group]
+        return bool(skip) and all(inside(m, skip) for m, _, _ in g.members)
 
     @property
     def families(self) -> dict[str, list[str]]:

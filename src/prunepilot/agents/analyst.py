@@ -39,6 +39,7 @@ class Names:
     families: list[str]
     groups: list[str]
     layers: list[str] | None  # quantizable layers when the profile lists them
+    blocks: list[str] | None = None  # skippable residual blocks when the profile lists them
 
 
 def profile_names(profile: dict) -> Names:
@@ -75,7 +76,10 @@ def profile_names(profile: dict) -> Names:
         layers = [k for k in layers_raw if isinstance(k, str)]
     elif isinstance(layers_raw, list) and layers_raw:
         layers = [x for x in ((y.get("name") if isinstance(y, dict) else y) for y in layers_raw) if isinstance(x, str)]
-    return Names(families, groups, layers)
+    blocks_raw = profile.get("blocks")
+    blocks = [x for x in ((b.get("block") if isinstance(b, dict) else b) for b in blocks_raw) if isinstance(x, str)] \
+        if isinstance(blocks_raw, list) else None
+    return Names(families, groups, layers, blocks)
 
 
 # ----------------------------------------------------------------------------------------------------- schema
@@ -98,6 +102,9 @@ def narrow_schema(names: Names, *, rationale_chars: int = 160, required_limit: i
         "importance": {"type": "string", "enum": ["l1", "l2", "taylor"]},
         "round_to": {"type": "integer", "enum": [1, 4, 8, 16]},
     }
+    if names.blocks:
+        props["skip"] = {"type": "array", "items": {"type": "string", "enum": list(names.blocks)}, "uniqueItems": True,
+                         "maxItems": len(names.blocks)}
     required = ["rationale", "ratios", "importance", "round_to"]
     if len(keys) > required_limit:
         props["default_ratio"] = ratio
@@ -273,10 +280,11 @@ def display_schema(schema: Any) -> Any:
 
 
 def profile_text(profile: dict) -> str:
-    """The compact profile as the prompt shows it: scalars as one JSON line, families as a table (about half
-    the tokens of the JSON, and easier to compare row by row). Group names are listed under "Names"."""
+    """The compact profile as the prompt shows it: scalars as one JSON line, families (and skippable blocks) as
+    tables (about half the tokens of the JSON, and easier to compare row by row). Group names are listed under
+    "Names"."""
     compact = dict(separators=(",", ":"), ensure_ascii=False, default=str)
-    rest = {k: v for k, v in profile.items() if k not in ("families", "groups")}
+    rest = {k: v for k, v in profile.items() if k not in ("families", "groups", "blocks")}
     lines = [json.dumps(rest, **compact)] if rest else []
     fam = profile.get("families") or []
     rows: list[dict[str, Any]] = []
@@ -285,19 +293,27 @@ def profile_text(profile: dict) -> str:
     else:
         rows = [({"family": f.get("family", f.get("name")), **{k: v for k, v in f.items() if k not in ("family", "name")}}
                  if isinstance(f, dict) else {"family": f}) for f in fam]
-    if rows:
-        cols: list[str] = []
-        for r in rows:
-            cols += [k for k in r if k not in cols]
-
-        def cell(v: Any) -> str:
-            if isinstance(v, list):
-                return str(len(v)) if v and isinstance(v[0], (str, dict)) else "/".join(_fmt(x) for x in v)
-            return _fmt(v).replace("|", "/")
-
-        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += _table(rows)
+    blocks = [b for b in profile.get("blocks") or [] if isinstance(b, dict)]
+    if blocks:
+        lines += ["", "Skippable residual blocks (\"skip\"):"] + _table(blocks)
     return "\n".join(lines)
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+
+    def cell(v: Any) -> str:
+        if isinstance(v, list):
+            return str(len(v)) if v and isinstance(v[0], (str, dict)) else "/".join(_fmt(x) for x in v)
+        return _fmt(v).replace("|", "/")
+
+    return ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
+        "| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
 
 
 def build_messages(profile: dict, budget: dict, history: list[dict], schema: dict[str, Any], *, max_rows: int = 8) -> list[Message]:
@@ -357,7 +373,7 @@ def parse_plan(reply: LLMReply, names: Names) -> tuple[Plan | None, str | None, 
         return None, "the reply is not a JSON object (write only the JSON object, no prose)", []
     if not isinstance(data, dict):
         return None, f"the reply is JSON but not an object (got {type(data).__name__})", []
-    if not any(k in data for k in ("ratios", "default_ratio", "quantize", "prune_heads")):
+    if not any(k in data for k in ("ratios", "default_ratio", "quantize", "prune_heads", "skip")):
         return None, "the reply is an empty plan (no ratios, no default_ratio): give a ratio per family", []
     data, notes = clamp_plan_data(data)
     # pydantic would coerce true -> 1.0 and "0.95" -> 0.95, past the clamp: a ratio must be a JSON number
@@ -372,13 +388,13 @@ def parse_plan(reply: LLMReply, names: Names) -> tuple[Plan | None, str | None, 
         plan = Plan.model_validate(data)
     except ValidationError as exc:
         return None, _validation_summary(exc), notes
-    if not plan.quantize and not plan.prune_heads and not any(plan.ratios.values()) and (
+    if not plan.quantize and not plan.prune_heads and not plan.skip and not any(plan.ratios.values()) and (
         plan.default_ratio == 0 or (names.families and set(names.families) <= set(plan.ratios))
     ):
         return None, "every ratio is 0, so the plan has no shape to scale onto the budget: give positive ratios", notes
     if names.groups or names.families:
         try:
-            plan.check_names(names.groups, names.families, names.layers)
+            plan.check_names(names.groups, names.families, names.layers, names.blocks)
         except PlanError as exc:
             return None, str(exc), notes
     return plan, None, notes

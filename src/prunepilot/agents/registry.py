@@ -23,7 +23,7 @@ def _prune(name: str) -> Callable[[], Strategist]:
 
             return PruneEvolveStrategist()
         return {"uniform": s.UniformStrategist, "grid": s.GridStrategist, "sensitivity": s.SensitivityStrategist,
-                "optuna": s.OptunaStrategist}[name]()
+                "optuna": s.OptunaStrategist, "blocks": s.BlockStrategist}[name]()
     return make
 
 
@@ -45,6 +45,7 @@ BUILTINS: dict[str, dict[str, Callable[[], Strategist]]] = {
     "sensitivity": {"prune": _prune("sensitivity"), "sparsify": _sparsify("sensitivity")},
     "grid": {"prune": _prune("grid")},
     "optuna": {"prune": _prune("optuna")},
+    "blocks": {"prune": _prune("blocks")},
     "owl": {"sparsify": _sparsify("owl")},
     "evolve": {"prune": _prune("evolve"), "sparsify": _sparsify("evolve")},
 }

@@ -70,14 +70,7 @@ class SensitivityStrategist:
         if not fams:
             return Plan(default_ratio=0.5, round_to=8, importance=importance, rationale="no family profile: uniform")
         by = "latency_share" if "latency_ms" in (ctx.budget.get("targets") or {}) else "macs_share"
-        shares = [max(1e-6, f.get(by, 0.0)) for f in fams]
-        mean_share = sum(shares) / len(shares)
-        raw = {}
-        for f, share in zip(fams, shares):
-            z = float(f.get("sensitivity_z", 0.0))
-            raw[f["family"]] = math.exp(-alpha * z) * (share / mean_share) ** beta
-        top = max(raw.values())
-        ratios = {k: round(min(MAX_RATIO, 0.6 * v / top), 4) for k, v in raw.items()}
+        ratios = sensitivity_ratios(fams, alpha, beta, by)
         return Plan(
             ratios=ratios,
             default_ratio=0.0,
@@ -102,6 +95,79 @@ class SensitivityStrategist:
         if round(alpha, 3) in tried:
             alpha = self.ALPHAS[k % len(self.ALPHAS)]
         return round(alpha, 3), beta, "l2" if k % 4 != 3 else "l1"
+
+
+def sensitivity_ratios(fams: list[dict[str, Any]], alpha: float, beta: float, by: str) -> dict[str, float]:
+    """The sensitivity shape: exp(-alpha z) x (share / mean share)^beta per family, its largest ratio 0.6."""
+    shares = [max(1e-6, f.get(by, 0.0)) for f in fams]
+    mean_share = sum(shares) / len(shares)
+    raw = {f["family"]: math.exp(-alpha * float(f.get("sensitivity_z", 0.0))) * (share / mean_share) ** beta
+           for f, share in zip(fams, shares)}
+    top = max(raw.values())
+    return {k: round(min(MAX_RATIO, 0.6 * v / top), 4) for k, v in raw.items()}
+
+
+def _cost_metric(ctx: Context) -> tuple[str, float]:
+    """(the profile's share column of the binding metric, the fraction of dense the budget removes in it)."""
+    targets = ctx.budget.get("targets") or {}
+    dense = ctx.profile.get("dense", {}) if isinstance(ctx.profile, dict) else {}
+    for metric, col in (("latency_ms", "latency_share"), ("macs", "macs_share"), ("params", "params_share")):
+        if metric in targets and dense.get(metric):
+            return col, max(0.0, 1.0 - float(targets[metric]["goal"]) / float(dense[metric]))
+    return "macs_share", 0.0
+
+
+class BlockStrategist:
+    """Skip whole residual blocks where that is cheap, narrow channels for the rest (HALP's value per cost, with
+    MDP's block removal). Blocks are ranked by the score measured lost when each alone is skipped, per share of
+    the budget's metric it removes (measured latency for a latency budget: skipping a block also removes its
+    per-op overhead, which no channel cut does); the cheapest are skipped until they cover `block_share` of the
+    reduction the budget needs, and the sensitivity shape narrows channels for the remainder. `block_share` is a
+    line search: 1/2, 1/4, 3/4, then halfway steps around the best attempt so far."""
+
+    name = "blocks"
+    kinds = ("prune",)
+    SHARES = [0.5, 0.25, 0.75, 0.0, 1.0, 0.375, 0.625, 0.125, 0.875]
+
+    def independent(self, ctx: Context) -> int:
+        return max(1, 3 - len(ctx.history))
+
+    def propose(self, ctx: Context) -> Plan:
+        col, need = _cost_metric(ctx)
+        blocks = [b for b in (ctx.profile.get("blocks") or []) if "score_drop" in b and b.get(col, 0) > 0]
+        if not blocks:  # nothing to skip (or no measured cost of skipping): the channel search alone
+            plan = SensitivityStrategist().propose(ctx)
+            return plan.model_copy(update={"rationale": "no skippable residual block with a measured score drop: "
+                                                        + plan.rationale})
+        share = self._share(ctx.history)
+        ranked = sorted(blocks, key=lambda b: max(0.0, float(b["score_drop"])) / float(b[col]))
+        chosen, covered = [], 0.0
+        for b in ranked:  # greedy knapsack by value per cost: a block that does not fit is passed over
+            if covered + b[col] <= share * need + 1e-9:
+                chosen.append(b["block"])
+                covered += b[col]
+        fams = _families(ctx.profile)
+        by = "latency_share" if col == "latency_share" else "macs_share"
+        ratios = sensitivity_ratios(fams, 0.6, 0.5, by) if fams else {}
+        why = (f"skip {len(chosen)} residual block(s) covering {covered:.1%} of dense {col.split('_')[0]} "
+               f"({share:.0%} of the {need:.1%} to remove; least score lost per share), channels for the rest")
+        return Plan(ratios=ratios, default_ratio=0.0 if ratios else 0.5, round_to=8, skip=chosen, rationale=why,
+                    params={"block_share": share, "alpha": 0.6, "beta": 0.5})
+
+    def _share(self, history: list[Attempt]) -> float:
+        k = len(history)
+        tried = {round(float(a.plan_params.get("block_share", -1.0)), 4) for a in history}
+        scored = [a for a in history if _accuracy(a) is not None and "block_share" in a.plan_params]
+        if k >= 3 and scored:
+            best = float(max(scored, key=lambda a: _accuracy(a) or 0.0).plan_params["block_share"])
+            for step in (0.125, 0.0625):
+                for s in (best + step, best - step):
+                    if 0.0 <= s <= 1.0 and round(s, 4) not in tried:
+                        return round(s, 4)
+        for s in self.SHARES:
+            if round(s, 4) not in tried:
+                return s
+        return self.SHARES[k % len(self.SHARES)]
 
 
 def _alpha_of(attempt: Attempt) -> float:

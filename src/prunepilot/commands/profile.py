@@ -49,6 +49,13 @@ def register(app: typer.Typer) -> None:
             for g in prof.groups:
                 gt.add_row(g.name, g.family, str(g.width), f"{g.macs / d['macs']:.2%}", f"{g.latency_ms:.2f}")
             console.print(gt)
+        if prof.blocks:
+            bt = Table(title="skippable residual blocks (plan key \"skip\")")
+            for col in ("block", "MACs %", "params %"):
+                bt.add_column(col)
+            for b in prof.blocks:
+                bt.add_row(b["block"], f"{b['macs_share']:.1%}", f"{b['params_share']:.1%}")
+            console.print(bt)
         for name, why in prof.ignored.items():
             console.print(f"[dim]not pruned: {name}: {why}[/]")
         if out:

@@ -152,8 +152,9 @@ def load_pruned(out_dir: str | Path, *, trust: bool = False) -> LoadedModel:
                           "load model.pt2, or build the module yourself, apply the allocation and load model.safetensors")
     try:
         spec = ModelSpec.model_validate(record["model"]).model_copy(update={"trust": trust})
-        alloc = Allocation(kept={str(k): int(v) for k, v in record["allocation"]["kept"].items()},
-                           heads={str(k): int(v) for k, v in record["allocation"].get("heads", {}).items()})
+        alloc = Allocation.from_json(record["allocation"])
+        if "kept" not in record["allocation"]:
+            raise KeyError("kept")
     except (ValidationError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SourceError("structure.json needs a valid 'model' spec and 'allocation' {kept, heads}",
                           f"{type(exc).__name__}: {str(exc)[:200]}", "re-run the prune that wrote it") from None
@@ -165,7 +166,7 @@ def load_pruned(out_dir: str | Path, *, trust: bool = False) -> LoadedModel:
         shape = record.get("input_shape")
         x = torch.randn(*shape) if shape else dense.example_input
         model = dense.module
-        if alloc.kept or alloc.heads:  # nothing pruned (a quantize run): no structural analysis needed
+        if alloc.kept or alloc.heads or alloc.skip:  # nothing pruned (a quantize run): no structural analysis needed
             structure, _ = analyse(model, x, record.get("protected") or None)
             unknown = sorted(set(alloc.kept) - set(structure.groups)) + sorted(set(alloc.heads) - set(structure.groups))
             if unknown:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..allocation import Allocation
+from ..blocks import skip_blocks
 from ..errors import PlanError
 from ..inputs import call, output_signature, primary_output, signature_mismatch, traced_outputs
 from ..structure import (ROOT_TYPES, Structure, _is_timm_attention, attention_heads, clear_caches, detach_caches, glu_channel_groups,
@@ -149,6 +150,12 @@ def apply_allocation(
     repair_metadata(model)
     clear_caches(model)
     model.zero_grad(set_to_none=True)
+    if allocation.skip:  # after the channel cut: the groups were found on the whole model
+        missing = [b for b in allocation.skip if b not in modules]
+        if missing:
+            raise PlanError("the allocation skips blocks the model does not have", ", ".join(missing[:5]),
+                            "use block names from `prunepilot profile` (its blocks list)")
+        skip_blocks(model, allocation.skip)
     return model
 
 

@@ -104,3 +104,27 @@ def measure_sensitivity(pruner, evaluator: Evaluator, ratio: float = 0.4) -> dic
     mu = sum(vals) / len(vals)
     sd = (sum((v - mu) ** 2 for v in vals) / len(vals)) ** 0.5
     return {f: (v - mu) / (sd + 1e-8) for f, v in drops.items()}
+
+
+MAX_BLOCK_PROBES = 32  # blocks probed per model (the heaviest by MACs), one evaluation each
+
+
+def measure_block_sensitivity(pruner, evaluator: Evaluator, rows: list[dict]) -> list[dict]:
+    """Per skippable block (`rows` from pipeline.block_profile): the score lost when that block alone is replaced
+    by the identity (BN recalibrated, no fine-tune), as `score_drop`. Blocks past `MAX_BLOCK_PROBES` get none, so
+    no strategist skips them blind."""
+    from ..allocation import Allocation
+    from ..engines.structured import apply_allocation
+
+    if not rows:
+        return rows
+    base = evaluator.score(copy.deepcopy(pruner.dense), steps=0)["score"]
+    probed = {r["block"] for r in sorted(rows, key=lambda r: -r["macs_share"])[:MAX_BLOCK_PROBES]}
+    out = []
+    for r in rows:
+        if r["block"] in probed:
+            model = apply_allocation(copy.deepcopy(pruner.dense), pruner.x, pruner.structure,
+                                     Allocation({}, {}, (r["block"],)))
+            r = {**r, "score_drop": round(base - evaluator.score(model, steps=0)["score"], 5)}
+        out.append(r)
+    return out

@@ -16,7 +16,7 @@ import torch
 from ..allocation import Allocation
 from ..attempt import Attempt, quality_of
 from ..budget import Budget, ResolvedBudget
-from ..evaluate.scoring import Evaluator, ScoringConfig, measure_sensitivity
+from ..evaluate.scoring import Evaluator, ScoringConfig, measure_block_sensitivity, measure_sensitivity
 from ..journal import open_run
 from ..loop import Judgement, LoopLimits, Master, Outcome, Step
 from ..pipeline import Candidate, Pruner
@@ -420,6 +420,9 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
             log(f"WARNING: {w}")
         log("measuring per-family sensitivity")
         pruner.profile.sensitivity = measure_sensitivity(pruner, evaluator, s.sensitivity_ratio)
+        if pruner.profile.blocks:
+            log(f"measuring what skipping each of {len(pruner.profile.blocks)} residual blocks costs")
+            pruner.profile.blocks = measure_block_sensitivity(pruner, evaluator, pruner.profile.blocks)
         write_json_atomic(out / "profile.json", pruner.profile.to_json())
         store = HistoryStore(run.history_path) if run.use_history else NullHistory()
         fp = fingerprint(pruner)
@@ -574,6 +577,7 @@ def finish(job: PruneJob, best: Attempt, history: list[Attempt], loaded, run: Pr
         within_band_rate=sum(a.within_band for a in history) / max(1, len(history)),
         speedup=dense_block["latency_ms"] / comp_block["latency_ms"], ideal_speedup=dense_block["macs"] / comp_block["macs"],
         widths={g: list(w) for g, w in Allocation.from_json(best.allocation).widths(pruner.structure).items()},
+        blocks_removed=list(Allocation.from_json(best.allocation).skip),
         skipped=pruner.profile.ignored, export=export,
         recovery={"final_epochs": s.finetune_epochs, "kd": s.kd, "in_loop_steps": s.finetune_steps},
         run_id=run_id, seconds=time.perf_counter() - t0, score_metric=job.evaluator.metric,

@@ -66,6 +66,10 @@ class LatencyTargeting:
             if g.name in st.groups:
                 g.latency_ms = max(0.0, 2 * -lm.group_delta({}, g.name, 0.5))
         pruner.profile.dense["module_ms"] = lm.dense_ms
+        if st.blocks:
+            from ..blocks import block_rows
+
+            pruner.profile.blocks = block_rows(st, pruner.cost, lm)
         return cls(lm, alignment)
 
     def measure(self, model: torch.nn.Module, x: Any) -> float:

@@ -318,6 +318,7 @@ class LatencyModel:
     device: str = "cpu"
     dtype: str = "float32"
     alignment: dict[str, Any] = field(default_factory=dict)  # family -> alignment.AlignmentChoice
+    dense_elems: int = 0  # activation volume of the whole model (a view without skipped blocks keeps it)
 
     def __post_init__(self) -> None:
         self._by_group: dict[str, list[Op]] = {}
@@ -325,7 +326,23 @@ class LatencyModel:
             if o.dims is not None:
                 for g in {*o.dims.in_groups, *o.dims.out_groups}:
                     self._by_group.setdefault(g, []).append(o)
-        self._elems = sum(o.out_elems for o in self.ops) or 1
+        self._elems = self.dense_elems or sum(o.out_elems for o in self.ops) or 1
+        self._views: dict[tuple[str, ...], LatencyModel] = {}
+
+    def without(self, skip: tuple[str, ...] | list[str]) -> "LatencyModel":
+        """The model with the residual blocks `skip` replaced by the identity: their ops' tables drop out, and
+        the rest (norms, activations, adds) shrinks with the activation volume they produced."""
+        import dataclasses
+
+        from ..blocks import inside
+
+        key = tuple(sorted(skip))
+        if not key:
+            return self
+        if key not in self._views:
+            self._views[key] = dataclasses.replace(self, ops=[o for o in self.ops if not inside(o.name, key)],
+                                                   dense_elems=self._elems)
+        return self._views[key]
 
     def group_delta(self, frac: dict[str, float], group: str, new_frac: float) -> float:
         """predict(frac with frac[group] = new_frac) - predict(frac), from the ops the group's width enters."""

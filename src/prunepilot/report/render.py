@@ -36,7 +36,7 @@ SHOWN_KEYS = {
     "kind", "model", "budget", "dense", "compressed", "within_band", "errors", "environment", "projection",
     "speedup", "ideal_speedup", "widths", "skipped", "export", "best_round", "stop_reason",
     "sparsity_per_layer", "quantized_layers", "quantization", "protected", "notes", "latency", "seconds",
-    "latency_targeting",
+    "latency_targeting", "blocks_removed",
 }
 
 
@@ -342,6 +342,11 @@ def compare_section(r: dict[str, Any]) -> dict[str, Any]:
         speed = "; ".join(parts)
         if isinstance(r.get("speed_explanation"), str) and r["speed_explanation"]:
             speed += ". " + r["speed_explanation"]
+    removed = r.get("blocks_removed")
+    if isinstance(removed, list) and removed:
+        speed = (speed + ". " if speed else "") + (f"{len(removed)} residual block(s) removed whole (replaced by the "
+                                                  f"identity): " + ", ".join(str(b) for b in removed[:12])
+                                                  + (", …" if len(removed) > 12 else ""))
     timings = []
     lat = r.get("latency")
     for name, t in (lat.items() if isinstance(lat, dict) else []):
