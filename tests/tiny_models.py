@@ -63,3 +63,42 @@ def make(case: str) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = factory().eval()
     return model, torch.randn(*shape)
+
+
+class Bottleneck(nn.Module):
+    """A residual block as torchvision writes it: relu(branch(x) + shortcut(x)), the shortcut None or a conv."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None if stride == 1 and cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                                                           nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return torch.relu(out)
+
+
+class BlockNet(nn.Module):
+    """Stem + four residual blocks in two stages (three skippable: the stride-2 block has a conv shortcut)."""
+
+    def __init__(self, c: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.stage1 = nn.Sequential(Bottleneck(c, c), Bottleneck(c, c))
+        self.stage2 = nn.Sequential(Bottleneck(c, 2 * c, stride=2), Bottleneck(2 * c, 2 * c))
+        self.head = nn.Linear(2 * c, classes)
+
+    def forward(self, x):
+        return self.head(self.stage2(self.stage1(self.stem(x))).mean((2, 3)))
+
+
+def block_net() -> nn.Module:
+    torch.manual_seed(0)
+    return BlockNet().eval()

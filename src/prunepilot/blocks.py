@@ -54,9 +54,11 @@ def _residual_of(gm: torch.fx.GraphModule, node: Any, x: torch.fx.Node) -> bool:
     if node is x:
         return True
     is_add = (node.op == "call_function" and node.target in ADDS) or (node.op == "call_method" and node.target in ("add", "add_"))
-    if not is_add or len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
+    if not is_add or len(node.args) < 2:
         return False
-    return any(_residual_of(gm, a, x) for a in node.args[:2])
+    # torch.add(a, b, alpha=s) is a + s b: the input passes through a always, through b only unscaled
+    trunks = node.args[:2] if node.kwargs.get("alpha", 1) == 1 else node.args[:1]
+    return any(_residual_of(gm, a, x) for a in trunks)
 
 
 def is_residual(module: nn.Module) -> bool:

@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         prune_heads: bool = typer.Option(False, "--prune-heads", help="For ViTs: remove whole attention heads instead of head dims."),
         protect: list[str] = typer.Option([], "--protect", help="Module name or re:regex never to prune (repeatable)."),
         data: Optional[str] = typer.Option(None, "--data", help="Labelled data for the agent loop: fashion-mnist[:DIR], imagefolder:DIR, hf:NAME. Without it: one projected plan, no accuracy."),
-        agent: str = typer.Option("auto", "--agent", help="Strategist: auto, sensitivity, uniform, grid, optuna, evolve (evolutionary search over per-family ratios; every round spent), evolve+LLM (e.g. evolve+local: an LLM answers every 4th offspring), local, anthropic[:MODEL], openai[:MODEL], openai-compatible:MODEL (auto = an API model when ANTHROPIC_API_KEY/OPENAI_API_KEY is set, else sensitivity)."),
+        agent: str = typer.Option("auto", "--agent", help="Strategist: auto, sensitivity, uniform, grid, optuna, blocks (skip whole residual blocks where measured cheap, channels for the rest), evolve (evolutionary search over per-family ratios; every round spent), evolve+LLM (e.g. evolve+local: an LLM answers every 4th offspring), local, anthropic[:MODEL], openai[:MODEL], openai-compatible:MODEL (auto = an API model when ANTHROPIC_API_KEY/OPENAI_API_KEY is set, else sensitivity)."),
         rounds: int = typer.Option(8, "--rounds", help="Agent rounds (each re-prunes the dense model with a new plan)."),
         finetune_steps: int = typer.Option(60, "--finetune-steps", help="In-loop recovery steps per candidate (equal for all)."),
         finetune_epochs: float = typer.Option(1.0, "--finetune-epochs", help="Final fine-tune of the winner, in epochs."),
