@@ -36,7 +36,7 @@ from prunepilot.budget import Budget
 from prunepilot.engines.recover import finetune
 from prunepilot.errors import PrunepilotError
 from prunepilot.evaluate.classification import evaluate_classifier
-from prunepilot.evaluate.scoring import Evaluator, measure_sensitivity
+from prunepilot.evaluate.scoring import Evaluator, measure_block_sensitivity, measure_sensitivity
 from prunepilot.agents.evolve_prune import search_report
 from prunepilot.jobs.prune import REPEAT_CAP, PruneJob, PruneSettings, UserConstraints, search_settings
 from prunepilot.journal import Journal, prepare_out
@@ -110,8 +110,10 @@ def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root:
         row.update(rounds=1, attempts=1, loop_seconds=time.perf_counter() - tl,
                    within_band_rate=float(rb.within("macs", macs)), global_ratio=ratio)
     else:
-        if arm in ("sensitivity", "local") or arm.startswith("evolve"):
+        if arm in ("sensitivity", "local", "blocks") or arm.startswith("evolve"):
             pruner.profile.sensitivity = measure_sensitivity(pruner, ev, settings.sensitivity_ratio)
+        if arm == "blocks":  # what skipping each residual block costs, as the prune job measures it
+            pruner.profile.blocks = measure_block_sensitivity(pruner, ev, pruner.profile.blocks)
         strategist, resolved = make_strategist(arm, "prune", say=print)
         settings = search_settings(strategist, settings, log=print)
         if getattr(args, "equal_evals", False):  # every arm measures --rounds candidates: repeats use no round
@@ -144,6 +146,7 @@ def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root:
             row.update(top1=None, wall_seconds=time.perf_counter() - t0)
             return row
         best_model = job.rebuild(best)
+        row["blocks_removed"] = best.allocation.get("skip", [])
         best_err = best.errors[metric]
         metrics = best.metrics
     search_s = time.perf_counter() - t0

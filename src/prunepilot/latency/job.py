@@ -69,6 +69,7 @@ class LatencyTargeting:
         if st.blocks:
             from ..blocks import block_rows
 
+            lm.adjust_blocks(measure_block_skips(pruner, lm, log))
             pruner.profile.blocks = block_rows(st, pruner.cost, lm)
         return cls(lm, alignment)
 
@@ -147,6 +148,28 @@ class LatencyTargeting:
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model.to_json(), "alignment": {f: c.to_json() for f, c in self.alignment.items()},
                 "corrections": self.corrections, "notes": self.notes}
+
+
+BLOCK_PAIRS = 15  # paired forwards per skippable block (dense vs the block skipped)
+
+
+def measure_block_skips(pruner: Any, lm: LatencyModel, log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Per skippable block: measured latency with it alone skipped (a ratio to dense in interleaved pairs, in
+    the tables' frame) minus the tables' view without it. Added to a view's constant when the block is skipped,
+    so a plan's predicted latency counts what the tables cannot see (the block's per-op overhead)."""
+    from ..engines.structured import apply_allocation
+    from ..pipeline import copy_model
+
+    device = torch.device(lm.device)
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for b in pruner.structure.blocks:
+        model = apply_allocation(copy_model(pruner.dense), pruner.x, pruner.structure, Allocation({}, {}, (b,))).eval()
+        _, _, ratio = paired_ms(pruner.dense, model, pruner.x, device, pairs=BLOCK_PAIRS)
+        out[b] = ratio * lm.dense_ms - lm.without([b]).predict({})
+    if log is not None:
+        log(f"skipping each of {len(out)} residual blocks measured in {time.perf_counter() - t0:.1f} s")
+    return out
 
 
 def run_prune_to_latency(loaded: Any, budget: Any, plan: Plan, out: Path, *, align: bool = True,

@@ -319,6 +319,9 @@ class LatencyModel:
     dtype: str = "float32"
     alignment: dict[str, Any] = field(default_factory=dict)  # family -> alignment.AlignmentChoice
     dense_elems: int = 0  # activation volume of the whole model (a view without skipped blocks keeps it)
+    # per skippable block: measured latency with it skipped minus what the tables predict for that (ms); the
+    # tables miss what skipping also removes (its norms', activations' and add's per-op overhead)
+    block_adjust: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._by_group: dict[str, list[Op]] = {}
@@ -328,6 +331,11 @@ class LatencyModel:
                     self._by_group.setdefault(g, []).append(o)
         self._elems = self.dense_elems or sum(o.out_elems for o in self.ops) or 1
         self._views: dict[tuple[str, ...], LatencyModel] = {}
+
+    def adjust_blocks(self, adjust: dict[str, float]) -> None:
+        """Set `block_adjust` (views built before it are dropped: they hold the old constant)."""
+        self.block_adjust = dict(adjust)
+        self._views.clear()
 
     def without(self, skip: tuple[str, ...] | list[str]) -> "LatencyModel":
         """The model with the residual blocks `skip` replaced by the identity: their ops' tables drop out, and
@@ -341,7 +349,8 @@ class LatencyModel:
             return self
         if key not in self._views:
             self._views[key] = dataclasses.replace(self, ops=[o for o in self.ops if not inside(o.name, key)],
-                                                   dense_elems=self._elems)
+                                                   dense_elems=self._elems, block_adjust={},
+                                                   rest_a=self.rest_a + sum(self.block_adjust.get(b, 0.0) for b in key))
         return self._views[key]
 
     def group_delta(self, frac: dict[str, float], group: str, new_frac: float) -> float:
@@ -378,7 +387,8 @@ class LatencyModel:
                 "rest_model": {"a": self.rest_a, "b": self.rest_b}, "fingerprint": self.fingerprint,
                 "ops": len(self.ops), "tables": len({o.key() for o in self.ops}), "seconds": round(self.seconds, 2),
                 "measured_points": self.measured_points, "cached_points": self.cached_points,
-                "calibration": self.calibration, "alignment_check": self.alignment_check}
+                "calibration": self.calibration, "alignment_check": self.alignment_check,
+                **({"block_adjust_ms": {b: round(v, 4) for b, v in self.block_adjust.items()}} if self.block_adjust else {})}
 
 
 class TableCache:
