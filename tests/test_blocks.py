@@ -177,14 +177,11 @@ def test_the_analyst_may_skip_listed_blocks_only():
 
 
 def test_sparsify_refuses_a_plan_that_skips():
-    from prunepilot.jobs.sparsify import SparsifyJob
+    from prunepilot.sparsify.plan import resolve
 
-    class Bare(SparsifyJob):
-        def __init__(self) -> None:
-            pass
-
-    with pytest.raises(PlanError, match="does not skip blocks"):
-        Bare().project(Plan(skip=["model.layers.3"]), None)
+    with pytest.raises(PlanError, match="only structured pruning understands") as exc:
+        resolve(Plan(ratios={}, skip=["model.layers.3"]), [], {}, {})
+    assert "skip" in str(exc.value)
 
 
 def test_the_agent_loop_measures_and_skips_blocks_end_to_end(tmp_path):

@@ -202,9 +202,6 @@ class SparsifyJob:
         return None
 
     def project(self, plan: Plan | None, step: Step) -> list[int]:
-        if plan is not None and plan.skip:  # a silently ignored field would be a lie in the journal
-            raise PlanError("sparsify sets per-layer sparsity; it does not skip blocks", ", ".join(plan.skip[:3]),
-                            "leave `skip` out (whole-block removal is for `prunepilot prune`)")
         level, current = step.info["level"], step.info["current"]
         desired = resolve(plan, self.infos, self.profile.groups, fallback=current) if plan else {i.name: level for i in self.infos}
         floor = current if step.phase == "ramp" else None

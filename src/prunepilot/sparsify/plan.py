@@ -17,7 +17,7 @@ from ..plan import Plan
 from .calibrate import LinearInfo
 
 MAX_RATIO = 0.95  # weights removed per layer at most: keeps every layer alive
-STRUCTURED_ONLY = ("importance", "round_to", "protected", "prune_heads", "quantize")
+STRUCTURED_ONLY = ("importance", "round_to", "protected", "prune_heads", "quantize", "skip")
 
 
 def validate_keys(plan: Plan, infos: list[LinearInfo], groups: dict[str, list[str]]) -> list[str]:
