@@ -70,7 +70,9 @@ VARIANTS: dict[str, tuple[str, str, str]] = {
 for _lvl in ("60", "70"):
     VARIANTS |= {f"u{_lvl}": (f"{_lvl}%", "wanda", "uniform"), f"owl{_lvl}": (f"{_lvl}%", "wanda", "owl"),
                  f"agent{_lvl}": (f"{_lvl}%", "wanda", "agent"), f"evo{_lvl}": (f"{_lvl}%", "wanda", "evolve"),
-                 f"evollm{_lvl}": (f"{_lvl}%", "wanda", "evolve+local")}
+                 f"evollm{_lvl}": (f"{_lvl}%", "wanda", "evolve+local"),
+                 f"sgpt{_lvl}": (f"{_lvl}%", "sparsegpt", "uniform"), f"agent{_lvl}_sgpt": (f"{_lvl}%", "sparsegpt", "agent"),
+                 f"evo{_lvl}_sgpt": (f"{_lvl}%", "sparsegpt", "evolve")}
 LOOP = ("agent", "evolve", "evolve+local")  # allocations searched by the one loop (the rest are one-shot)
 
 

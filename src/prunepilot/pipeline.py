@@ -160,7 +160,7 @@ class Pruner:
         keep = set(families)
         st = self.structure
         sub = Allocation({g: (k if st.groups[g].family in keep else st.groups[g].units) for g, k in alloc.kept.items()},
-                         {g: h for g, h in alloc.heads.items() if st.groups[g].family in keep})
+                         {g: h for g, h in alloc.heads.items() if st.groups[g].family in keep}, alloc.skip)
         self.isolation_trials += 1
         try:
             self._build(sub, plan, calibration if plan.importance == "taylor" else None)
@@ -171,6 +171,13 @@ class Pruner:
     def _isolate(self, alloc: Allocation, plan: Plan, calibration, error: str) -> tuple[str, str]:
         """Bisect the pruned families down to one whose pruning alone breaks the model."""
         st = self.structure
+        if alloc.skip:  # the blocks alone first: a family must not be blamed for what the skip broke
+            self.isolation_trials += 1
+            try:
+                self._build(Allocation({}, {}, alloc.skip), plan, None)
+            except Exception as exc:  # noqa: BLE001
+                raise VerificationError(f"skipping {', '.join(alloc.skip)} breaks the model: {_one_line(exc)}. Fix: "
+                                        "leave these blocks out of the plan's skip") from None
         pruned = sorted({st.groups[g].family for g, k in alloc.kept.items() if k < st.groups[g].units}
                         | {st.groups[g].family for g, h in alloc.heads.items() if h < st.groups[g].num_heads})
         cands, why = pruned, error
