@@ -153,15 +153,25 @@ def test_block_strategist_skips_the_cheapest_per_cost_within_its_share():
     assert not plan.skip and "no skippable residual block" in plan.rationale
 
 
-def test_block_strategist_searches_the_share_from_its_results():
+def _tried(i: int, share: float, skip: list[str], acc: float, alpha: float = 0.6) -> Attempt:
+    return Attempt(index=i, job="prune", strategist="blocks", verdict="worse", within_band=True, score=acc,
+                   plan=Plan(skip=skip, params={"block_share": share, "alpha": alpha}).model_dump(), metrics={"accuracy": acc})
+
+
+def test_block_strategist_searches_distinct_block_sets_then_the_channel_shape():
     blocks = [{"block": n, "macs_share": 0.05, "score_drop": 0.01 * i} for i, n in enumerate("abcdefgh")]
-    hist = []
-    for i, (share, acc) in enumerate([(0.5, 0.80), (0.25, 0.85), (0.75, 0.70)]):
-        hist.append(Attempt(index=i, job="prune", strategist="blocks", plan=Plan(params={"block_share": share}).model_dump(),
-                            metrics={"accuracy": acc}, within_band=True, score=acc, verdict="worse"))
+    hist = [_tried(0, 0.5, ["a", "b", "c", "d", "e"], 0.80), _tried(1, 0.25, ["a", "b"], 0.85),
+            _tried(2, 0.75, ["a", "b", "c", "d", "e", "f", "g"], 0.70)]
     plan = BlockStrategist().propose(_ctx(blocks, hist))
-    assert plan.params["block_share"] == 0.375  # around the best (0.25), the untried side first
-    assert len(plan.skip) == 3  # 0.375 x 0.5 of dense MACs, 5% each
+    # outwards from the best share (0.25, a set already measured): 0.1875 skips one block, a set not measured yet
+    assert plan.params["block_share"] == 0.1875 and plan.skip == ["a"]
+    # once every distinct set is measured, the channel shape of the best set moves (alpha), never a repeat
+    sets = {tuple(sorted(BlockStrategist._choose(sorted(blocks, key=lambda b: b["score_drop"] / 0.05), "macs_share",
+                                                 s * 0.5)[0])) for s in BlockStrategist.GRID}
+    full = [_tried(i, s, list(k), 0.85 if k == ("a", "b") else 0.6) for i, (s, k) in
+            enumerate((len(k) * 0.1, k) for k in sorted(sets))]
+    plan = BlockStrategist().propose(_ctx(blocks, full))
+    assert plan.skip == ["a", "b"] and plan.params["alpha"] != 0.6
 
 
 def test_the_analyst_may_skip_listed_blocks_only():

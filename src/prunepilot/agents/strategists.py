@@ -122,12 +122,17 @@ class BlockStrategist:
     MDP's block removal). Blocks are ranked by the score measured lost when each alone is skipped, per share of
     the budget's metric it removes (measured latency for a latency budget: skipping a block also removes its
     per-op overhead, which no channel cut does); the cheapest are skipped until they cover `block_share` of the
-    reduction the budget needs, and the sensitivity shape narrows channels for the remainder. `block_share` is a
-    line search: 1/2, 1/4, 3/4, then halfway steps around the best attempt so far."""
+    reduction the budget needs, and the sensitivity shape narrows channels for the remainder.
+
+    The search is over distinct sets of skipped blocks first (`block_share` 1/2, 1/4, 3/4, then outwards from the
+    best attempt's share; a share that yields a set already measured is passed over), then over the channel
+    shape's alpha for the best set, so no round is spent on an allocation measured before."""
 
     name = "blocks"
     kinds = ("prune",)
-    SHARES = [0.5, 0.25, 0.75, 0.0, 1.0, 0.375, 0.625, 0.125, 0.875]
+    FIRST = (0.5, 0.25, 0.75)
+    GRID = tuple(i / 16 for i in range(17))
+    ALPHA = 0.6
 
     def independent(self, ctx: Context) -> int:
         return max(1, 3 - len(ctx.history))
@@ -139,35 +144,50 @@ class BlockStrategist:
             plan = SensitivityStrategist().propose(ctx)
             return plan.model_copy(update={"rationale": "no skippable residual block with a measured score drop: "
                                                         + plan.rationale})
-        share = self._share(ctx.history)
         ranked = sorted(blocks, key=lambda b: max(0.0, float(b["score_drop"])) / float(b[col]))
+        tried = {(tuple(sorted((a.plan or {}).get("skip") or [])), round(float(a.plan_params.get("alpha", -1)), 3))
+                 for a in ctx.history}
+        best = self._best(ctx.history)
+        shares = list(self.FIRST) + sorted(self.GRID, key=lambda s: (abs(s - (best[0] if best else 0.5)), s))
+        for share in shares:
+            chosen, covered = self._choose(ranked, col, share * need)
+            if (tuple(sorted(chosen)), self.ALPHA) not in tried:
+                return self._plan(ctx, chosen, covered, share, need, col, self.ALPHA)
+        share = best[0] if best else self.FIRST[0]
+        chosen, covered = self._choose(ranked, col, share * need)
+        for alpha in SensitivityStrategist.ALPHAS:  # every distinct set measured: the channel shape for the best
+            if (tuple(sorted(chosen)), round(alpha, 3)) not in tried:
+                return self._plan(ctx, chosen, covered, share, need, col, alpha)
+        return self._plan(ctx, chosen, covered, share, need, col, self.ALPHA)
+
+    @staticmethod
+    def _choose(ranked: list[dict[str, Any]], col: str, room: float) -> tuple[list[str], float]:
         chosen, covered = [], 0.0
         for b in ranked:  # greedy knapsack by value per cost: a block that does not fit is passed over
-            if covered + b[col] <= share * need + 1e-9:
+            if covered + b[col] <= room + 1e-9:
                 chosen.append(b["block"])
                 covered += b[col]
+        return chosen, covered
+
+    @staticmethod
+    def _best(history: list[Attempt]) -> tuple[float, float] | None:
+        """(block_share, alpha) of the best in-band attempt of this strategist."""
+        scored = [a for a in history if _accuracy(a) is not None and "block_share" in a.plan_params]
+        if not scored:
+            return None
+        a = max(scored, key=lambda a: _accuracy(a) or 0.0)
+        return float(a.plan_params["block_share"]), float(a.plan_params.get("alpha", BlockStrategist.ALPHA))
+
+    @staticmethod
+    def _plan(ctx: Context, chosen: list[str], covered: float, share: float, need: float, col: str, alpha: float) -> Plan:
         fams = _families(ctx.profile)
         by = "latency_share" if col == "latency_share" else "macs_share"
-        ratios = sensitivity_ratios(fams, 0.6, 0.5, by) if fams else {}
+        ratios = sensitivity_ratios(fams, alpha, 0.5, by) if fams else {}
         why = (f"skip {len(chosen)} residual block(s) covering {covered:.1%} of dense {col.split('_')[0]} "
-               f"({share:.0%} of the {need:.1%} to remove; least score lost per share), channels for the rest")
+               f"({share:.0%} of the {need:.1%} to remove; least score lost per share), channels for the rest "
+               f"(sensitivity shape, alpha={alpha})")
         return Plan(ratios=ratios, default_ratio=0.0 if ratios else 0.5, round_to=8, skip=chosen, rationale=why,
-                    params={"block_share": share, "alpha": 0.6, "beta": 0.5})
-
-    def _share(self, history: list[Attempt]) -> float:
-        k = len(history)
-        tried = {round(float(a.plan_params.get("block_share", -1.0)), 4) for a in history}
-        scored = [a for a in history if _accuracy(a) is not None and "block_share" in a.plan_params]
-        if k >= 3 and scored:
-            best = float(max(scored, key=lambda a: _accuracy(a) or 0.0).plan_params["block_share"])
-            for step in (0.125, 0.0625):
-                for s in (best + step, best - step):
-                    if 0.0 <= s <= 1.0 and round(s, 4) not in tried:
-                        return round(s, 4)
-        for s in self.SHARES:
-            if round(s, 4) not in tried:
-                return s
-        return self.SHARES[k % len(self.SHARES)]
+                    params={"block_share": share, "alpha": alpha, "beta": 0.5})
 
 
 def _alpha_of(attempt: Attempt) -> float:
