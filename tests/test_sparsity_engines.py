@@ -159,3 +159,33 @@ def test_resolve_rejects_structured_only_fields(field: str, value: object) -> No
 def test_structured_only_list_covers_every_structured_field() -> None:
     sparsify_fields = {"version", "ratios", "default_ratio", "rationale", "reflection", "source", "params"}
     assert set(Plan.model_fields) - sparsify_fields == set(STRUCTURED_ONLY)
+
+
+def test_sparsegpt_float32_factorisation_matches_float64_and_falls_back(monkeypatch) -> None:
+    """Wide layers factorise H in float32 (memory); the result matches the float64 path, and a float32
+    factorisation that fails is redone in float64 instead of failing the layer."""
+    from prunepilot.engines import sparsity as sp
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g)
+    x = torch.randn(512, 96, generator=g) * torch.linspace(0.2, 3.0, 96)
+    h = x.T @ x
+    w64, m64 = sp.sparsegpt_prune(w, h, 0.5)
+    monkeypatch.setattr(sp, "DOUBLE_MAX_COLS", 0)
+    w32, m32 = sp.sparsegpt_prune(w, h, 0.5)
+    assert (m32 == m64).float().mean() > 0.99
+    err = lambda v: float(((x @ (v - w).T) ** 2).mean())  # noqa: E731 - output error on the calibration inputs
+    assert err(w32) == pytest.approx(err(w64), rel=0.01)
+
+    real = torch.linalg.cholesky
+    calls: list[torch.dtype] = []
+
+    def flaky(a, *args, **kw):
+        calls.append(a.dtype)
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("not positive definite")
+        return real(a, *args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "cholesky", flaky)
+    w_fb, m_fb = sp.sparsegpt_prune(w, h, 0.5)
+    assert calls[0] == torch.float32 and torch.float64 in calls and torch.equal(m_fb, m64)

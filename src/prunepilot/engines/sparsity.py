@@ -17,7 +17,10 @@ import torch
 from ..errors import PlanError
 
 METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
-DOUBLE_MAX_COLS = 4096  # SparseGPT factorises H in float64 up to this input width
+# SparseGPT factorises H in float64 up to this input width (SmolLM2's widest, 1536, included); wider layers in
+# float32 as the reference does: a [4096, 4096] float64 H with its factor is 270 MB of temporaries per layer, the
+# largest transient of a ~1B run. A float32 factorisation that fails falls back to float64.
+DOUBLE_MAX_COLS = 2048
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,19 @@ def wanda_mask(
 
 
 @torch.no_grad()
+def _inverse_factor(hessian: torch.Tensor, dead: torch.Tensor, percdamp: float, dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+    """The upper Cholesky factor of the damped H^-1, float32, factorised in `dtype` (temporaries freed early)."""
+    H = hessian.detach().to(device=device, dtype=dtype, copy=True)  # [in, in]
+    H[dead, dead] = 1.0
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    L = torch.linalg.cholesky(H)
+    del H
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    return torch.linalg.cholesky(Hinv, upper=True).float()
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -146,18 +162,12 @@ def sparsegpt_prune(
     rows, cols = W.shape
     # float64 keeps the Cholesky stable on small models; wide layers use float32 as the reference does
     # (an [8192, 8192] float64 factorisation would need ~1.6 GB of temporaries)
-    exact = torch.float64 if cols <= DOUBLE_MAX_COLS else torch.float32
-    H = hessian.detach().to(device=W.device, dtype=exact, copy=True)  # [in, in]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    dead = (torch.diag(hessian) == 0).to(W.device)
     W[:, dead] = 0.0
-    damp = percdamp * torch.mean(torch.diag(H))
-    H.diagonal().add_(damp)
-    L = torch.linalg.cholesky(H)
-    del H
-    Hinv = torch.cholesky_inverse(L)
-    del L
-    Hinv = torch.linalg.cholesky(Hinv, upper=True).float()  # [in, in] upper factor of H^-1
+    try:
+        Hinv = _inverse_factor(hessian, dead, percdamp, torch.float64 if cols <= DOUBLE_MAX_COLS else torch.float32, W.device)
+    except RuntimeError:  # torch.linalg.LinAlgError: not positive definite in float32
+        Hinv = _inverse_factor(hessian, dead, percdamp, torch.float64, W.device)
 
     total_k = count_pruned(W.numel(), sparsity) if nm is None else 0
     mask = torch.ones_like(W, dtype=torch.bool)
