@@ -264,3 +264,25 @@ def test_a_skip_that_breaks_the_model_is_named_not_a_family(monkeypatch):
     with pytest.raises(VerificationError, match="skipping stage1.1 breaks the model"):
         p.candidate(Plan(default_ratio=0.5, round_to=4, skip=["stage1.1"]), rb)
     assert not any("breaks the model" in why for why in p.structure.ignored.values())
+
+
+def test_the_users_skip_holds_in_every_candidate_and_without_data(tmp_path):
+    import prunepilot
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from prunepilot.journal import Journal
+
+    x = torch.randn(1, 3, 16, 16)
+    one = prunepilot.prune(block_net(), x, target_macs="50%", skip=["stage2.1"], out=tmp_path / "one", log=None)
+    assert one.raw["blocks_removed"] == ["stage2.1"] and isinstance(one.model.stage2[1], nn.Identity)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(96, 3, 16, 16, generator=g), torch.randint(0, 10, (96,), generator=g)
+    loader = DataLoader(TensorDataset(xs, ys), batch_size=32)
+    res = prunepilot.prune(block_net(), x, target_macs="50%", train=loader, val=loader, agent="sensitivity", rounds=2,
+                           skip=["stage1.1"], finetune_steps=1, finetune_epochs=0.1, history=False,
+                           out=tmp_path / "loop", log=None)
+    attempts = Journal(res.out / "journal.sqlite").attempts(res.run_id)
+    assert attempts and all("stage1.1" in a.allocation.get("skip", []) for a in attempts if a.allocation)
+    assert "stage1.1" in res.raw["blocks_removed"]
+    with pytest.raises(PlanError, match="not a skippable residual block"):
+        prunepilot.prune(block_net(), x, target_macs="50%", skip=["stem.0"], out=tmp_path / "bad", log=None)

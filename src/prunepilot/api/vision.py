@@ -88,6 +88,7 @@ def prune(
     dtype: str | torch.dtype | None = None,
     out: str | Path | None = None,
     protect: Sequence[str] = (),
+    skip: Sequence[str] = (),
     plan: Plan | dict | None = None,
     importance: str | None = None,
     round_to: int | None = None,
@@ -114,7 +115,8 @@ def prune(
     `evaluate(model) -> float` (higher is better) replaces top-1 as the ranking score; `loss(model, batch)`
     replaces the built-in objective (cross-entropy, MSE for float targets, distillation without labels).
     `device`/`dtype`: "auto" (CUDA when available, the model's own dtype), "cpu", "cuda:0", "bfloat16"...;
-    the model is moved there in place. `align=True`: channel multiples per family chosen by measured latency
+    the model is moved there in place. `skip`: residual blocks removed whole (replaced by the identity) in every
+    candidate (`prunepilot profile MODEL` lists the skippable ones; `agent="blocks"` chooses them). `align=True`: channel multiples per family chosen by measured latency
     (always on for a latency budget unless `round_to` is given). `out`: the run folder (journal, report, model files); None = a
     temporary one. `resume=True` continues the run journaled in `out` (the same model, unchanged).
     """
@@ -142,7 +144,7 @@ def prune(
         settings = PruneSettings(rounds=rounds, finetune_steps=finetune_steps, eval_limit=eval_limit,
                                  finetune_epochs=finetune_epochs, kd=kd, seed=seed)
         constraints = UserConstraints(protected=tuple(protect), importance=importance, round_to=round_to,
-                                      plan=user_plan)
+                                      plan=user_plan, skip=tuple(skip))
         with run_folder(out) as (folder, keep):
             run = PruneRun(budget, data, folder, agent=agent, settings=settings, user=constraints,
                            history_path=Path(history) if isinstance(history, (str, Path)) else None,
@@ -162,6 +164,8 @@ def prune(
                           "round_to": None if round_to == 1 else (round_to or 8)}.items() if v is not None})
     if round_to == 1:
         one = one.model_copy(update={"round_to": None})
+    if skip:
+        one = one.model_copy(update={"skip": sorted(set(one.skip) | set(skip))})
     with run_folder(out) as (folder, keep):
         prepare_out(folder, overwrite=overwrite)
         place_loaded(loaded, option_text(device), option_text(dtype))

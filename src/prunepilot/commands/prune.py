@@ -48,6 +48,7 @@ def register(app: typer.Typer) -> None:
         align: bool = typer.Option(False, "--align", help="Choose each family's channel multiple by measuring its ops over a sweep of kept widths on this device (the multiple whose widths run fastest against the trend; builds per-op latency tables, cached); on by default with --target-latency unless --round-to is given."),
         prune_heads: bool = typer.Option(False, "--prune-heads", help="For ViTs: remove whole attention heads instead of head dims."),
         protect: list[str] = typer.Option([], "--protect", help="Module name or re:regex never to prune (repeatable)."),
+        skip: list[str] = typer.Option([], "--skip", help="Residual block to remove whole, replaced by the identity, in every candidate (repeatable; `prunepilot profile` lists the skippable blocks)."),
         data: Optional[str] = typer.Option(None, "--data", help="Labelled data for the agent loop: fashion-mnist[:DIR], imagefolder:DIR, hf:NAME. Without it: one projected plan, no accuracy."),
         agent: str = typer.Option("auto", "--agent", help="Strategist: auto, sensitivity, uniform, grid, optuna, blocks (skip whole residual blocks where measured cheap, channels for the rest), evolve (evolutionary search over per-family ratios; every round spent), evolve+LLM (e.g. evolve+local: an LLM answers every 4th offspring), local, anthropic[:MODEL], openai[:MODEL], openai-compatible:MODEL (auto = an API model when ANTHROPIC_API_KEY/OPENAI_API_KEY is set, else sensitivity)."),
         rounds: int = typer.Option(8, "--rounds", help="Agent rounds (each re-prunes the dense model with a new plan)."),
@@ -120,7 +121,7 @@ def register(app: typer.Typer) -> None:
 
             user = UserConstraints(protected=tuple(protect), importance=importance, round_to=round_to,
                                    prune_heads=True if prune_heads else None,
-                                   plan=load_plan(plan_file) if plan_file else None)
+                                   plan=load_plan(plan_file) if plan_file else None, skip=tuple(skip))
             settings = PruneSettings(rounds=rounds, finetune_steps=finetune_steps, eval_limit=eval_limit,
                                      finetune_epochs=finetune_epochs, kd=kd, seed=seed)
             run = PruneRun(budget, data, out, agent=agent, settings=settings, user=user, history_path=history,
@@ -131,6 +132,8 @@ def register(app: typer.Typer) -> None:
         else:
             plan = load_plan(plan_file, importance=importance, round_to=None if round_to == 1 else (round_to or 8),
                              prune_heads=prune_heads or None, protected=list(protect) or None)
+            if skip:
+                plan = plan.model_copy(update={"skip": sorted(set(plan.skip) | set(skip))})
             prepare_out(out, overwrite=overwrite)
             from ..jobs.prune import place_loaded
 

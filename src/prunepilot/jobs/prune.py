@@ -57,9 +57,12 @@ class UserConstraints:
     round_to: int | None = None
     prune_heads: bool | None = None
     plan: Plan | None = None  # the user's plan: the first candidate of the loop
+    skip: tuple[str, ...] = ()  # residual blocks removed in every candidate
 
     def apply(self, plan: Plan) -> Plan:
         upd: dict[str, Any] = {"protected": sorted(set(plan.protected) | set(self.protected))}
+        if self.skip:
+            upd["skip"] = sorted(set(plan.skip) | set(self.skip))
         for key in ("importance", "round_to", "prune_heads"):
             if getattr(self, key) is not None:
                 upd[key] = getattr(self, key)
@@ -69,7 +72,8 @@ class UserConstraints:
 
     def to_json(self) -> dict[str, Any]:
         return {"protected": list(self.protected), "importance": self.importance, "round_to": self.round_to,
-                "prune_heads": self.prune_heads, "plan": self.plan.model_dump() if self.plan else None}
+                "prune_heads": self.prune_heads, "plan": self.plan.model_dump() if self.plan else None,
+                **({"skip": list(self.skip)} if self.skip else {})}
 
 
 def divergence_guidance(history: list[Attempt]) -> list[str]:
@@ -348,7 +352,8 @@ class PruneRun:
         u = c.get("user") or {}
         user = UserConstraints(protected=tuple(u.get("protected") or ()), importance=u.get("importance"),
                                round_to=u.get("round_to"), prune_heads=u.get("prune_heads"),
-                               plan=Plan.model_validate(u["plan"]) if u.get("plan") else None)
+                               plan=Plan.model_validate(u["plan"]) if u.get("plan") else None,
+                               skip=tuple(u.get("skip") or ()))
         return cls(Budget.model_validate(c["budget"]), c["data"], Path(c["out"]), agent=agent or c["agent"],
                    settings=PruneSettings(**c["settings"]), user=user,
                    history_path=Path(c["history"]) if c.get("history") else None,
