@@ -286,3 +286,22 @@ def test_the_users_skip_holds_in_every_candidate_and_without_data(tmp_path):
     assert "stage1.1" in res.raw["blocks_removed"]
     with pytest.raises(PlanError, match="not a skippable residual block"):
         prunepilot.prune(block_net(), x, target_macs="50%", skip=["stem.0"], out=tmp_path / "bad", log=None)
+
+
+def test_tracing_leaves_no_proxy_behind():
+    """A forward that caches on its module (as LeViT's attention-bias cache does) keeps working after detection."""
+    class Caching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.cache: dict = {}
+
+        def forward(self, x):
+            self.cache["w"] = self.a.weight * 1.0
+            self.last = x
+            return x + torch.nn.functional.linear(x, self.cache["w"])
+
+    m = Caching()
+    assert is_residual(m)
+    assert m.cache == {} and not hasattr(m, "last")
+    m(torch.randn(2, 8))

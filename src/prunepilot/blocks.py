@@ -11,7 +11,8 @@ dense model stays valid; the cost and latency models drop its modules' terms.
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -61,6 +62,24 @@ def _residual_of(gm: torch.fx.GraphModule, node: Any, x: torch.fx.Node) -> bool:
     return any(_residual_of(gm, a, x) for a in trunks)
 
 
+@contextmanager
+def _untouched(module: nn.Module) -> Iterator[None]:
+    """Tracing runs the real forward with proxies: a forward that caches something on its module (LeViT's
+    attention-bias cache, a remembered shape) would keep a proxy. Every submodule's attributes, and the contents
+    of dict-valued ones, are put back afterwards."""
+    saved = [(m, dict(m.__dict__), {k: dict(v) for k, v in m.__dict__.items() if type(v) is dict})
+             for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs, dicts in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for k, v in dicts.items():
+                m.__dict__[k].clear()
+                m.__dict__[k].update(v)
+
+
 def is_residual(module: nn.Module) -> bool:
     """Traced with torch.fx, the forward returns (ReLU of) its first input plus branches."""
     import inspect
@@ -72,7 +91,8 @@ def is_residual(module: nn.Module) -> bool:
         concrete = {p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty}
         if len(concrete) != len(params) - 1:
             return False  # more required inputs than the one the identity can pass through
-        gm = torch.fx.symbolic_trace(module, concrete_args=concrete or None)
+        with _untouched(module):
+            gm = torch.fx.symbolic_trace(module, concrete_args=concrete or None)
     except Exception:  # noqa: BLE001 - untraceable forward: not known to be residual, so not skippable
         return False
     xs = [n for n in gm.graph.nodes if n.op == "placeholder"]
