@@ -305,3 +305,10 @@ def test_tracing_leaves_no_proxy_behind():
     assert is_residual(m)
     assert m.cache == {} and not hasattr(m, "last")
     m(torch.randn(2, 8))
+
+
+def test_detection_leaves_the_users_model_as_it_was():
+    net = BlockNet().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    find_blocks(net, torch.randn(4, 3, 16, 16) * 5)
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # BN stats unmoved

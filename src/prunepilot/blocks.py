@@ -120,6 +120,8 @@ def find_blocks(model: nn.Module, example_input: Any, avoid: Iterable[str] = ())
         calls.setdefault(names[mod], []).append(same)
 
     handles = [m.register_forward_hook(hook) for _, m in cands]
+    was_training = model.training
+    model.eval()  # a forward in train mode would move the user's BatchNorm statistics
     try:
         with torch.no_grad():
             call(model, example_input)
@@ -128,6 +130,7 @@ def find_blocks(model: nn.Module, example_input: Any, avoid: Iterable[str] = ())
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     found: dict[str, list[str]] = {}
     for n, m in cands:
         if calls.get(n) != [True] or any(inside(a, [n]) for a in avoid):

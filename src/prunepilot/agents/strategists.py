@@ -147,13 +147,13 @@ class BlockStrategist:
         ranked = sorted(blocks, key=lambda b: max(0.0, float(b["score_drop"])) / float(b[col]))
         tried = {(tuple(sorted((a.plan or {}).get("skip") or [])), round(float(a.plan_params.get("alpha", -1)), 3))
                  for a in ctx.history}
-        best = self._best(ctx.history)
-        shares = list(self.FIRST) + sorted(self.GRID, key=lambda s: (abs(s - (best[0] if best else 0.5)), s))
+        best = self._best_share(ctx.history)
+        shares = list(self.FIRST) + sorted(self.GRID, key=lambda s: (abs(s - (best if best is not None else 0.5)), s))
         for share in shares:
             chosen, covered = self._choose(ranked, col, share * need)
             if (tuple(sorted(chosen)), self.ALPHA) not in tried:
                 return self._plan(ctx, chosen, covered, share, need, col, self.ALPHA)
-        share = best[0] if best else self.FIRST[0]
+        share = best if best is not None else self.FIRST[0]
         chosen, covered = self._choose(ranked, col, share * need)
         for alpha in SensitivityStrategist.ALPHAS:  # every distinct set measured: the channel shape for the best
             if (tuple(sorted(chosen)), round(alpha, 3)) not in tried:
@@ -170,13 +170,10 @@ class BlockStrategist:
         return chosen, covered
 
     @staticmethod
-    def _best(history: list[Attempt]) -> tuple[float, float] | None:
-        """(block_share, alpha) of the best in-band attempt of this strategist."""
+    def _best_share(history: list[Attempt]) -> float | None:
+        """The block_share of the best in-band attempt of this strategist."""
         scored = [a for a in history if _accuracy(a) is not None and "block_share" in a.plan_params]
-        if not scored:
-            return None
-        a = max(scored, key=lambda a: _accuracy(a) or 0.0)
-        return float(a.plan_params["block_share"]), float(a.plan_params.get("alpha", BlockStrategist.ALPHA))
+        return float(max(scored, key=lambda a: _accuracy(a) or 0.0).plan_params["block_share"]) if scored else None
 
     @staticmethod
     def _plan(ctx: Context, chosen: list[str], covered: float, share: float, need: float, col: str, alpha: float) -> Plan:
