@@ -36,9 +36,9 @@ from prunepilot.budget import Budget
 from prunepilot.engines.recover import finetune
 from prunepilot.errors import PrunepilotError
 from prunepilot.evaluate.classification import evaluate_classifier
-from prunepilot.evaluate.scoring import Evaluator, measure_block_sensitivity, measure_sensitivity
+from prunepilot.evaluate.scoring import Evaluator, measure_sensitivity
 from prunepilot.agents.evolve_prune import search_report
-from prunepilot.jobs.prune import REPEAT_CAP, PruneJob, PruneSettings, UserConstraints, search_settings
+from prunepilot.jobs.prune import REPEAT_CAP, PruneJob, PruneSettings, UserConstraints, profile_blocks, search_settings
 from prunepilot.journal import Journal, prepare_out
 from prunepilot.loop import Master
 from prunepilot.models.baseline import get_or_train_baseline
@@ -113,7 +113,7 @@ def run_arm(arm: str, target: str, seed: int, args, dense, info, data, out_root:
         if arm in ("sensitivity", "local", "blocks") or arm.startswith("evolve"):
             pruner.profile.sensitivity = measure_sensitivity(pruner, ev, settings.sensitivity_ratio)
         if arm == "blocks":  # what skipping each residual block costs, as the prune job measures it
-            pruner.profile.blocks = measure_block_sensitivity(pruner, ev, pruner.profile.blocks)
+            profile_blocks(pruner, ev, latency, print)
         strategist, resolved = make_strategist(arm, "prune", say=print)
         settings = search_settings(strategist, settings, log=print)
         if getattr(args, "equal_evals", False):  # every arm measures --rounds candidates: repeats use no round

@@ -25,7 +25,7 @@ import torch
 
 from prunepilot.blocks import block_rows
 from prunepilot.budget import Budget
-from prunepilot.latency.job import measure_block_skips
+from prunepilot.latency.job import block_skip_probe
 from prunepilot.latency.model import build_latency_model, paired_ms
 from prunepilot.pipeline import Pruner, count_real
 from prunepilot.plan import Plan
@@ -67,7 +67,7 @@ def main() -> None:
         pruner = Pruner(loaded)
         st = pruner.structure
         lm = build_latency_model(pruner.dense, pruner.x, st, runs=3, align=False)
-        lm.adjust_blocks(measure_block_skips(pruner, lm, print))
+        lm.skip_probe = block_skip_probe(pruner, lm)  # block_rows below times every block's skip
         info = block_rows(st, pruner.cost, lm)
         rb = Budget.parse(macs=args.macs).resolve(pruner.profile.dense)
         need = 1 - rb.goals["macs"] / pruner.profile.dense["macs"]

@@ -227,8 +227,10 @@ def test_the_agent_loop_measures_and_skips_blocks_end_to_end(tmp_path):
 def test_latency_views_drop_the_skipped_ops(pruner, tmp_path):
     from prunepilot.latency.job import LatencyTargeting
 
-    LatencyTargeting.enable(pruner, align=False, cache_dir=tmp_path, runs=1)
+    lt = LatencyTargeting.enable(pruner, align=False, cache_dir=tmp_path, runs=1)
     try:
+        assert not pruner.projector.latency.block_adjust  # nothing timed until a plan or a strategist asks
+        lt.profile_blocks(pruner)
         # (measured values: only their frame is asserted, never their size — timings are the host's)
         rows = {r["block"]: r for r in pruner.profile.blocks}
         assert set(rows) == set(pruner.structure.blocks) and all("latency_share" in r for r in rows.values())
@@ -284,6 +286,8 @@ def test_the_users_skip_holds_in_every_candidate_and_without_data(tmp_path):
     attempts = Journal(res.out / "journal.sqlite").attempts(res.run_id)
     assert attempts and all("stage1.1" in a.allocation.get("skip", []) for a in attempts if a.allocation)
     assert "stage1.1" in res.raw["blocks_removed"]
+    # a channel strategist does not read blocks: no evaluation is spent on what skipping each would cost
+    assert all("score_drop" not in b for b in json.loads((res.out / "profile.json").read_text())["blocks"])
     with pytest.raises(PlanError, match="not a skippable residual block"):
         prunepilot.prune(block_net(), x, target_macs="50%", skip=["stem.0"], out=tmp_path / "bad", log=None)
 

@@ -458,6 +458,7 @@ class LLMAnalyst:
     repair requests; then `fallback` (any strategist) decides and ctx.fallback_reason says why."""
 
     kinds = ("prune", "sparsify")
+    reads_blocks = True  # the prune prompt shows each skippable block's measured cost (jobs.prune.profile_blocks)
 
     def __init__(self, client: LLMClient, fallback: Any, *, repairs: int = 1, schema_mode: SchemaMode = "auto",
                  max_history_rows: int = 8) -> None:

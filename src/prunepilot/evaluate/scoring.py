@@ -110,7 +110,7 @@ MAX_BLOCK_PROBES = 32  # blocks probed per model (the heaviest by MACs), one eva
 
 
 def measure_block_sensitivity(pruner, evaluator: Evaluator, rows: list[dict]) -> list[dict]:
-    """Per skippable block (`rows` from pipeline.block_profile): the score lost when that block alone is replaced
+    """Per skippable block (`rows` from blocks.block_rows): the score lost when that block alone is replaced
     by the identity (BN recalibrated, no fine-tune), as `score_drop`. Blocks past `MAX_BLOCK_PROBES` get none, so
     no strategist skips them blind."""
     from ..allocation import Allocation

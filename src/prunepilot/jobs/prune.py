@@ -425,9 +425,6 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
             log(f"WARNING: {w}")
         log("measuring per-family sensitivity")
         pruner.profile.sensitivity = measure_sensitivity(pruner, evaluator, s.sensitivity_ratio)
-        if pruner.profile.blocks:
-            log(f"measuring what skipping each of {len(pruner.profile.blocks)} residual blocks costs")
-            pruner.profile.blocks = measure_block_sensitivity(pruner, evaluator, pruner.profile.blocks)
         write_json_atomic(out / "profile.json", pruner.profile.to_json())
         store = HistoryStore(run.history_path) if run.use_history else NullHistory()
         fp = fingerprint(pruner)
@@ -444,6 +441,9 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
         strategist, resolved = make_strategist(run.agent, KIND, base_url=run.base_url, api_key=api_key,
                                                transcripts=transcripts, client=client, say=log)
         log(f"strategist: {resolved}")
+        if pruner.profile.blocks and getattr(strategist, "reads_blocks", False):
+            profile_blocks(pruner, evaluator, latency, log)
+            write_json_atomic(out / "profile.json", pruner.profile.to_json())
         s = search_settings(strategist, s, log)
         job = PruneJob(pruner, rb, evaluator, s, out, run.user, warm_start=warm, latency=latency)
         master = Master(job, strategist, journal, run_id, seed=s.seed, priors=learned.get("priors") or [],
@@ -464,6 +464,15 @@ def run_prune_search(loaded, run: PruneRun, *, run_id: str | None = None, overwr
 
     render_safely(out, log)
     return (result, model) if return_model else result
+
+
+def profile_blocks(pruner: Pruner, evaluator: Evaluator, latency: Any = None, log: Callable[[str], None] = print) -> None:
+    """For a strategist that ranks residual blocks: the score lost when each alone is skipped, and with a latency
+    model the latency each skip saves (one paired measurement per block)."""
+    log(f"measuring what skipping each of {len(pruner.profile.blocks)} residual blocks costs")
+    pruner.profile.blocks = measure_block_sensitivity(pruner, evaluator, pruner.profile.blocks)
+    if latency is not None:
+        latency.profile_blocks(pruner, log)
 
 
 def search_settings(strategist: Any, s: PruneSettings, log: Callable[[str], None] = print) -> PruneSettings:

@@ -66,12 +66,22 @@ class LatencyTargeting:
             if g.name in st.groups:
                 g.latency_ms = max(0.0, 2 * -lm.group_delta({}, g.name, 0.5))
         pruner.profile.dense["module_ms"] = lm.dense_ms
-        if st.blocks:
-            from ..blocks import block_rows
-
-            lm.adjust_blocks(measure_block_skips(pruner, lm, log))
-            pruner.profile.blocks = block_rows(st, pruner.cost, lm)
+        if st.blocks:  # a block's skip is timed the first time a plan skips it (or `profile_blocks` asks)
+            lm.skip_probe = block_skip_probe(pruner, lm)
         return cls(lm, alignment)
+
+    def profile_blocks(self, pruner: Any, log: Callable[[str], None] | None = None) -> None:
+        """Every skippable block's measured latency share in the profile (what a strategist that ranks blocks
+        reads): one paired measurement per block."""
+        from ..blocks import block_rows
+
+        t0 = time.perf_counter()
+        rows = {r["block"]: r for r in pruner.profile.blocks}
+        for r in block_rows(pruner.structure, pruner.cost, self.model):
+            rows[r["block"]] = {**rows.get(r["block"], {}), **r}
+        pruner.profile.blocks = list(rows.values())
+        if log is not None:
+            log(f"skipping each of {len(rows)} residual blocks timed in {time.perf_counter() - t0:.1f} s")
 
     def measure(self, model: torch.nn.Module, x: Any) -> float:
         return whole_model_ms(model, x, torch.device(self.model.device))
@@ -153,24 +163,18 @@ class LatencyTargeting:
 BLOCK_PAIRS = 15  # paired forwards per skippable block (dense vs the block skipped)
 
 
-def measure_block_skips(pruner: Any, lm: LatencyModel, log: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Per skippable block: measured latency with it alone skipped (a ratio to dense in interleaved pairs, in
-    the tables' frame) minus the tables' view without it. Added to a view's constant when the block is skipped,
-    so a plan's predicted latency counts what the tables cannot see (the block's per-op overhead)."""
+def block_skip_probe(pruner: Any, lm: LatencyModel) -> Callable[[str], float]:
+    """Measures the model with one block skipped: its ratio to dense in interleaved pairs, in the tables' frame
+    (times the tables' dense measurement), so the host's drift since the tables were built does not count."""
     from ..engines.structured import apply_allocation
     from ..pipeline import copy_model
 
-    device = torch.device(lm.device)
-    out: dict[str, float] = {}
-    t0 = time.perf_counter()
-    for b in pruner.structure.blocks:
-        model = apply_allocation(copy_model(pruner.dense), pruner.x, pruner.structure, Allocation({}, {}, (b,))).eval()
-        _, _, ratio = paired_ms(pruner.dense, model, pruner.x, device, pairs=BLOCK_PAIRS)
-        # a skip never costs time: a ratio above 1 is the host's noise on a block too small to see
-        out[b] = min(ratio, 1.0) * lm.dense_ms - lm.without([b]).predict({})
-    if log is not None:
-        log(f"skipping each of {len(out)} residual blocks measured in {time.perf_counter() - t0:.1f} s")
-    return out
+    def probe(block: str) -> float:
+        model = apply_allocation(copy_model(pruner.dense), pruner.x, pruner.structure, Allocation({}, {}, (block,))).eval()
+        _, _, ratio = paired_ms(pruner.dense, model, pruner.x, torch.device(lm.device), pairs=BLOCK_PAIRS)
+        return ratio * lm.dense_ms
+
+    return probe
 
 
 def run_prune_to_latency(loaded: Any, budget: Any, plan: Plan, out: Path, *, align: bool = True,

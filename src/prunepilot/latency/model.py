@@ -322,6 +322,8 @@ class LatencyModel:
     # per skippable block: measured latency with it skipped minus what the tables predict for that (ms); the
     # tables miss what skipping also removes (its norms', activations' and add's per-op overhead)
     block_adjust: dict[str, float] = field(default_factory=dict)
+    # measures the latency with one block skipped (ms, the tables' frame), the first time a view skips it
+    skip_probe: Callable[[str], float] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._by_group: dict[str, list[Op]] = {}
@@ -332,26 +334,30 @@ class LatencyModel:
         self._elems = self.dense_elems or sum(o.out_elems for o in self.ops) or 1
         self._views: dict[tuple[str, ...], LatencyModel] = {}
 
-    def adjust_blocks(self, adjust: dict[str, float]) -> None:
-        """Set `block_adjust` (views built before it are dropped: they hold the old constant)."""
-        self.block_adjust = dict(adjust)
-        self._views.clear()
-
     def without(self, skip: tuple[str, ...] | list[str]) -> "LatencyModel":
-        """The model with the residual blocks `skip` replaced by the identity: their ops' tables drop out, and
-        the rest (norms, activations, adds) shrinks with the activation volume they produced."""
-        import dataclasses
-
-        from ..blocks import inside
-
+        """The model with the residual blocks `skip` replaced by the identity: their ops' tables drop out, the
+        rest (norms, activations, adds) shrinks with the activation volume they produced, and each block's
+        measured correction (`block_adjust`, probed on first use when `skip_probe` is set) is added."""
         key = tuple(sorted(skip))
         if not key:
             return self
         if key not in self._views:
-            self._views[key] = dataclasses.replace(self, ops=[o for o in self.ops if not inside(o.name, key)],
-                                                   dense_elems=self._elems, block_adjust={},
-                                                   rest_a=self.rest_a + sum(self.block_adjust.get(b, 0.0) for b in key))
+            for b in key:
+                if b not in self.block_adjust and self.skip_probe is not None:
+                    # a skip never costs time: a probe above dense is the host's noise on a block too small to see
+                    self.block_adjust[b] = min(self.skip_probe(b), self.dense_ms) - self._tables_without((b,)).predict({})
+            view = self._tables_without(key)
+            view.rest_a += sum(self.block_adjust.get(b, 0.0) for b in key)
+            self._views[key] = view
         return self._views[key]
+
+    def _tables_without(self, key: tuple[str, ...]) -> "LatencyModel":
+        import dataclasses
+
+        from ..blocks import inside
+
+        return dataclasses.replace(self, ops=[o for o in self.ops if not inside(o.name, key)], dense_elems=self._elems,
+                                   block_adjust={}, skip_probe=None)
 
     def group_delta(self, frac: dict[str, float], group: str, new_frac: float) -> float:
         """predict(frac with frac[group] = new_frac) - predict(frac), from the ops the group's width enters."""
