@@ -38,7 +38,7 @@ class Profile:
     dense: dict[str, float]  # macs, params, latency_ms, size_mb
     threads: int
     sensitivity: dict[str, float] = field(default_factory=dict)  # family -> z-score (higher = more sensitive)
-    # skippable residual blocks: {"block", "macs_share", "params_share", ["latency_share"], ["sensitivity_z"]}
+    # skippable residual blocks: {"block", "macs_share", "params_share", and when measured "latency_share", "score_drop"}
     blocks: list[dict[str, Any]] = field(default_factory=list)
 
     @property

@@ -62,7 +62,7 @@ class Structure:
     paired: dict[str, int] = field(default_factory=dict)  # root -> k: channel j couples j + w/k, ... (concat of halves)
     blocks: dict[str, list[str]] = field(default_factory=dict)  # skippable residual block -> its conv/linear modules
 
-    def inside_blocks(self, group: str, skip) -> bool:
+    def inside_blocks(self, group: str, skip: tuple[str, ...] | list[str]) -> bool:
         """Every member of `group` lies within the skipped blocks: its width no longer matters."""
         from .blocks import inside
 

@@ -116,7 +116,8 @@ def prune(
     replaces the built-in objective (cross-entropy, MSE for float targets, distillation without labels).
     `device`/`dtype`: "auto" (CUDA when available, the model's own dtype), "cpu", "cuda:0", "bfloat16"...;
     the model is moved there in place. `skip`: residual blocks removed whole (replaced by the identity) in every
-    candidate (`prunepilot profile MODEL` lists the skippable ones; `agent="blocks"` chooses them). `align=True`: channel multiples per family chosen by measured latency
+    candidate (`prunepilot profile MODEL` lists the skippable ones; `agent="blocks"` chooses them).
+    `align=True`: channel multiples per family chosen by measured latency
     (always on for a latency budget unless `round_to` is given). `out`: the run folder (journal, report, model files); None = a
     temporary one. `resume=True` continues the run journaled in `out` (the same model, unchanged).
     """

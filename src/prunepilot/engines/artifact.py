@@ -152,9 +152,9 @@ def load_pruned(out_dir: str | Path, *, trust: bool = False) -> LoadedModel:
                           "load model.pt2, or build the module yourself, apply the allocation and load model.safetensors")
     try:
         spec = ModelSpec.model_validate(record["model"]).model_copy(update={"trust": trust})
-        alloc = Allocation.from_json(record["allocation"])
         if "kept" not in record["allocation"]:
             raise KeyError("kept")
+        alloc = Allocation.from_json(record["allocation"])
     except (ValidationError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SourceError("structure.json needs a valid 'model' spec and 'allocation' {kept, heads}",
                           f"{type(exc).__name__}: {str(exc)[:200]}", "re-run the prune that wrote it") from None
