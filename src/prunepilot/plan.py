@@ -79,6 +79,10 @@ class Plan(BaseModel):
             raise ValueError(f"round_to must be between 1 and 256, got {v}")
         return v
 
+    def with_skip(self, blocks) -> "Plan":
+        """This plan with `blocks` skipped too (the user's --skip / skip= on top of any plan)."""
+        return self.model_copy(update={"skip": sorted(set(self.skip) | set(blocks))}) if blocks else self
+
     def ratio_for(self, group: str, family: str) -> float:
         """Resolve the ratio a group gets under this plan (before projection)."""
         if group in self.ratios:

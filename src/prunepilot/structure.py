@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .blocks import inside
 from .errors import PlanError
 
 ROOT_TYPES = (nn.Conv2d, nn.Conv1d, nn.Linear)
@@ -64,8 +65,6 @@ class Structure:
 
     def inside_blocks(self, group: str, skip: tuple[str, ...] | list[str]) -> bool:
         """Every member of `group` lies within the skipped blocks: its width no longer matters."""
-        from .blocks import inside
-
         g = self.groups[group]
         return bool(skip) and all(inside(m, skip) for m, _, _ in g.members)
 

@@ -165,8 +165,7 @@ def prune(
                           "round_to": None if round_to == 1 else (round_to or 8)}.items() if v is not None})
     if round_to == 1:
         one = one.model_copy(update={"round_to": None})
-    if skip:
-        one = one.model_copy(update={"skip": sorted(set(one.skip) | set(skip))})
+    one = one.with_skip(skip)
     with run_folder(out) as (folder, keep):
         prepare_out(folder, overwrite=overwrite)
         place_loaded(loaded, option_text(device), option_text(dtype))

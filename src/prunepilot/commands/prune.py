@@ -132,8 +132,7 @@ def register(app: typer.Typer) -> None:
         else:
             plan = load_plan(plan_file, importance=importance, round_to=None if round_to == 1 else (round_to or 8),
                              prune_heads=prune_heads or None, protected=list(protect) or None)
-            if skip:
-                plan = plan.model_copy(update={"skip": sorted(set(plan.skip) | set(skip))})
+            plan = plan.with_skip(skip)
             prepare_out(out, overwrite=overwrite)
             from ..jobs.prune import place_loaded
 

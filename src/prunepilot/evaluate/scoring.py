@@ -43,12 +43,20 @@ class Evaluator:
         self.labelled = bool(self.val) and split_batch(self.val[0])[1] is not None
         self.dense_logits = dense_logits(dense, self.val) if self.val else []
         self.metric = "evaluate" if evaluate is not None else ("top1" if self.labelled else "agreement")
+        self._dense_score: float | None = None
 
     def train_loader(self):
         return self.data.loader("train", batch_size=self.cfg.batch_size, seed=self.cfg.seed)
 
     def taylor_batches(self) -> list:
         return self.calib[: max(1, self.cfg.taylor_batches)]
+
+    def dense_score(self) -> float:
+        """The dense model's score as candidates are scored before recovery (BN recalibrated on a copy, no
+        fine-tune); computed once, read by every sensitivity probe."""
+        if self._dense_score is None:
+            self._dense_score = self.score(copy.deepcopy(self.dense), steps=0)["score"]
+        return self._dense_score
 
     def recalibrate(self, model: nn.Module) -> None:
         from .classification import has_batchnorm, recalibrate_batchnorm
@@ -95,7 +103,7 @@ def measure_sensitivity(pruner, evaluator: Evaluator, ratio: float = 0.4) -> dic
 
     st = pruner.structure
     drops: dict[str, float] = {}
-    base = evaluator.score(copy.deepcopy(pruner.dense), steps=0)["score"]
+    base = evaluator.dense_score()
     for fam, names in st.families.items():
         kept = {n: max(1, int(round(st.groups[n].units * (1 - ratio)))) if n in names else st.groups[n].units for n in st.groups}
         model = apply_allocation(copy.deepcopy(pruner.dense), pruner.x, st, Allocation(kept, {}))
@@ -118,7 +126,7 @@ def measure_block_sensitivity(pruner, evaluator: Evaluator, rows: list[dict]) ->
 
     if not rows:
         return rows
-    base = evaluator.score(copy.deepcopy(pruner.dense), steps=0)["score"]
+    base = evaluator.dense_score()
     probed = {r["block"] for r in sorted(rows, key=lambda r: -r["macs_share"])[:MAX_BLOCK_PROBES]}
     out = []
     for r in rows:

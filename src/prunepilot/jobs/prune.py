@@ -61,14 +61,12 @@ class UserConstraints:
 
     def apply(self, plan: Plan) -> Plan:
         upd: dict[str, Any] = {"protected": sorted(set(plan.protected) | set(self.protected))}
-        if self.skip:
-            upd["skip"] = sorted(set(plan.skip) | set(self.skip))
         for key in ("importance", "round_to", "prune_heads"):
             if getattr(self, key) is not None:
                 upd[key] = getattr(self, key)
         if self.round_to == 1:
             upd["round_to"] = None
-        return plan.model_copy(update=upd)
+        return plan.model_copy(update=upd).with_skip(self.skip)
 
     def to_json(self) -> dict[str, Any]:
         return {"protected": list(self.protected), "importance": self.importance, "round_to": self.round_to,

@@ -35,12 +35,12 @@ from .plan import project, resolve
 from .profile import WandaBank, build_profile
 
 ONE_SHOT = ("uniform", "owl")  # allocate once at the target; no loop
+EVOLVE_EVALS = 100  # the evolve search's evaluation budget when --evals is not given
 
 
 def has_loop(agent: str, sparsity: str) -> bool:
     """Whether a run measures candidates in the loop: not for a one-shot agent, nor for N:M (nothing to allocate)."""
     return agent.strip() not in ONE_SHOT and ":" not in str(sparsity)
-EVOLVE_EVALS = 100  # the evolve search's evaluation budget when --evals is not given
 
 
 @dataclass
