@@ -189,3 +189,24 @@ def test_sparsegpt_float32_factorisation_matches_float64_and_falls_back(monkeypa
     monkeypatch.setattr(torch.linalg, "cholesky", flaky)
     w_fb, m_fb = sp.sparsegpt_prune(w, h, 0.5)
     assert calls[0] == torch.float32 and torch.float64 in calls and torch.equal(m_fb, m64)
+
+
+def test_sparsegpt_inverse_factor_in_place_matches_reference() -> None:
+    """The factor computed inside one copy of H equals the textbook chain of fresh tensors, and the caller's
+    Hessian (shared by the layers that read the same input) is left as it was."""
+    from prunepilot.engines import sparsity as sp
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 80, generator=g, dtype=torch.float64)
+    h = x.T @ x
+    h[:, 5] = 0.0
+    h[5, :] = 0.0  # a dead input column
+    before = h.clone()
+    dead = torch.diag(h) == 0
+    ref = h.clone()
+    ref[dead, dead] = 1.0
+    ref.diagonal().add_(0.01 * torch.mean(torch.diag(ref)))
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True).float()
+    got = sp._inverse_factor(h, dead, 0.01, torch.float64, torch.device("cpu"))
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-7)
+    assert torch.equal(h, before)
