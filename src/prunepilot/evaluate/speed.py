@@ -11,6 +11,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .allocator import steady_allocator
+
 
 @dataclass(frozen=True)
 class LatencyStats:
@@ -25,7 +27,9 @@ class LatencyStats:
 
 @contextmanager
 def fixed_threads(threads: int | None) -> Iterator[int]:
-    """Pin torch's intra-op threads for the measurement, then restore."""
+    """Pin torch's intra-op threads for the measurement, then restore (and pin the allocator's thresholds once:
+    see evaluate/allocator.py)."""
+    steady_allocator()
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

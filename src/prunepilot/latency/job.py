@@ -214,6 +214,8 @@ def latency_summary(result: dict[str, Any]) -> str:
              f"Dense: measured {lm['dense_ms']:.2f} ms, table sum {lm['ops_dense_ms']:.2f} ms "
              f"(the other {lm['rest_ms']:.2f} ms: norms, activations, pools, adds; calibrated as "
              f"{lm['rest_model']['a']:.2f} + {lm['rest_model']['b']:.2f} x kept activations)."]
+    if lm.get("allocator"):
+        lines.append(f"Timed under the {lm['allocator']['allocator']} allocator: {lm['allocator']['why']}.")
     c = result["compressed"]
     if c.get("latency_predicted_ms") is not None and c.get("latency_ms"):
         lines.append(f"Pruned: predicted {c['latency_predicted_ms']:.2f} ms, measured {c['latency_ms']:.2f} ms "

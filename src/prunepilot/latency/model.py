@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..costmodel import _phi  # a dimension's kept fraction, as the cost model computes it
+from ..evaluate.allocator import steady_allocator
 from ..inputs import call
 from ..structure import ModuleDims, Structure
 
@@ -34,7 +35,9 @@ GRID = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)  # kept fractions measured per dim
 
 
 def device_fingerprint(device: torch.device, dtype: torch.dtype, threads: int) -> str:
-    """What a latency table is valid for: CPU model / GPU name, torch version, threads, dtype."""
+    """What a latency table is valid for: CPU model / GPU name, torch version, threads, dtype, and on CPU the
+    allocator the timings ran under (pinned glibc thresholds time a forward without page faults)."""
+    alloc = ""
     if device.type == "cuda":
         hw = torch.cuda.get_device_name(device)
     else:
@@ -46,7 +49,9 @@ def device_fingerprint(device: torch.device, dtype: torch.dtype, threads: int) -
                     break
         except OSError:
             pass
-    return f"{device.type}|{hw}|torch {torch.__version__}|threads {threads}|{str(dtype).removeprefix('torch.')}"
+        a = steady_allocator()
+        alloc = "|malloc pinned" if a["pinned"] else ""
+    return f"{device.type}|{hw}|torch {torch.__version__}|threads {threads}|{str(dtype).removeprefix('torch.')}{alloc}"
 
 
 def default_cache() -> Path:
@@ -62,6 +67,7 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def time_call(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, runs: int = 5) -> float:
     """Minimum wall time in ms over `runs` (the least disturbed run on a shared machine), after a warm-up."""
+    steady_allocator()
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -86,6 +92,7 @@ def paired_ms(a: nn.Module, b: nn.Module, example_inputs: Any, device: torch.dev
     """(a ms, b ms, median of b/a over `pairs`): single forwards of the two interleaved (order alternated), so
     a host whose speed drifts between seconds slows both sides of each pair alike. Shared machines drift by tens
     of percent; a ratio of pairs is what a relative latency budget is judged on."""
+    steady_allocator()
     a.eval()
     b.eval()
     for _ in range(warmup):
@@ -394,6 +401,7 @@ class LatencyModel:
                 "ops": len(self.ops), "tables": len({o.key() for o in self.ops}), "seconds": round(self.seconds, 2),
                 "measured_points": self.measured_points, "cached_points": self.cached_points,
                 "calibration": self.calibration, "alignment_check": self.alignment_check,
+                **({"allocator": steady_allocator()} if self.device.startswith("cpu") else {}),
                 **({"block_adjust_ms": {b: round(v, 4) for b, v in self.block_adjust.items()}} if self.block_adjust else {})}
 
 

@@ -365,6 +365,9 @@ def latency_section(r: dict[str, Any]) -> dict[str, Any] | None:
     facts = [("device", str(lm.get("fingerprint", "—"))),
              ("tables", f"{lm.get('ops', '?')} ops in {lm.get('tables', '?')} tables; {lm.get('measured_points', '?')} "
                         f"points measured, {lm.get('cached_points', '?')} cached; {lm.get('seconds', '?')} s")]
+    alloc = lm.get("allocator") if isinstance(lm.get("allocator"), dict) else None
+    if alloc:
+        facts.append(("allocator", f"{alloc.get('allocator', '?')}: {alloc.get('why', '')}"))
     if num(lm.get("dense_ms")) is not None and num(lm.get("ops_dense_ms")) is not None:
         facts.append(("dense", f"measured {lm['dense_ms']:.2f} ms; the tables' ops sum {lm['ops_dense_ms']:.2f} ms, the "
                                f"rest (norms, activations, pools, adds) {lm['dense_ms'] - lm['ops_dense_ms']:.2f} ms"))
