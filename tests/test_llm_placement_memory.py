@@ -90,7 +90,7 @@ def _full_scores(model: Any, dense: Any, probe_ids: torch.Tensor) -> tuple[float
 
 
 def test_probe_from_chunked_logits_on_disk_equals_full_logits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lang, "TOKEN_CHUNK", 7)  # chunks straddle sequences and stored rows
+    monkeypatch.setattr(lang, "chunk_tokens", lambda model: 7)  # chunks straddle sequences and stored rows
     model, x = tiny(seed=5), ids(5, 20, 8)
     dense = copy.deepcopy(model)
     probe = Probe(model, x, batch_size=2)

@@ -29,7 +29,18 @@ KNOWLEDGE_PROMPTS: tuple[str, ...] = (
 )
 
 
-TOKEN_CHUNK = 512  # tokens whose logits ([chunk, vocab] float32) exist at once in the evaluators
+# float32 logits that exist at once in the evaluators: a chunk of positions is this many bytes of [tokens, vocab]
+# (SmolLM2's 49k vocabulary: 85 tokens; Gemma's 262k: 16), so the log-softmax and KL temporaries beside it stay
+# tens of MB whatever the vocabulary (a fixed 512 tokens made a ~600 MB transient on SmolLM2, 3 GB on Gemma)
+LOGIT_CHUNK_BYTES = 16 << 20
+
+
+def chunk_tokens(model: nn.Module) -> int:
+    """Positions per logit chunk for this model's vocabulary (at least 8)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    vocab = int(weight.shape[0]) if weight is not None else int(getattr(model.config, "vocab_size", 1))
+    return max(8, LOGIT_CHUNK_BYTES // (4 * max(vocab, 1)))
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -66,13 +77,14 @@ def _can_split(model: nn.Module) -> bool:
     return ok
 
 
-def logit_chunks(model: nn.Module, ids: torch.Tensor, chunk: int = TOKEN_CHUNK) -> Iterator[torch.Tensor]:
+def logit_chunks(model: nn.Module, ids: torch.Tensor, chunk: int | None = None) -> Iterator[torch.Tensor]:
     """Next-token logits [b, <=chunk/b, V] float32 for successive position chunks of ids [b, T] (about `chunk`
-    tokens each): the decoder's hidden states once, then lm_head per chunk, so a [batch, T, vocab] float32
-    tensor (805 MB for SmolLM2 at 4 x 1024) never exists; a chunk is ~100 MB at SmolLM2's vocabulary."""
+    tokens each; by default `chunk_tokens(model)`): the decoder's hidden states once, then lm_head per chunk, so a
+    [batch, T, vocab] float32 tensor (805 MB for SmolLM2 at 4 x 1024) never exists."""
     with torch.no_grad():
         if _can_split(model):
-            yield from _split_logits(model, ids, max(1, chunk // ids.shape[0]))  # chunk tokens over the batch
+            tokens = chunk or chunk_tokens(model)
+            yield from _split_logits(model, ids, max(1, tokens // ids.shape[0]))  # chunk tokens over the batch
         else:
             yield model(input_ids=ids, use_cache=False).logits.float()
 
@@ -155,7 +167,7 @@ def fidelity(model: nn.Module, dense: nn.Module | DenseReference, blocks: torch.
             c = q.shape[0]
             p = ref.rows(i, pos, pos + c).to(q.device).float()
             agree += float((ref.top1[i, pos : pos + c].to(q.device) == q.argmax(-1)).sum())
-            kl += float((p.exp() * (p - q)).sum())
+            kl += float(F.kl_div(q, p, reduction="sum", log_target=True))  # sum exp(p) (p - q)
             pos += c
             count += c
     if ref is not dense:

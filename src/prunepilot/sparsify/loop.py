@@ -101,7 +101,7 @@ class Probe:
                 nll += float(F.nll_loss(q.reshape(-1, q.shape[-1]), tgt.reshape(-1), reduction="sum"))
                 pf = torch.stack([self.store.get_rows(f"logp:{first + j}", pos, pos + c)
                                   for j in range(b.shape[0])]).to(q.device).float()
-                kl += float((pf.exp() * (pf - q)).sum())
+                kl += float(F.kl_div(q, pf, reduction="sum", log_target=True))  # sum exp(p) (p - q)
                 pos += c
             count += b[:, 1:].numel()
         return ProbeScore(nll / max(count, 1), max(kl, 0.0) / max(count, 1))
