@@ -178,16 +178,18 @@ def scaling(args: argparse.Namespace) -> None:
                 row["error"] = r["tail"]
             print(json.dumps({k: v for k, v in row.items() if k not in ("timings_s", "peak_rss_after_phase_mb")}), flush=True)
             rows.append(row)
-            _write(out_json, baselines, args, rows)
+            _write(out_json, baselines, args, rows, todo)
     _plot(rows, base, RESULTS / "llm_scaling.png")
 
 
-def _write(path: Path, baselines: dict[str, float], args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+def _write(path: Path, baselines: dict[str, float], args: argparse.Namespace, rows: list[dict[str, Any]],
+           todo: set[tuple[str, str]]) -> None:
     from prunepilot.results import environment, write_json_atomic
 
-    if args.keep and path.is_file():  # rows another invocation (other sizes, run alongside) wrote meanwhile
-        mine = {(r["size"], r["method"]) for r in rows}
-        rows = [r for r in json.loads(path.read_text()).get("runs", []) if (r["size"], r["method"]) not in mine] + rows
+    if args.keep and path.is_file():  # rows another invocation (other sizes, run alongside) wrote meanwhile win
+        # over this invocation's copy from its start; only the (size, method) pairs it measures are its own
+        rows = ([r for r in json.loads(path.read_text()).get("runs", []) if (r["size"], r["method"]) not in todo]
+                + [r for r in rows if (r["size"], r["method"]) in todo])
 
     write_json_atomic(path, {"environment": environment(), "baseline_rss_mb": baselines["with_tokenizer"],
                              "baselines_rss_mb": baselines,
