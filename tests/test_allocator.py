@@ -14,7 +14,7 @@ from prunepilot.latency.model import device_fingerprint
 
 
 def _glibc() -> bool:
-    return allocator._glibc_mallopt() is not None
+    return allocator.glibc() is not None
 
 
 @pytest.mark.skipif(not _glibc(), reason="glibc only")

@@ -37,27 +37,32 @@ def steady_allocator() -> dict[str, Any]:
     if choice == "system":
         _state = {"allocator": "system", "pinned": False, "why": f"{ENV}=system"}
         return _state
-    mallopt = _glibc_mallopt()
-    if mallopt is None:
+    libc = glibc()
+    if libc is None:
         _state = {"allocator": "system", "pinned": False, "why": "not glibc: left as it is"}
         return _state
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, PIN_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, PIN_BYTES))
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, PIN_BYTES)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, PIN_BYTES))
     _state = {"allocator": "glibc", "pinned": ok,
               "why": (f"mmap and trim thresholds pinned at {PIN_BYTES >> 20} MB (no page faults per forward)" if ok
                       else "mallopt refused the thresholds: glibc's adaptive behaviour")}
     return _state
 
 
-def _glibc_mallopt() -> Any:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        if not hasattr(libc, "gnu_get_libc_version"):
-            return None
-        fn = libc.mallopt
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return fn
+_LIBC: Any = None
+
+
+def glibc() -> Any:
+    """The process's glibc (ctypes, mallopt and malloc_trim typed), or None where the C library is another one."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = False
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name) if name else None
+            if libc is not None and hasattr(libc, "gnu_get_libc_version"):
+                libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+                libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                _LIBC = libc
+        except (OSError, AttributeError):
+            pass
+    return _LIBC or None

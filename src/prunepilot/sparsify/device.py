@@ -97,24 +97,15 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-_LIBC: Any = None
-
-
 def release_memory() -> None:
     """Hand the allocator's free memory back to the OS (glibc malloc_trim; a no-op elsewhere). Between blocks and
     phases the CPU tensors of the last one are freed, but glibc keeps freed heap memory for reuse, and buffers of
     other sizes in the next phase fragment around it: the resident peak then grows phase by phase."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
+    from ..evaluate.allocator import glibc
 
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def current_rss_mb() -> float | None:
