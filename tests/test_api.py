@@ -289,3 +289,40 @@ def test_history_warm_start_for_prune_is_journaled_and_kept_on_resume(tmp_path):
     c = Journal(tmp_path / "c" / "journal.sqlite")
     assert c.run(cold.run_id)["config"][SEED_KEY]["warm_start"] is None
     assert all(x.strategist == "uniform" for x in c.attempts(cold.run_id))
+
+
+def test_regression_targets_score_by_mse_and_warn_when_no_better_than_the_mean(tmp_path):
+    """Float targets: recovery uses MSE and candidates rank by -MSE (top-1 would crash on them); a dense model no
+    better than predicting the mean gets the loud warning, the regression analogue of near chance."""
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(256, 10, generator=g)
+    ys = xs[:, :3].sum(1, keepdim=True).sin()
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = ((model(xs) - ys) ** 2).mean()
+        loss.backward()
+        opt.step()
+    loader = DataLoader(TensorDataset(xs, ys), batch_size=64)
+    res = prunepilot.prune(model, xs[:2], target_macs=0.5, train=loader, val=loader, agent="uniform", rounds=1,
+                           finetune_steps=5, finetune_epochs=0.25, history=False, out=tmp_path / "run", log=None)
+    assert res.within_band and res.raw["score_metric"] == "neg_mse"
+    assert res.metrics["score"] == pytest.approx(-res.metrics["mse"])
+    assert res.metrics["mse"] < float(ys.var())  # still far better than the mean after pruning and recovery
+    assert not any("no better than always predicting" in w for w in res.raw.get("warnings", []))
+    untrained = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 1))
+    lines: list[str] = []
+    res = prunepilot.prune(untrained, xs[:2], target_macs=0.5, train=loader, val=loader, agent="uniform", rounds=1,
+                           finetune_steps=0, finetune_epochs=0, history=False, log=lines.append)
+    assert any("no better than always predicting the targets' mean" in w for w in res.raw["warnings"])
+    # no out=: every line naming the temporary folder says it goes when the call returns
+    assert any("(journal" in s and "temporary folder" in s for s in lines)
+
+
+def test_top1_on_float_targets_is_a_clear_error():
+    from prunepilot.evaluate.classification import evaluate_classifier
+
+    loader = [(torch.randn(4, 3), torch.randn(4, 1))]
+    with pytest.raises(PrunepilotError, match="integer class labels"):
+        evaluate_classifier(nn.Linear(3, 2), loader)

@@ -216,6 +216,15 @@ def test_latency_candidate_corrects_a_biased_table_towards_the_band_middle():
     assert goal.within("latency_ms", cand.metrics["latency_ms"])
     assert abs(goal.error("latency_ms", cand.metrics["latency_ms"]) - (-0.02)) < 0.015  # near the middle (-2%)
     assert cand.metrics["latency_ms"] == 1.12 * cand.model + 0.3
+    assert "noisy" in targeting.out_of_band_reason(goal)
+    # a host with a floor (fixed costs no channel cut removes): the corrections aim ever lower, the measurement
+    # stays near 14 ms, and the reason says the target is below what pruning reaches, with the number
+    targeting = LatencyTargeting(model=SimpleNamespace(dense_ms=20.0))
+    targeting._measured = lambda pruner, model: 14.0 + 0.05 * model
+    cand = targeting.candidate(FakePruner(), Plan(), goal)
+    assert not goal.within("latency_ms", cand.metrics["latency_ms"])
+    why = targeting.out_of_band_reason(goal)
+    assert "below what pruning reaches" in why and f"{targeting.fastest_ms:.2f} ms" in why
 
 
 def test_grid_keeps_a_grouped_convs_multiple():

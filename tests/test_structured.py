@@ -96,3 +96,33 @@ def test_protected_layer_is_not_pruned():
     structure, _ = analyse(model, x, protected=["b1.0"])
     assert "b1.0" in structure.ignored
     assert "b1.0" not in structure.groups
+
+
+class _SharedConv(torch.nn.Module):
+    """One 16-channel conv applied twice: a single coupled group, so multiples of 8 keep only 8 or 16 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.b(torch.relu(self.a(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_too_coarse_channel_multiple_is_refined_until_the_budget_lands():
+    model, x = _SharedConv().eval(), torch.randn(1, 3, 16, 16)
+    structure, _ = analyse(model, x)
+    cost = build_cost_model(model, x, structure)
+    rb = Budget.parse(macs="50%").resolve({"macs": cost.dense_macs, "params": cost.dense_params})
+    proj = Projector(structure, cost).project(Plan(round_to=8), rb)
+    assert proj.feasible, proj.reason
+    assert any("multiples of 8 cannot land" in n for n in proj.notes)
+    real = count_real(apply_allocation(copy.deepcopy(model), x, structure, proj.allocation), x)
+    assert rb.within("macs", real["macs"])
+    # where the multiple already lands the budget it is kept: no note, widths stay multiples of 8
+    rb27 = Budget.parse(macs="27.4%", tolerance="+1%/-5%").resolve({"macs": cost.dense_macs, "params": cost.dense_params})
+    kept = Projector(structure, cost).project(Plan(round_to=8), rb27)
+    assert kept.feasible and not any("multiples" in n for n in kept.notes)
+    assert all(w % 8 == 0 for w in kept.allocation.kept.values())

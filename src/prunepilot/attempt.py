@@ -62,3 +62,16 @@ class Attempt(BaseModel):
 def quality_of(metrics: dict[str, Any]) -> float | None:
     value = metrics.get("score", metrics.get("accuracy"))
     return float(value) if value is not None else None
+
+
+def score_name(metrics: dict[str, Any]) -> str:
+    """What an attempt's score is, in words: the user's evaluate(), -MSE (a regression), accuracy or agreement."""
+    if "evaluate" in metrics:
+        return "evaluate()"
+    if "neg_mse" in metrics:
+        return "-MSE"
+    if "accuracy" in metrics:
+        return "accuracy"
+    if "fidelity_agreement" in metrics:
+        return "agreement with the dense model"
+    return "score"

@@ -145,11 +145,37 @@ class Projector:
         return Allocation(kept, heads, self.skip)
 
     def project(self, plan: Plan, budget: ResolvedBudget, max_refine_steps: int = 400) -> Projection:
+        """The allocation of `plan`'s shape that lands every target inside its band. The channel multiple
+        (`round_to`, or the measured per-family alignment) is a preference and the budget is not: where the
+        multiple is too coarse for any allocation to land in the band (narrow layers: 16 channels at multiples of
+        8 keep 8 or 16), it is halved until one does, and a note says so."""
         if tuple(sorted(set(plan.skip))) != self.skip:
             view = self.view(plan.skip)
             proj = view.project(plan, budget, max_refine_steps)
             self.last_notes = view.last_notes
             return proj
+        proj = self._project(plan, budget, max_refine_steps)
+        coarsest = max([plan.round_to or 1, *self.align.values()])
+        if proj.feasible or coarsest <= 1:
+            return proj
+        preferred, step = self.align, coarsest
+        try:
+            while step > 1:
+                step //= 2
+                self.align = {f: min(q, step) for f, q in preferred.items()}
+                finer = self._project(plan.model_copy(update={"round_to": step if step > 1 else None}), budget,
+                                      max_refine_steps)
+                if finer.feasible:
+                    finer.notes.append(f"channel multiples of {coarsest} cannot land the budget in its band on "
+                                       f"this model; multiples of {step} do, so they were used")
+                    finer.iterations += proj.iterations
+                    self.last_notes = finer.notes
+                    return finer
+        finally:
+            self.align = preferred
+        return proj
+
+    def _project(self, plan: Plan, budget: ResolvedBudget, max_refine_steps: int) -> Projection:
         t0 = time.perf_counter()
         goals = {m: budget.goals[m] for m in self.metric_names if m in budget.goals}
         shape, notes = plan_shape(plan, self.structure)

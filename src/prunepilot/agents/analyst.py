@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
-from ..attempt import quality_of
+from ..attempt import quality_of, score_name
 from ..errors import PlanError
 from ..plan import MAX_RATIO, Plan
 from .llm.base import LLMClient, LLMError, LLMReply, Message
@@ -199,7 +199,8 @@ def _auto_reflection(prev: dict | None, a: dict) -> str:
     bits = []
     acc, prev_acc = _accuracy(a), _accuracy(prev) if prev else None
     if isinstance(acc, (int, float)):
-        bits.append(f"accuracy {acc:.4g}" + (f" ({acc - prev_acc:+.3g} vs previous)" if isinstance(prev_acc, (int, float)) else ""))
+        name = score_name(a.get("metrics") or a.get("achieved") or {}) if a.get("accuracy") is None else "accuracy"
+        bits.append(f"{name} {acc:.4g}" + (f" ({acc - prev_acc:+.3g} vs previous)" if isinstance(prev_acc, (int, float)) else ""))
     if a.get("within_band") is not None:
         bits.append("landed in the band" if a["within_band"] else "missed the band")
     if a.get("fallback_reason"):

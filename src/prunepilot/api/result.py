@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -41,6 +41,19 @@ def run_folder(out: str | Path | None, prefix: str = "prunepilot-") -> Iterator[
         return
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(tmp) / "run", False
+
+
+def folder_log(log: Callable[[str], None], folder: Path, keep: bool) -> Callable[[str], None]:
+    """`log`, except that a line naming a temporary run folder says that the folder goes when the call returns
+    (a notebook user would otherwise open a report path that no longer exists)."""
+    if keep:
+        return log
+    where = str(folder.parent)
+
+    def say(msg: str) -> None:
+        log(f"{msg}  (a temporary folder, deleted on return: pass out= to keep it)" if where in msg else msg)
+
+    return say
 
 
 def option_text(value: str | torch.device | torch.dtype | None) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import PlanError, PrunepilotError, SourceError
-from .result import Result, option_text, run_folder
+from .result import Result, folder_log, option_text, run_folder
 
 # SparsifyConfig fields the API sets itself (the rest may be passed as **options)
 _OWN = {"model", "sparsity", "method", "agent", "calib", "device", "dtype", "seed", "client", "progress", "history", "use_history"}
@@ -122,7 +122,7 @@ def sparsify(
     say = log or (lambda _msg: None)
     with executor.scoped(pool), run_folder(out, "prunepilot-sparsify-") as (folder, keep):
         run_id = _resume_id(folder) if resume else None
-        raw = run_sparsify(cfg, folder, say, run_id=run_id, overwrite=overwrite, loaded=loaded,
+        raw = run_sparsify(cfg, folder, folder_log(say, folder, keep), run_id=run_id, overwrite=overwrite, loaded=loaded,
                            calib_input=calib_input)
         plan = json.loads((folder / "plan.json").read_text()) if (folder / "plan.json").exists() else {}
         report = folder / "report.html"

@@ -17,7 +17,7 @@ from ..budget import Budget
 from ..errors import PlanError, PrunepilotError
 from ..inputs import ExampleInputs, tensors
 from ..plan import Plan
-from .result import Result, option_text, run_folder
+from .result import Result, folder_log, option_text, run_folder
 
 BudgetValue = str | float | int | None
 
@@ -152,8 +152,8 @@ def prune(
                            use_history=history is not False, device=option_text(device), dtype=option_text(dtype),
                            evaluate=evaluate, loss_fn=loss, align=align)
             run_id = _resume_id(folder, loaded) if resume else None
-            raw, pruned = run_prune_search(loaded, run, run_id=run_id, overwrite=overwrite, client=client, log=logger,
-                                           return_model=True)
+            raw, pruned = run_prune_search(loaded, run, run_id=run_id, overwrite=overwrite, client=client,
+                                           log=folder_log(logger, folder, keep), return_model=True)
             return _result(raw, pruned, folder, keep)
     if agent != "auto":
         raise PlanError("an agent needs data to score candidates with", f"agent={agent!r} without train/val/evaluate",
@@ -173,12 +173,12 @@ def prune(
             from ..latency.job import run_prune_to_latency
 
             raw, pruned = run_prune_to_latency(loaded, budget, one, folder, align=align or round_to is None,
-                                               log=logger, return_model=True)
+                                               log=folder_log(logger, folder, keep), return_model=True)
         else:
             from ..pipeline import run_prune
 
             raw, pruned = run_prune(loaded, budget, one, folder, return_model=True)
-        _render(folder, logger, keep)
+        _render(folder, folder_log(logger, folder, keep), keep)
         return _result(raw, pruned, folder, keep)
 
 
@@ -243,8 +243,8 @@ def compress(
                           evaluate=evaluate)
         run_id = _resume_id(folder, loaded) if resume else None
         place_loaded(loaded, dev if dev not in (None, "auto") or "int8_dynamic" not in quantization else "cpu", None)
-        raw, best = run_compress_job(loaded, run, run_id=run_id, overwrite=overwrite, log=log or (lambda _m: None),
-                                     return_model=True)
+        raw, best = run_compress_job(loaded, run, run_id=run_id, overwrite=overwrite,
+                                     log=folder_log(log or (lambda _m: None), folder, keep), return_model=True)
         return _result(raw, best, folder, keep)
 
 

@@ -87,6 +87,9 @@ def evaluate_classifier(
             if y is None:
                 raise PrunepilotError("accuracy needs labelled batches", "batches carry no labels",
                                       "use fidelity(model, dense_model, loader) for label-free scoring")
+            if y.is_floating_point():
+                raise PrunepilotError("top-1 accuracy needs integer class labels", f"float targets ({y.dtype})",
+                                      "regression targets are scored by evaluate_regression (mean squared error)")
             logits = logits_of(model, x)
             logits = logits.reshape(-1, logits.shape[-1])  # (B or B*T, classes)
             y = y.to(logits.device).reshape(-1)
@@ -100,6 +103,42 @@ def evaluate_classifier(
         raise PrunepilotError("evaluation needs at least one sample", "an empty loader",
                               "check the data split and limit")
     return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "n": float(n)}
+
+
+@torch.no_grad()
+def evaluate_regression(model: nn.Module, loader: Iterable, max_batches: int | None = None) -> dict[str, float]:
+    """Mean squared and absolute error against float targets: {"mse", "mae", "target_var", "n"} (per element;
+    `target_var` is the targets' variance, the MSE of always predicting their mean)."""
+    se = ae = s1 = s2 = 0.0
+    n = 0
+    with _eval_mode(model):
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = split_batch(batch)
+            if y is None:
+                raise PrunepilotError("regression scoring needs targets", "batches carry no targets",
+                                      "yield (x, y) from the DataLoader")
+            y = y.float()
+            pred = logits_of(model, x).to(y.device)
+            if pred.numel() != y.numel():
+                raise PrunepilotError("the model's output and the targets differ in size",
+                                      f"output {tuple(pred.shape)} vs targets {tuple(y.shape)}",
+                                      "return one prediction per target, or pass evaluate= / loss=")
+            d = pred.reshape(y.shape) - y
+            se, ae = se + float((d * d).sum()), ae + float(d.abs().sum())
+            s1, s2, n = s1 + float(y.sum()), s2 + float((y * y).sum()), n + y.numel()
+    if n == 0:
+        raise PrunepilotError("evaluation needs at least one sample", "an empty loader",
+                              "check the data split and limit")
+    mean = s1 / n
+    return {"mse": se / n, "mae": ae / n, "target_var": max(0.0, s2 / n - mean * mean), "n": float(n)}
+
+
+def has_float_targets(batch: Any) -> bool:
+    """True when a batch's targets are floating point: a regression, scored by error instead of top-1."""
+    y = split_batch(batch)[1]
+    return isinstance(y, torch.Tensor) and y.is_floating_point()
 
 
 def top1_accuracy(model: nn.Module, loader: Iterable, max_batches: int | None = None, *,

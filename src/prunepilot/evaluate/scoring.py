@@ -29,11 +29,12 @@ class Evaluator:
     (not on how many were scored before it), which also makes a resumed run score exactly as the first.
 
     The ranking score (`metrics["score"]`, higher is better) is the user's `evaluate(model)` when given, else
-    top-1 on labelled validation batches, else top-1 agreement with the dense model (label-free)."""
+    top-1 on labelled validation batches (minus the mean squared error when the targets are floats: a
+    regression), else top-1 agreement with the dense model (label-free)."""
 
     def __init__(self, data, dense: nn.Module, cfg: ScoringConfig, *,
                  evaluate: Callable[[nn.Module], float] | None = None, loss_fn: LossFn | None = None) -> None:
-        from .classification import dense_logits
+        from .classification import dense_logits, has_float_targets
 
         self.data, self.dense, self.cfg = data, dense, cfg
         self.user_evaluate, self.loss_fn = evaluate, loss_fn
@@ -41,8 +42,11 @@ class Evaluator:
         self.val = list(data.loader("val", batch_size=256, limit=cfg.eval_limit, shuffle=False, seed=cfg.seed))
         self.calib = list(data.loader("train", batch_size=cfg.batch_size, limit=cfg.bn_batches * cfg.batch_size, seed=cfg.seed))
         self.labelled = bool(self.val) and split_batch(self.val[0])[1] is not None
-        self.dense_logits = dense_logits(dense, self.val) if self.val else []
-        self.metric = "evaluate" if evaluate is not None else ("top1" if self.labelled else "agreement")
+        self.regression = self.labelled and has_float_targets(self.val[0])
+        # a softmax over regression outputs means nothing: no fidelity (agreement/KL) for a regression
+        self.dense_logits = dense_logits(dense, self.val) if self.val and not self.regression else []
+        self.metric = ("evaluate" if evaluate is not None else "neg_mse" if self.regression
+                       else "top1" if self.labelled else "agreement")
         self._dense_score: float | None = None
 
     def train_loader(self):
@@ -66,7 +70,7 @@ class Evaluator:
 
     def score(self, model: nn.Module, steps: int) -> dict[str, float]:
         from ..engines.recover import finetune
-        from .classification import evaluate_classifier, fidelity
+        from .classification import evaluate_classifier, evaluate_regression, fidelity
 
         self.recalibrate(model)
         out: dict[str, float] = {}
@@ -74,7 +78,10 @@ class Evaluator:
             stats = finetune(model, self.train_loader(), steps=steps, lr=self.cfg.lr, seed=self.cfg.seed, progress=False,
                              loss_fn=self.loss_fn, teacher=None if self.labelled or self.loss_fn else self.dense)
             out["finetune_loss"] = stats.loss_last
-        if self.labelled:
+        if self.regression:
+            out["mse"] = evaluate_regression(model, self.val)["mse"]
+            out["neg_mse"] = -out["mse"]
+        elif self.labelled:
             out["accuracy"] = evaluate_classifier(model, self.val)["top1"]
         if self.dense_logits:
             fid = fidelity(model, self.dense_logits, self.val)
@@ -88,7 +95,7 @@ class Evaluator:
                 raise PrunepilotError("evaluate(model) must return a number (higher is better)", repr(value)[:80],
                                       "return e.g. accuracy or -loss as a float") from None
             model.eval()
-        key = {"evaluate": "evaluate", "top1": "accuracy", "agreement": "fidelity_agreement"}[self.metric]
+        key = {"evaluate": "evaluate", "top1": "accuracy", "neg_mse": "neg_mse", "agreement": "fidelity_agreement"}[self.metric]
         if key not in out:
             raise PrunepilotError("candidates need a score", "no labels, no dense outputs and no evaluate()",
                                   "pass val= batches or evaluate=")

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..allocation import Allocation
-from ..attempt import Attempt, quality_of
+from ..attempt import Attempt, quality_of, score_name
 from ..budget import Budget, ResolvedBudget
 from ..evaluate.scoring import Evaluator, ScoringConfig, measure_block_sensitivity, measure_sensitivity
 from ..journal import open_run
@@ -261,12 +261,12 @@ def _reflection(outcome: Outcome, prev: Attempt | None) -> str:
     if acc is None:
         return "no score measured"
     if prev is None:
-        return f"first feasible point: accuracy {acc:.4f}"
+        return f"first feasible point: {score_name(outcome.metrics)} {acc:.4f}"
     pacc = prev.score or 0.0
     moved = sorted((outcome.projected.get(k, 0) - prev.projected.get(k, 0), k) for k in outcome.projected)
     more = [k for d, k in moved[-2:] if d > 0.02]
     less = [k for d, k in moved[:2] if d < -0.02]
-    return (f"accuracy {acc:.4f} vs best {pacc:.4f} (attempt {prev.index}, {acc - pacc:+.4f}); "
+    return (f"{score_name(outcome.metrics)} {acc:.4f} vs best {pacc:.4f} (attempt {prev.index}, {acc - pacc:+.4f}); "
             f"pruned more in {more or 'none'}, less in {less or 'none'}")
 
 
@@ -497,8 +497,15 @@ def place_loaded(loaded, device: str | None, dtype: str | None) -> None:
 def dense_sanity(evaluator: Evaluator) -> str | None:
     """A loud warning when the dense model itself is near chance on the given data: pruning on would rank
     candidates by noise, and the cause is nearly always preprocessing (normalisation, input size) or labels."""
-    from ..evaluate.classification import evaluate_classifier
+    from ..evaluate.classification import evaluate_classifier, evaluate_regression
 
+    if evaluator.regression:  # the analogue of chance: no better than predicting the targets' mean
+        reg = evaluate_regression(evaluator.dense, evaluator.val)
+        if reg["target_var"] <= 0 or reg["mse"] < 0.9 * reg["target_var"]:
+            return None
+        return (f"the dense model's mean squared error on this data ({reg['mse']:.4g}) is no better than always "
+                f"predicting the targets' mean ({reg['target_var']:.4g}): its preprocessing or targets do not match "
+                "what it was trained on (or its weights are random); check the data and inputs before trusting any result")
     if not evaluator.labelled or not evaluator.dense_logits:
         return None
     classes = int(evaluator.dense_logits[0].shape[-1])
@@ -614,11 +621,15 @@ def final_quality(evaluator: Evaluator, model: torch.nn.Module, test) -> dict[st
     """The final score on the test split: top-1 with labels, agreement with the dense model without, and the
     user's evaluate(model) when given (it is the score then)."""
     from ..evaluate.batches import split_batch
-    from ..evaluate.classification import evaluate_classifier, fidelity
+    from ..evaluate.classification import evaluate_classifier, evaluate_regression, fidelity, has_float_targets
 
     first = next(iter(test), None)  # the loader is re-iterable: peek for labels, then score it all
     out: dict[str, float] = {}
-    if first is not None and split_batch(first)[1] is not None:
+    if first is not None and has_float_targets(first):
+        reg = evaluate_regression(model, test)
+        out["mse"], out["mae"] = reg["mse"], reg["mae"]
+        out["score"] = -reg["mse"]
+    elif first is not None and split_batch(first)[1] is not None:
         out["accuracy"] = evaluate_classifier(model, test)["top1"]
         out["score"] = out["accuracy"]
     elif first is not None:

@@ -34,6 +34,10 @@ class LatencyTargeting:
     # a relative target ("60%") is a ratio to the dense model: measured against dense timed alongside, so a
     # machine that got slower or faster since the tables were built does not count as a budget error
     relative: bool = False
+    # the last candidate() call's tries: the lowest latency it aimed at and the fastest it measured, so an
+    # out-of-band result can tell a target below the device's floor from noise
+    lowest_aim_ms: float | None = None
+    fastest_ms: float | None = None
 
     @classmethod
     def enable(cls, pruner: Any, *, align: bool = True, cache_dir: Path | None | bool = True, runs: int = 3,
@@ -133,6 +137,8 @@ class LatencyTargeting:
                               f"(the previous candidate: {measured:.2f} ms)")
             tried.append((scale, m2, retry))
             cand, measured = retry, m2
+        self.fastest_ms = min(m for _, m, _ in tried)
+        self.lowest_aim_ms = min(centre * s for s, _, _ in tried)
         _, measured, cand = min(tried, key=lambda t: self._off_centre(budget, t[1]))
         cand.metrics[METRIC] = measured
         cand.metrics["latency_predicted_ms"] = cand.projection.predicted.get(METRIC, float("nan"))
@@ -154,6 +160,19 @@ class LatencyTargeting:
         over, under = budget.band.over, budget.band.under
         half = (over + under) / 2 or 1e-9
         return abs(budget.error(METRIC, measured) - (over - under) / 2) / half
+
+    def out_of_band_reason(self, budget: ResolvedBudget) -> str:
+        """Why the last candidate's fresh measurement missed the band: below the floor pruning reaches on this
+        device (corrections aimed far lower and the measurement hardly moved), or noise / a latency step."""
+        goal = budget.goals.get(METRIC)
+        if (goal and self.corrections and self.fastest_ms and self.lowest_aim_ms is not None
+                and self.fastest_ms > goal * (1 + budget.band.over) and self.lowest_aim_ms < 0.7 * self.fastest_ms):
+            return (f"the target is below what pruning reaches on this device: corrections aimed as low as "
+                    f"{self.lowest_aim_ms:.2f} ms and the fastest candidate still measured {self.fastest_ms:.2f} ms "
+                    f"against the {goal:.2f} ms goal (what no channel cut removes: input layers, pools, the head, "
+                    "framework overhead per op); relax --target-latency to about that, or add int8 (prunepilot compress)")
+        return (f"the fresh measurement is outside the band after {self.corrections} correction(s); the device is noisy "
+                "or the target sits on a latency step (retry, or widen --tolerance)")
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model.to_json(), "alignment": {f: c.to_json() for f, c in self.alignment.items()},
@@ -196,8 +215,7 @@ def run_prune_to_latency(loaded: Any, budget: Any, plan: Plan, out: Path, *, ali
     dense_ms, comp_ms = targeting.measure_against(pruner.dense, cand.model, pruner.x)
     if targeting.relative:  # judged as a ratio to the dense model timed alongside it
         rb = budget.resolve({**pruner.profile.dense, METRIC: dense_ms})
-    reason = ("the fresh measurement is outside the band after one correction; the device is noisy or the target "
-              "sits on a latency step (retry, or widen --tolerance)")
+    reason = targeting.out_of_band_reason(rb)
     result = write_candidate(loaded, pruner, plan, cand, rb, out, dense_ms, comp_ms, count_real(cand.model, pruner.x),
                              t0, reason=reason, summary_extra=latency_summary, latency_targeting=targeting.to_json())
     return (result, cand.model) if return_model else result

@@ -23,7 +23,7 @@ VERDICT_STYLE: dict[str, tuple[str, str, str]] = {
     "failed": ("X", "#333333", "failed"),
 }
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd"]
-QUALITY_KEYS = ("accuracy", "perplexity", "probe_perplexity", "fidelity_agreement")
+QUALITY_KEYS = ("accuracy", "perplexity", "probe_perplexity", "mse", "fidelity_agreement")
 
 
 def _figure(width: float, height: float) -> Any:

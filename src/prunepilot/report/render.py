@@ -30,7 +30,7 @@ CLIP_AT = 700  # characters of an LLM rationale shown inline; the HTML folds the
 # metrics stored as fractions and shown in percent (matched on the last dotted component)
 PERCENT_METRICS = {"accuracy", "top1", "top5", "fidelity_agreement", "sparsity", "agreement", "top1_agreement", "retained"}
 COST_ORDER = ("macs", "params", "latency_ms", "size_mb", "memory_mb", "sparsity")
-QUALITY_ORDER = ("accuracy", "top5", "fidelity_agreement", "fidelity_kl", "perplexity")
+QUALITY_ORDER = ("accuracy", "top5", "mse", "mae", "fidelity_agreement", "fidelity_kl", "perplexity")
 # top-level result.json keys the report shows in their own sections (the rest go to "Other details")
 SHOWN_KEYS = {
     "kind", "model", "budget", "dense", "compressed", "within_band", "errors", "environment", "projection",
