@@ -99,3 +99,30 @@ def test_resume_of_a_python_model_run_is_refused_with_the_reason(tmp_path: Path)
                                env={"COLUMNS": "300"})
     assert shown.exit_code != 0 and isinstance(shown.exception, SourceError)  # cli.main prints it in one line
     assert "handed in from Python" in str(shown.exception) and "resume=True" in str(shown.exception)
+
+
+def test_gpt2_conv1d_layers_are_sparsified_and_handed_back_as_conv1d(tmp_path: Path) -> None:
+    """GPT-2 stores its projections as transformers Conv1D (weights transposed): sparsified as linears, handed back
+    as the same Conv1D modules and parameters, exported in a checkpoint transformers reloads exactly."""
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                                 vocab_size=len(tok)))
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    params = {n: m.weight for n, m in convs.items()}
+    res = sparsify(model, tok, sparsity=0.5, calib=word_docs(30, 200), agent="uniform", out=tmp_path / "run", **SMALL)
+    assert res.within_band and res.metrics["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    after = {n: m for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    assert after.keys() == convs.keys() and all(after[n] is convs[n] and after[n].weight is params[n] for n in convs)
+    zeros = sum(int((m.weight == 0).sum()) for m in after.values())
+    assert zeros / sum(m.weight.numel() for m in after.values()) == pytest.approx(0.5, abs=1e-3)
+    assert all(m.weight.shape == (m.nx, m.nf) for m in after.values())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert torch.equal(reloaded.transformer.h[1].mlp.c_fc.weight, model.transformer.h[1].mlp.c_fc.weight)
+    with pytest.raises(PlanError, match="Conv1D"):
+        sparsify(model, tok, sparsity="2:4", calib=word_docs(30, 200), agent="uniform", out=tmp_path / "nm",
+                 export_format="compressed-tensors", **SMALL)
+    assert all(isinstance(m, Conv1D) for n, m in model.named_modules() if n in convs)  # restored after the refusal

@@ -25,7 +25,8 @@ from ..evaluate.language import dense_reference, fidelity, knowledge_retention, 
 from ..results import build_result, write_json_atomic, write_text_atomic
 from ..sources.llm import LoadedLM, load_causal_lm
 from ..sources.text import TextSplit, load_split, token_blocks
-from .calibrate import activation_norms, gradient_importance, linear_layers, sequential_sparsify
+from .calibrate import activation_norms, decoder_layers, gradient_importance, linear_layers, sequential_sparsify
+from .conv1d import Conv1DSwap
 from .device import (Placement, current_rss_mb, peak_memory_mb, release_memory, resolve_device, resolve_dtype,
                      synchronize, weight_bytes)
 from .export import FORMATS, folder_mb, save_and_verify
@@ -160,13 +161,15 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
     if write:
         (jdir / "run_id").write_text(run_id)
     say(f"run {run_id} (journal {jdir / 'journal.sqlite'})")
+    conv1d = Conv1DSwap()
     try:
-        result = _run(cfg, out, say, journal, run_id, loaded, calib_input)
+        result = _run(cfg, out, say, journal, run_id, loaded, calib_input, conv1d)
     except BaseException as exc:
         journal.finish_run(run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                            {"error": f"{type(exc).__name__}: {exc}"[:2000]})
         raise
     finally:
+        conv1d.restore()  # the user's model gets its own GPT-2 Conv1D modules back, whatever happened
         if tmp is not None:
             tmp.cleanup()
     if write:
@@ -240,7 +243,8 @@ def _checkpoint_mb(lm: LoadedLM) -> float | None:
 
 
 def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], journal: Any, run_id: str,
-         loaded: LoadedLM | None = None, calib_input: CalibInput | None = None) -> dict[str, Any]:
+         loaded: LoadedLM | None = None, calib_input: CalibInput | None = None,
+         conv1d: Conv1DSwap | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     target, nm = parse_sparsity(cfg.sparsity)
@@ -265,8 +269,20 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
     if want_dtype is not None and next(model.parameters()).dtype != want_dtype:
         model.to(want_dtype)
     model_dtype = next(model.parameters()).dtype
+    conv1d = conv1d if conv1d is not None else Conv1DSwap()
+    if conv1d.swap(model) and nm is not None and out and cfg.export and cfg.export_format == "compressed-tensors":
+        # refused before any work: the N:M groups run along the input dimension, which Conv1D stores first
+        raise PlanError("compressed-tensors' N:M layout is for (out, in) weights; this model's GPT-2 Conv1D layers "
+                        "store theirs transposed", f"{type(model).__name__}, {cfg.sparsity}",
+                        "use --format safetensors (the default) for this model, or an unstructured target")
     placement = Placement.for_model(model, device, cfg.offload, cfg.upcast)
     infos = linear_layers(model)
+    if not infos:
+        prefix, blocks = decoder_layers(model)
+        raise SourceError("this model has no linear layer inside its decoder blocks to sparsify",
+                          f"{type(model).__name__}: {len(blocks)} blocks under {prefix!r}, no nn.Linear "
+                          "(or transformers Conv1D) in them",
+                          "sparsify needs a decoder whose projections are nn.Linear (Llama, Qwen, Mistral, GPT-2, ...)")
     n_blocks = max(i.block for i in infos) + 1
     export_dtype = lm.checkpoint_dtype or model_dtype  # exports keep the input's dtype
     memory = {"device": placement.mode, "dtype": str(model_dtype).removeprefix("torch."),
@@ -375,6 +391,7 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
 
         kernels = semi_structured_speedup(_mods(model, infos), device)
     export_info: dict[str, Any] = {}
+    conv1d.restore()  # exports and the caller see the model's own module types
     if out and cfg.export:
         t0 = time.perf_counter()
         export_info = save_and_verify(model, tok, out / "model", evalb[:1, :128], fmt=cfg.export_format,
