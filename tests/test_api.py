@@ -326,3 +326,21 @@ def test_top1_on_float_targets_is_a_clear_error():
     loader = [(torch.randn(4, 3), torch.randn(4, 1))]
     with pytest.raises(PrunepilotError, match="integer class labels"):
         evaluate_classifier(nn.Linear(3, 2), loader)
+
+
+def test_runs_commands_refuse_a_missing_journal_and_a_python_run_before_writing(tmp_path):
+    from typer.testing import CliRunner
+
+    from prunepilot.cli import app
+
+    runner = CliRunner()
+    missing = tmp_path / "nowhere" / "journal.sqlite"
+    res = runner.invoke(app, ["runs", "list", "--journal", str(missing)])
+    assert res.exit_code != 0 and "no journal at this path" in str(res.exception) and not missing.exists()
+    model, x = GreyResidual().eval(), torch.randn(4, 1, 28, 28)
+    loader = DataLoader(TensorDataset(x, torch.randint(0, 10, (4,))), batch_size=4)
+    run = prunepilot.prune(model, x[:1], target_macs=0.6, train=loader, val=loader, agent="uniform", rounds=1,
+                           finetune_steps=0, finetune_epochs=0, history=False, out=tmp_path / "run", log=None)
+    res = runner.invoke(app, ["runs", "replay", run.run_id, "--journal", str(tmp_path / "run" / "journal.sqlite")])
+    assert res.exit_code != 0 and "handed in from Python" in str(res.exception)
+    assert not (tmp_path / "run-replay").exists()  # refused before the replay folder was made

@@ -388,11 +388,12 @@ def summary_markdown(r: dict[str, Any]) -> str:
     lines.append("")
     lines.append("| metric | dense | compressed | ratio |")
     lines.append("|---|---|---|---|")
-    for m in ("macs", "params", "latency_ms", "size_mb", "memory_mb", "accuracy", "perplexity"):
+    for m in ("macs", "params", "latency_ms", "size_mb", "memory_mb", "accuracy", "mse", "perplexity"):
         d, c = r["dense"].get(m), r["compressed"].get(m)
         if d is None or c is None:
             continue
-        lines.append(f"| {m} | {format_metric(m, d)} | {format_metric(m, c)} | {c / d:.3f} |")
+        ratio = f"{c / d:.3f}" if d else "–"  # a dense accuracy of 0 has no ratio
+        lines.append(f"| {m} | {format_metric(m, d)} | {format_metric(m, c)} | {ratio} |")
     if r.get("errors"):
         lines.append("")
         lines.append("Budget errors: " + ", ".join(f"{m} {e:+.3%}" for m, e in r["errors"].items()))

@@ -12,6 +12,41 @@ from .common import console
 JournalOpt = typer.Option(Path("runs/demo/journal.sqlite"), "--journal", help="The run's journal (OUT/journal.sqlite).")
 
 
+def _open(journal: Path):
+    """The journal at `journal`; a path with no journal is an error, not a new empty one."""
+    from ..errors import PrunepilotError
+    from ..journal import Journal
+
+    if not Path(journal).is_file():
+        raise PrunepilotError("no journal at this path", str(journal),
+                              "pass --journal OUT/journal.sqlite of the run's output folder")
+    return Journal(journal)
+
+
+def _check_rebuildable(kind: str, c: dict) -> None:
+    """Refuse, before anything is written, a run the journal alone cannot rebuild (model or data from Python)."""
+    from ..errors import SourceError
+
+    if kind == "sparsify":
+        for key in ("model", "calib"):
+            if str(c.get(key, "")).startswith("python:"):
+                raise SourceError(f"this run's {'model' if key == 'model' else 'calibration data'} was handed in from "
+                                  "Python, so the journal cannot rebuild it", c[key],
+                                  "re-run it from Python with the same objects")
+        return
+    if not c.get("model_spec"):
+        raise SourceError("this run's model was handed in from Python, so the journal cannot reload it",
+                          c.get("model"), "re-run it from Python with the same model")
+    if kind == "prune":
+        from ..jobs.prune import PruneRun
+
+        PruneRun.from_config(c)  # refuses data, evaluate() or loss() from Python
+    elif kind == "compress":
+        from ..jobs.compress import CompressRun
+
+        CompressRun.from_config(c)
+
+
 def register(app: typer.Typer) -> None:
     runs = typer.Typer(help="Inspect, resume and replay journaled agent runs.", no_args_is_help=True)
     app.add_typer(runs, name="runs")
@@ -19,12 +54,13 @@ def register(app: typer.Typer) -> None:
     @runs.command("list")
     def list_(journal: Path = JournalOpt) -> None:
         """List runs in a journal."""
-        from ..journal import Journal
-
-        j = Journal(journal)
+        j = _open(journal)
         t = Table()
-        for c in ("id", "kind", "status", "attempts", "model", "out"):
+        t.add_column("id", no_wrap=True, min_width=22)  # what the user copies into `runs show/resume`: never cut
+        for c in ("kind", "status", "attempts"):
             t.add_column(c)
+        for c in ("model", "out"):
+            t.add_column(c, overflow="fold")  # paths wrap instead of losing their tail to an ellipsis
         for r in j.runs():
             t.add_row(r["id"], r["kind"], r["status"], str(len(j.attempts(r["id"]))), r["config"].get("model", ""), r["out_dir"])
         console.print(t)
@@ -32,9 +68,7 @@ def register(app: typer.Typer) -> None:
     @runs.command()
     def show(run_id: str, journal: Path = JournalOpt) -> None:
         """Show a run's attempts: phase, strategist, verdict, scores, rationale and reflection, errors."""
-        from ..journal import Journal
-
-        j = Journal(journal)
+        j = _open(journal)
         r = j.run(run_id)
         console.print(f"[bold]{r['id']}[/] {r['kind']} {r['status']} — {r['config'].get('model')} — agent {r['config'].get('agent')}")
         t = Table()
@@ -57,9 +91,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]failed:[/] {r['result'].get('error')}")
 
     def _continue(run_id: str, journal: Path, transcripts: list | None, agent: str | None, trust: bool) -> None:
-        from ..journal import Journal
-
-        j = Journal(journal)
+        j = _open(journal)
         r = j.run(run_id)
         if r["status"] == "done" and transcripts is None:
             console.print(f"run {run_id} is already done; `prunepilot runs show {run_id}` lists its attempts")
@@ -135,10 +167,11 @@ def register(app: typer.Typer) -> None:
         built-in strategist re-decides deterministically."""
         from ..journal import Journal
 
-        j = Journal(journal)
+        j = _open(journal)
         calls = j.llm_calls(run_id)
         r = j.run(run_id)
         c = dict(r["config"])
+        _check_rebuildable(r["kind"], c)
         new_out = Path(out) if out else Path(str(c["out"]) + "-replay")
         from ..journal import prepare_out
 
