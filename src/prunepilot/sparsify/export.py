@@ -59,6 +59,16 @@ def save_and_verify(model: Any, tokenizer: Any, out: Path, probe: torch.Tensor, 
                     dtype: torch.dtype | None = None, sparse_names: list[str] | None = None,
                     nm: Any = None, sparsity: float | None = None) -> dict[str, Any]:
     """Write the model (+ tokenizer) to `out` in `fmt` and `dtype` (default: the model's), verify, measure."""
+    from ..sources.hf_progress import hf_progress_off
+
+    with hf_progress_off():
+        return _save_and_verify(model, tokenizer, out, probe, fmt=fmt, dtype=dtype, sparse_names=sparse_names,
+                                nm=nm, sparsity=sparsity)
+
+
+def _save_and_verify(model: Any, tokenizer: Any, out: Path, probe: torch.Tensor, *, fmt: str,
+                     dtype: torch.dtype | None, sparse_names: list[str] | None, nm: Any,
+                     sparsity: float | None) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise PlanError(f"an export format is one of {', '.join(FORMATS)}", fmt, "e.g. --format compressed-tensors")
     dtype = dtype or next(model.parameters()).dtype
