@@ -24,8 +24,13 @@ def register(app: typer.Typer) -> None:
         Killed half-way, `prunepilot runs resume RUN_ID --journal OUT/journal.sqlite` finishes it."""
         from ..budget import Budget
         from ..jobs.prune import PruneRun, PruneSettings, run_prune_search
+        from ..models.baseline import cache_slot
         from ..sources.models import load_model
 
+        cached, _ = cache_slot("resnet20", None)
+        if not cached.is_file():  # the one long silent phase of a first run: say what it is and how long
+            console.print(f"first use: training the Fashion-MNIST ResNet-20 baseline once (about 8 minutes on 2 "
+                          f"cores), cached as {cached}")
         loaded = load_model("prunepilot:fmnist_resnet20")
         settings = PruneSettings(rounds=rounds, finetune_steps=40, eval_limit=1000, finetune_epochs=0.3, kd=True)
         run = PruneRun(Budget.parse(macs=target_macs), "fashion-mnist", out, agent=agent, settings=settings,
