@@ -344,3 +344,11 @@ def test_runs_commands_refuse_a_missing_journal_and_a_python_run_before_writing(
     res = runner.invoke(app, ["runs", "replay", run.run_id, "--journal", str(tmp_path / "run" / "journal.sqlite")])
     assert res.exit_code != 0 and "handed in from Python" in str(res.exception)
     assert not (tmp_path / "run-replay").exists()  # refused before the replay folder was made
+
+
+def test_labels_beyond_the_models_outputs_are_refused_before_pruning():
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5))
+    loader = DataLoader(TensorDataset(torch.randn(32, 12), torch.arange(32) % 10), batch_size=8)
+    with pytest.raises(PrunepilotError, match="labels exceed the model's outputs"):
+        prunepilot.prune(model, torch.randn(1, 12), target_macs=0.5, train=loader, val=loader, rounds=1,
+                         history=False, log=None)

@@ -497,6 +497,7 @@ def place_loaded(loaded, device: str | None, dtype: str | None) -> None:
 def dense_sanity(evaluator: Evaluator) -> str | None:
     """A loud warning when the dense model itself is near chance on the given data: pruning on would rank
     candidates by noise, and the cause is nearly always preprocessing (normalisation, input size) or labels."""
+    from ..evaluate.batches import split_batch
     from ..evaluate.classification import evaluate_classifier, evaluate_regression
 
     if evaluator.regression:  # the analogue of chance: no better than predicting the targets' mean
@@ -509,6 +510,12 @@ def dense_sanity(evaluator: Evaluator) -> str | None:
     if not evaluator.labelled or not evaluator.dense_logits:
         return None
     classes = int(evaluator.dense_logits[0].shape[-1])
+    top = max(int(split_batch(b)[1].max()) for b in evaluator.val)
+    if top >= classes:  # cross-entropy would fail deep in the first candidate's recovery instead
+        from ..errors import PrunepilotError
+
+        raise PrunepilotError("the data's labels exceed the model's outputs", f"label {top} with {classes} outputs",
+                              "the model needs one output per class: replace its head for this data, or map the labels")
     if classes < 2:
         return None
     acc = evaluate_classifier(evaluator.dense, evaluator.val)["top1"]
