@@ -205,11 +205,14 @@ def load_model(
 
         return load_hf_config(rest, uri)
     else:
-        raise SourceError(
-            "unknown model source",
-            uri,
-            "use torchvision:NAME, timm:NAME, file:PATH, py:module:function, prunepilot:fmnist_resnet20",
-        )
+        hint = "use torchvision:NAME, timm:NAME, file:PATH, py:module:function, hf-config:DIR, prunepilot:fmnist_resnet20"
+        folder = Path(uri).expanduser()
+        if (folder / "config.json").is_file() or uri in ("smollm2", "gemma3-270m") or uri.endswith(".gguf"):
+            hint = ("this looks like a language model: `prunepilot sparsify` takes it (and profiles its layers, "
+                    "profile.json); for a transformers vision/encoder model from its config use hf-config:DIR")
+        elif folder.is_file():
+            hint = f"a model file is file:{uri} (torch.export .pt2, TorchScript, or a pickled module with --trust)"
+        raise SourceError("unknown model source", uri, hint)
     if state_dict is not None:
         sd = torch.load(str(state_dict), map_location="cpu", weights_only=True)
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
