@@ -156,7 +156,7 @@ class Projector:
             return proj
         proj = self._project(plan, budget, max_refine_steps)
         coarsest = max([plan.round_to or 1, *self.align.values()])
-        if proj.feasible or coarsest <= 1:
+        if proj.feasible or coarsest <= 1 or "unreachable" in proj.reason:  # finer steps cannot pass the cap
             return proj
         preferred, step = self.align, coarsest
         try:

@@ -29,7 +29,7 @@ class Evaluator:
     (not on how many were scored before it), which also makes a resumed run score exactly as the first.
 
     The ranking score (`metrics["score"]`, higher is better) is the user's `evaluate(model)` when given, else
-    top-1 on labelled validation batches (minus the mean squared error when the targets are floats: a
+    top-1 on labelled validation batches, minus the mean squared error when the targets are floats (a
     regression), else top-1 agreement with the dense model (label-free)."""
 
     def __init__(self, data, dense: nn.Module, cfg: ScoringConfig, *,
