@@ -69,6 +69,8 @@ def test_bad_input_is_refused_in_one_line() -> None:
         ({"sparsity": 1.5}, PlanError, "fraction"),
         ({"calib": 42}, SourceError, "calib is"),
         ({"calib": ids(2, 8, 0)}, SourceError, "n_seqs >= 3"),
+        ({"calib": torch.zeros(40, dtype=torch.long)}, SourceError, r"\[n_seqs, seqlen\]"),  # 1-D: one clear line
+        ({"calib": []}, SourceError, "calib is"),
         ({"nonsense_option": 1}, PlanError, "unknown sparsify options"),
         ({"device": "tpu"}, SourceError, "a device is"),
         ({"dtype": "int4"}, SourceError, "a dtype is"),

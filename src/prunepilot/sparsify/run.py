@@ -95,7 +95,7 @@ class CalibInput:
 
     def describe(self) -> str:
         if self.ids is not None:
-            return f"python:token_ids[{self.ids.shape[0]}x{self.ids.shape[1]}]"
+            return f"python:token_ids[{'x'.join(str(d) for d in self.ids.shape)}]"
         return f"python:texts[{len(self.texts or [])}]"
 
 
