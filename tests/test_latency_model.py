@@ -217,6 +217,22 @@ def test_latency_candidate_corrects_a_biased_table_towards_the_band_middle():
     assert abs(goal.error("latency_ms", cand.metrics["latency_ms"]) - (-0.02)) < 0.015  # near the middle (-2%)
     assert cand.metrics["latency_ms"] == 1.12 * cand.model + 0.3
     assert "noisy" in targeting.out_of_band_reason(goal)
+    # a retry the projector could not land on its rescaled aim (by its tables) still gets the second correction
+
+    class StepPruner(FakePruner):
+        calls = 0
+
+        def candidate(self, plan, budget, **kw):
+            StepPruner.calls += 1
+            cand = super().candidate(plan, budget, **kw)
+            cand.projection.feasible = StepPruner.calls == 1
+            cand.projection.reason = "" if cand.projection.feasible else "no allocation puts every target inside the band"
+            return cand
+
+    targeting = LatencyTargeting(model=SimpleNamespace(dense_ms=20.0))
+    targeting._measured = lambda pruner, model: 1.5 * model - 3.0  # not a pure bias: the bias step lands at -5%
+    targeting.candidate(StepPruner(), Plan(), goal)
+    assert targeting.corrections == 2
     # a host with a floor (fixed costs no channel cut removes): the corrections aim ever lower, the measurement
     # stays near 14 ms, and the reason says the target is below what pruning reaches, with the number
     targeting = LatencyTargeting(model=SimpleNamespace(dense_ms=20.0))

@@ -121,7 +121,11 @@ class LatencyTargeting:
         centre = aim.goals[METRIC]
         for _ in range(corrections):
             best = min(tried, key=lambda t: self._off_centre(budget, t[1]))
-            if self._off_centre(budget, best[1]) <= 0.5 or not cand.projection.feasible or measured <= 0:
+            if self._off_centre(budget, best[1]) <= 0.5 or measured <= 0:
+                break
+            # only tables that cannot reach the budget at all end the corrections: a retry whose projection
+            # missed its (rescaled) aim by the tables' reckoning may still measure closer, and the closest is kept
+            if not cand.projection.feasible and "unreachable" in cand.projection.reason:
                 break
             if len(tried) == 1:
                 predicted = cand.projection.predicted.get(METRIC, measured)
