@@ -508,7 +508,7 @@ def finish(job: CompressJob, best: Attempt, history: list[Attempt], loaded, run:
     dense_block = {**job.dense_m, "latency_ms": lat["dense"].median_ms}
     if job.evaluator is not None:
         dense_q = job.evaluator.score(copy.deepcopy(pruner.dense), 0)
-        dense_block.update({k: dense_q[k] for k in ("score", "accuracy", "evaluate") if k in dense_q})
+        dense_block.update({k: dense_q[k] for k in ("score", "accuracy", "mse", "evaluate") if k in dense_q})
     recovery = recovery_json(job, best, final, dense_block)
     if chosen is final:
         comp["before_recovery"] = {k: best.metrics[k] for k in QUALITY if k in best.metrics}
@@ -530,6 +530,7 @@ def finish(job: CompressJob, best: Attempt, history: list[Attempt], loaded, run:
         tradeoff=tradeoff, brackets=job.bracket_results(history), speedup=dense_block["latency_ms"] / comp["latency_ms"],
         export=export, skipped=pruner.profile.ignored, run_id=run_id, rounds=len(history), best_round=best.index,
         recovery=recovery, notes=[recovery_line(recovery)], seconds=time.perf_counter() - t0,
+        **({"score_metric": job.evaluator.metric} if job.evaluator is not None else {}),
     )
     if not within:
         result["out_of_band_reason"] = ("the final side-by-side measurement misses the band the bracketing met: "
@@ -544,7 +545,7 @@ def finish(job: CompressJob, best: Attempt, history: list[Attempt], loaded, run:
     return result, model
 
 
-QUALITY = ("score", "accuracy", "fidelity_agreement", "fidelity_kl", "evaluate")
+QUALITY = ("score", "accuracy", "mse", "fidelity_agreement", "fidelity_kl", "evaluate")
 
 
 def recovery_json(job: CompressJob, best: Attempt, final: Attempt | None, dense: dict[str, Any]) -> dict[str, Any]:
