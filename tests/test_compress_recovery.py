@@ -79,7 +79,11 @@ def test_the_final_recovery_raises_accuracy_and_the_recovered_model_is_exported(
     # the exported weights are the recovered model's, of the same shapes as the unrecovered winner's, and differ
     saved, before = load_file(str(out / "model.safetensors")), load_file(str(off_out / "model.safetensors"))
     assert saved.keys() == before.keys()
-    assert all(torch.equal(saved[k], v) for k, v in res.model.state_dict().items())
+    state = res.model.state_dict()
+    shared = [k for k in state if k in saved]  # an int8 winner's quantized linears hold packed params instead
+    assert shared and all(torch.equal(saved[k], state[k]) for k in shared)
+    if res.raw["choice"]["quantization"] == "none":  # which option wins depends on this CPU's int8 numerics
+        assert shared == list(state)
     assert any(not torch.equal(saved[k], before[k]) for k in saved)
     assert _accuracy(res.model, trained[2]) == pytest.approx(rec["after"])
     # journaled as the last step, once; only the exported candidate's weights are kept
