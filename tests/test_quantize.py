@@ -381,3 +381,15 @@ def test_quantized_artefact_reloads_without_a_pickle(tmp_path) -> None:
         assert torch.allclose(back(x), qmodel(x), atol=1e-5)
     run_quantize(loaded, out=tmp_path / "p", layers="all", rounds=2, pickle_module=True)
     assert (tmp_path / "p" / "model.pt").exists()  # the pickle only on request
+
+
+def test_a_slower_quantized_model_is_said_so_with_the_likely_reason():
+    from prunepilot.evaluate.speed import LatencyStats
+    from prunepilot.jobs.quantize import slowdown_note
+
+    steady = [LatencyStats(median_ms=10.0, p90_ms=11.0, runs=10, threads=1)] * 2
+    assert slowdown_note(1.3, steady, 0.5) is None and slowdown_note(0.98, steady, 0.5) is None
+    note = slowdown_note(0.8, steady, 0.53)
+    assert "0.80x" in note and "slower" in note and "53%" in note and "noise" not in note and "quiet" not in note
+    noisy = [LatencyStats(median_ms=10.0, p90_ms=30.0, runs=10, threads=1), steady[0]]
+    assert "quiet machine" in slowdown_note(0.8, noisy, 0.53)

@@ -57,4 +57,6 @@ def register(app: typer.Typer) -> None:
             console.print(f"{q['n_quantized']} layers quantized, {q['n_skipped']} skipped (reasons in {out}/quantization.json)")
         if "accuracy_delta_pt" in result:
             console.print(f"accuracy {d['accuracy']:.4f} -> {c['accuracy']:.4f} ({result['accuracy_delta_pt']:+.2f} pt)")
+        for note in result.get("notes") or []:
+            console.print(f"[yellow]note:[/] {note}")
         console.print(f"written to {out}/")

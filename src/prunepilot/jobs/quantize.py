@@ -321,6 +321,8 @@ def run_quantize(
                             compile_=compile_, status=status, spec=loaded.spec, pickle_module=pickle_module)
     dense_block, comp_block, lat = _measure(q, dense, x, rounds=rounds, data=data, data_limit=data_limit,
                                             batch_size=batch_size, status=status, preprocess=preprocess)
+    speedup = lat["dense"].median_ms / lat["compressed"].median_ms
+    slower = slowdown_note(speedup, [lat["dense"], lat["compressed"]], q.size_q / q.size_dense)
     result = build_result(
         kind="quantize",
         model=loaded.uri,
@@ -333,12 +335,12 @@ def run_quantize(
         scheme=scheme,
         layers=layers,
         input_shape=list(x.shape),
-        speedup=lat["dense"].median_ms / lat["compressed"].median_ms,
+        speedup=speedup,
         size_reduction=1 - q.size_q / q.size_dense,
         latency={k: v.to_json() for k, v in lat.items()},
         quantization={k: v for k, v in q.report_json.items() if k not in ("quantized", "skipped")},
         export=q.artefacts,
-        notes=q.notes,
+        notes=q.notes + ([slower] if slower else []),
         seconds=time.perf_counter() - t0,
     )
     if data:
@@ -347,6 +349,20 @@ def run_quantize(
     write_json_atomic(out / "result.json", result)
     write_text_atomic(out / "summary.md", summary_markdown(result, q.report_json))
     return (result, q.qmodel) if return_model else result
+
+
+def slowdown_note(speedup: float, timings: list[Any], size_ratio: float) -> str | None:
+    """A quantized model that ran slower than dense is said so, with the likely reason, instead of passing as a
+    result: dynamic int8 quantizes activations on every call, which small layers and batch 1 do not repay. When the
+    timings themselves scatter (p90 far above the median), the host's noise is named as the other suspect."""
+    if speedup >= 0.97:
+        return None
+    noisy = any(t.p90_ms > 1.5 * t.median_ms for t in timings)
+    return (f"the quantized model ran {speedup:.2f}x the dense speed here, i.e. slower; dynamic int8 quantizes "
+            f"activations on every call, which small layers and small batches do not repay (the weights still "
+            f"shrink to {size_ratio:.0%}). For speed, select fewer, larger layers (--layers REGEX or a --plan) or try "
+            "--backend onnx" + ("; the timings also scattered (p90 > 1.5x the median): another process may have "
+                                "shared the CPU, so re-measure on a quiet machine" if noisy else ""))
 
 
 _RUN_OPTIONS = ("plan_file", "data_limit", "batch_size", "rounds", "compile_", "status", "device", "preprocess",
