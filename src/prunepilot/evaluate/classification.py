@@ -7,7 +7,7 @@ freshly 50%-pruned ResNet-20 on Fashion-MNIST from chance to most of its accurac
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,17 @@ class _eval_mode:
             m.train(mode)
 
 
+def _labelled(loader: Iterable, max_batches: int | None, what: str, fix: str) -> Iterator[tuple[Any, torch.Tensor]]:
+    """(inputs, labels) of the first `max_batches` batches; a batch without labels is an error naming `what`."""
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = split_batch(batch)
+        if y is None:
+            raise PrunepilotError(f"{what} needs labelled batches", "batches carry no labels", fix)
+        yield x, y
+
+
 @torch.no_grad()
 def evaluate_classifier(
     model: nn.Module, loader: Iterable, max_batches: int | None = None, *, progress: bool = False
@@ -80,13 +91,8 @@ def evaluate_classifier(
     correct1 = correct5 = 0
     loss_sum, n = 0.0, 0
     with _eval_mode(model), ProgressBar(progress, _n_batches(loader, max_batches), "evaluate") as bar:
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = split_batch(batch)
-            if y is None:
-                raise PrunepilotError("accuracy needs labelled batches", "batches carry no labels",
-                                      "use fidelity(model, dense_model, loader) for label-free scoring")
+        for x, y in _labelled(loader, max_batches, "accuracy",
+                              "use fidelity(model, dense_model, loader) for label-free scoring"):
             if y.is_floating_point():
                 raise PrunepilotError("top-1 accuracy needs integer class labels", f"float targets ({y.dtype})",
                                       "regression targets are scored by evaluate_regression (mean squared error)")
@@ -112,13 +118,7 @@ def evaluate_regression(model: nn.Module, loader: Iterable, max_batches: int | N
     se = ae = s1 = s2 = 0.0
     n = 0
     with _eval_mode(model):
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = split_batch(batch)
-            if y is None:
-                raise PrunepilotError("regression scoring needs targets", "batches carry no targets",
-                                      "yield (x, y) from the DataLoader")
+        for x, y in _labelled(loader, max_batches, "regression scoring", "yield (x, y) from the DataLoader"):
             y = y.float()
             pred = logits_of(model, x).to(y.device)
             if pred.numel() != y.numel():
