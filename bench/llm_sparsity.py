@@ -11,6 +11,8 @@ Search arms (agent*, evo*, evollm*) share one evaluation budget (--evals: candid
 any probe size; evolve's screens on 1 or 2 of the 4 probe sequences count as full evaluations, so the
 comparison is conservative for evolve; `probe_cost` reports the cost in whole-probe equivalents). The
 sensitivity loop ramps to the target and stops when its line search converges, usually well under budget.
+`*_sgptdb` arms score trial allocations from a SparseGPT level database (`--search-masks sparsegpt`,
+sparsify/sgpt_bank.py) instead of Wanda masks; its build time is reported as `sgpt_bank_s`.
 
 Shares one model load, one dense evaluation and one sensitivity profile across variants; every variant
 restores the dense weights first. Allocations are made as `prunepilot sparsify` makes them (sparsify/run.py):
@@ -50,6 +52,7 @@ from prunepilot.sparsify.calibrate import activation_norms, gradient_importance,
 from prunepilot.sparsify.loop import Probe, probe_costs
 from prunepilot.sparsify.plan import project, resolve
 from prunepilot.sparsify.profile import WandaBank, build_profile
+from prunepilot.sparsify.sgpt_bank import SparseGPTBank, level_grid
 
 # name -> (sparsity, method, allocation)
 VARIANTS: dict[str, tuple[str, str, str]] = {
@@ -73,6 +76,9 @@ for _lvl in ("60", "70"):
                  f"evollm{_lvl}": (f"{_lvl}%", "wanda", "evolve+local"),
                  f"sgpt{_lvl}": (f"{_lvl}%", "sparsegpt", "uniform"), f"agent{_lvl}_sgpt": (f"{_lvl}%", "sparsegpt", "agent"),
                  f"evo{_lvl}_sgpt": (f"{_lvl}%", "sparsegpt", "evolve")}
+for _lvl in ("50", "60", "70"):  # allocations scored from a SparseGPT level database (--search-masks sparsegpt)
+    VARIANTS |= {f"evo{_lvl}_sgptdb": (f"{_lvl}%", "sparsegpt", "evolve"),
+                 f"agent{_lvl}_sgptdb": (f"{_lvl}%", "sparsegpt", "agent")}
 LOOP = ("agent", "evolve", "evolve+local")  # allocations searched by the one loop (the rest are one-shot)
 
 
@@ -151,9 +157,23 @@ def main() -> None:
     probe_set: Any = None
 
     grads: dict[str, float] = {}
-    profiles: dict[float, Any] = {}  # target -> profile (its measured group costs are taken at that target)
+    profiles: dict[Any, Any] = {}  # (target, masks) -> profile (its measured group costs are taken at that target)
+    sgpt_banks: dict[float, Any] = {}  # target -> SparseGPT level database (the `_sgptdb` arms)
 
-    def need_profile(target: float = 0.5) -> None:
+    def need_sgpt_bank(target: float, strategist: Any) -> Any:
+        if target not in sgpt_banks:
+            for other in list(sgpt_banks):  # one database on disk at a time
+                sgpt_banks.pop(other).close()
+            tb = time.perf_counter()
+            spread = getattr(strategist, "spread", 0.3)
+            levels = level_grid(target, target if getattr(strategist, "needs_ramp", True) else spread, spread)
+            sgpt_banks[target] = SparseGPTBank(model, infos, calib, levels)
+            report.setdefault("sgpt_bank_s", {})[f"{target:g}"] = time.perf_counter() - tb
+            log(f"SparseGPT level database at {target:.0%}: {len(levels)} levels, "
+                f"{sgpt_banks[target].nbytes / 2**30:.2f} GB, {time.perf_counter() - tb:.0f}s")
+        return sgpt_banks[target]
+
+    def need_profile(target: float = 0.5, masks: str = "wanda") -> None:
         nonlocal bank, profile, probe_set, grads
         if bank is None:
             t0 = time.perf_counter()
@@ -163,9 +183,9 @@ def main() -> None:
             bank = WandaBank(model, infos, norms)
             report["profile_s"] = time.perf_counter() - t0
             log(f"profile {report['profile_s']:.0f}s")
-        if target not in profiles:
-            profiles[target] = build_profile(lm.name, target, infos, bank, grads, 3)
-        profile = profiles[target]
+        if (target, masks) not in profiles:
+            profiles[(target, masks)] = build_profile(lm.name, target, infos, bank, grads, 3)
+        profile = profiles[(target, masks)]
     agent_counts: dict[str, int] | None = None
     agent_info: dict[str, Any] = {}
 
@@ -173,8 +193,9 @@ def main() -> None:
         with torch.no_grad():
             for i in infos:
                 mods[i.name].weight.copy_(dense_w[i.name])
-        if bank is not None:
-            bank.applied = {n: 0 for n in bank.applied}
+        for b in [bank, *sgpt_banks.values()]:
+            if b is not None:
+                b.applied = {n: 0 for n in b.applied}
 
     for name in [v for v in args.variants.split(",") if v]:
         sparsity, method, alloc = VARIANTS[name]
@@ -199,23 +220,26 @@ def main() -> None:
                 counts = agent_counts
                 info.update(agent_info, reused_allocation_from="agent50")
             else:
-                need_profile(target)
+                masks = "sparsegpt" if name.endswith("_sgptdb") else "wanda"
+                need_profile(target, masks)
                 agent, max_iters = "sensitivity", 24
                 if alloc.startswith("llm:"):
                     agent, max_iters = alloc[4:], args.llm_iters
                 elif alloc != "agent":
                     agent = alloc
                 strategist, resolved = make_strategist(agent, "sparsify", say=log)
+                loop_bank = need_sgpt_bank(target, strategist) if masks == "sparsegpt" else bank
+                info["search_masks"] = masks
                 tp = time.perf_counter()
                 if not profile.group_probe:
-                    probe_costs(model, bank, infos, profile, probe_set, target)
+                    probe_costs(model, loop_bank, infos, profile, probe_set, target)
                 probe_s = time.perf_counter() - tp
                 # the loop exactly as sparsify/run.py::_loop wires it (the probe and its costs are shared)
                 rs = RampSettings(target=target, step=args.step, threshold=args.threshold, max_iters=max_iters,
                                   refine_iters=args.evals or args.refine_iters, evals=args.evals,
                                   ramp=getattr(strategist, "needs_ramp", True))
                 budget = Budget.parse(sparsity=f"{target * 100:.6g}%").resolve({}).to_json()
-                job = SparsifyJob(model, bank, infos, profile, probe_set, rs, budget)
+                job = SparsifyJob(model, loop_bank, infos, profile, probe_set, rs, budget)
                 jdir = Path(args.runs_dir) / name
                 prepare_out(jdir, overwrite=True)
                 journal = Journal(jdir / "journal.sqlite")

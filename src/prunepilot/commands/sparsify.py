@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         rollback_threshold: str = typer.Option("15%", "--rollback-threshold", help="Roll back a step whose probe perplexity rises more than this."),
         step: float = typer.Option(0.1, "--step", help="Initial global sparsity increment per iteration."),
         refine_iters: int = typer.Option(8, "--refine-iters", help="Re-allocations tried at the target; the one with the lowest probe KL to the dense model is kept (0: stop when the ramp reaches the target)."),
+        search_masks: str = typer.Option("wanda", "--search-masks", help="How the loop scores trial allocations: wanda (masks from a Wanda bank; cheap) or sparsegpt (a database of SparseGPT-pruned levels per layer, after EvoPress: the search ranks allocations as the final SparseGPT will prune them; costs a few minutes and several GB of scratch disk per 100M weights; needs --method sparsegpt)."),
         evals: Optional[int] = typer.Option(None, "--evals", min=1, help="Evaluation budget of the loop: candidates measured on the probe (any probe size; the ramp and the uniform reference always run). Overrides --refine-iters; evolve defaults to 100."),
         calib_seqs: int = typer.Option(32, "--calib-seqs", help="Calibration sequences."),
         seqlen: int = typer.Option(512, "--seqlen", help="Calibration sequence length."),
@@ -79,7 +80,7 @@ def register(app: typer.Typer) -> None:
                             f"--agent {agent} --sparsity {sparsity}", "drop --history, or use a loop strategist "
                             "(sensitivity, evolve, an LLM)")
         pool = executor.make(workers, ray_address, log=lambda s: console.print(s))  # ray missing / unreachable: now
-        cfg = SparsifyConfig(model=model, sparsity=sparsity, method=method, agent=agent, calib=calib,
+        cfg = SparsifyConfig(model=model, sparsity=sparsity, method=method, agent=agent, calib=calib, search_masks=search_masks,
                              eval=eval_text, rollback_threshold=_fraction(rollback_threshold), step=step, refine_iters=refine_iters, evals=evals,
                              calib_seqs=calib_seqs, calib_seqlen=seqlen, eval_seqs=eval_seqs,
                              eval_seqlen=eval_seqlen, probe_seqs=probe_seqs, probe_seqlen=probe_seqlen, bands=bands, llm_base_url=llm_base_url, export=not no_export, seed=seed,

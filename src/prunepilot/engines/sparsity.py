@@ -161,8 +161,38 @@ def sparsegpt_prune(
     Unstructured masks are chosen per column block with an exact count per block, so the layer loses
     exactly round(sparsity * numel) weights.
     """
-    W = weight.detach().clone().float()  # [out, in]
-    rows, cols = W.shape
+    W, mask = _sparsegpt_sweep(weight, hessian, [sparsity], nm, blocksize, percdamp)
+    return W.to(weight.dtype), mask
+
+
+def sparsegpt_levels(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    levels: list[float],
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    max_rows: int = 4096,
+) -> list[torch.Tensor]:
+    """SparseGPT of one layer at several unstructured sparsities, each exactly as sparsegpt_prune would give it.
+
+    OBS updates never mix rows, so the levels' copies of W are stacked row-wise and swept together over one
+    factorisation of H (at most `max_rows` stacked rows per sweep): one Python column loop for all levels."""
+    per = max(1, max_rows // weight.shape[0])
+    out: list[torch.Tensor] = []
+    for i in range(0, len(levels), per):
+        chunk = levels[i : i + per]
+        W, _ = _sparsegpt_sweep(weight, hessian, chunk, None, blocksize, percdamp)
+        out.extend(w.to(weight.dtype) for w in W.split(weight.shape[0]))
+        del W
+    return out
+
+
+@torch.no_grad()
+def _sparsegpt_sweep(weight: torch.Tensor, hessian: torch.Tensor, levels: list[float], nm: NM | None,
+                     blocksize: int, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OBS sweep over len(levels) row-stacked copies of W ([K*out, in] float32 weights and kept mask)."""
+    rows1, cols = weight.shape
+    W = weight.detach().float().repeat(len(levels), 1)  # [K*out, in]
     # float64 keeps the Cholesky stable on small models; wide layers use float32 as the reference does
     # (an [8192, 8192] float64 factorisation would need ~1.6 GB of temporaries)
     dead = (torch.diag(hessian) == 0).to(W.device)
@@ -172,23 +202,23 @@ def sparsegpt_prune(
     except RuntimeError:  # torch.linalg.LinAlgError: not positive definite in float32
         Hinv = _inverse_factor(hessian, dead, percdamp, torch.float64, W.device)
 
-    total_k = count_pruned(W.numel(), sparsity) if nm is None else 0
+    totals = [count_pruned(rows1 * cols, s) if nm is None else 0 for s in levels]
     mask = torch.ones_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()  # [out, b]
+        W1 = W[:, i1:i2].clone()  # [K*out, b]
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]  # [b, b]
         d = torch.diag(Hinv1)  # [b]
         keep1 = torch.ones_like(W1, dtype=torch.bool)
-        if nm is None:
-            # exact per-block share of the layer's count: cumulative rounding
+        for j, total_k in enumerate(totals):  # exact per-block share of each level's count: cumulative rounding
             kb = int(round(total_k * i2 / cols)) - int(round(total_k * i1 / cols))
             if kb:
-                tmp = (W1**2 / d.unsqueeze(0) ** 2).flatten()
-                keep1.view(-1)[torch.topk(tmp, kb, largest=False).indices] = False
+                rows = slice(j * rows1, (j + 1) * rows1)
+                tmp = (W1[rows] ** 2 / d.unsqueeze(0) ** 2).flatten()
+                keep1[rows].view(-1)[torch.topk(tmp, kb, largest=False).indices] = False
         for i in range(count):
             w = W1[:, i]
             if nm is not None and i % nm.m == 0:
@@ -198,14 +228,14 @@ def sparsegpt_prune(
             q = w.clone()
             q[~keep1[:, i]] = 0
             Q1[:, i] = q
-            err = (w - q) / Hinv1[i, i]  # [out]
+            err = (w - q) / Hinv1[i, i]  # [K*out]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i1:i2] = Q1
         mask[:, i1:i2] = keep1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     W[~mask] = 0.0
-    return W.to(weight.dtype), mask
+    return W, mask
 
 
 def sparsity_of(weight: torch.Tensor) -> float:

@@ -11,7 +11,8 @@ recorded as 'worse' and never becomes the best; only full-probe scores compete. 
 evaluations of the run (any probe size; a repeated allocation is not measured again and costs none); the
 ramp and the uniform reference always run, the refine phase stops when the budget is spent.
 
-Trial allocations come from the Wanda mask bank (one forward pass over the probe per attempt). Every bit of
+Trial allocations come from the Wanda mask bank, or with search_masks="sparsegpt" from a database of SparseGPT-pruned
+levels (sparsify/sgpt_bank.py): one forward pass over the probe per attempt either way. Every bit of
 loop state (checkpoint, step size, best so far) is folded from the recorded attempts, so a killed run
 continues exactly where it stopped."""
 
@@ -31,6 +32,7 @@ from ..sparsify.calibrate import LinearInfo
 from ..sparsify.loop import Probe, ProbeScore, groups_pushed
 from ..sparsify.plan import MAX_RATIO, counts_to_ratios, global_sparsity, project, resolve
 from ..sparsify.profile import SensitivityProfile, WandaBank
+from ..sparsify.sgpt_bank import SparseGPTBank
 
 KIND = "sparsify"
 WARM = "history"  # the source (and so the attempt's strategist) of the warm start from an earlier run
@@ -90,7 +92,7 @@ class Counts(list):
 class SparsifyJob:
     kind = KIND
 
-    def __init__(self, model: nn.Module, bank: WandaBank, infos: list[LinearInfo], profile: SensitivityProfile,
+    def __init__(self, model: nn.Module, bank: "WandaBank | SparseGPTBank", infos: list[LinearInfo], profile: SensitivityProfile,
                  probe: Probe, cfg: RampSettings, budget: dict[str, Any], warm_start: Plan | None = None) -> None:
         self.model, self.bank, self.infos, self.profile, self.probe = model, bank, infos, profile, probe
         self.cfg, self.budget, self.warm_start = cfg, budget, warm_start
@@ -302,6 +304,9 @@ class SparsifyJob:
         return counts
 
     def worker_spec(self) -> "SparsifyWorker":
+        if not isinstance(self.bank, WandaBank):  # run_sparsify refuses this before any work; a backstop
+            raise PlanError("Ray workers score allocations from Wanda masks only", type(self.bank).__name__,
+                            "measure in this process (workers=1), or use search_masks='wanda'")
         return SparsifyWorker(self.model, self.infos, self.probe, self.bank)
 
     def keep(self, index: int, outcome: Outcome) -> None:

@@ -36,6 +36,7 @@ from .plan import project, resolve
 from .profile import WandaBank, build_profile
 
 ONE_SHOT = ("uniform", "owl")  # allocate once at the target; no loop
+SEARCH_MASKS = ("wanda", "sparsegpt")
 EVOLVE_EVALS = 100  # the evolve search's evaluation budget when --evals is not given
 
 
@@ -49,6 +50,7 @@ class SparsifyConfig:
     model: str
     sparsity: str = "50%"  # "50%" / "0.5" (unstructured, global parameter-weighted) or "2:4" / "4:8"
     method: str = "sparsegpt"  # how the final masks/weights are computed: magnitude | wanda | sparsegpt
+    search_masks: str = "wanda"  # how the loop scores trial allocations: wanda (mask bank) | sparsegpt (level database)
     agent: str = "auto"  # auto | uniform | owl | sensitivity | local | anthropic:.. | openai:.. | scripted
     calib: str = "pydocs"
     eval: str | None = None
@@ -107,6 +109,27 @@ def parse_sparsity(text: str) -> tuple[float, sp.NM | None]:
     return resolved.goals["sparsity"], None
 
 
+def check_search_masks(cfg: SparsifyConfig) -> None:
+    """--search-masks sparsegpt is refused where it would change nothing or mean something else, before any work."""
+    if cfg.search_masks not in SEARCH_MASKS:
+        raise PlanError(f"search masks are one of {', '.join(SEARCH_MASKS)}", cfg.search_masks,
+                        "e.g. --search-masks sparsegpt")
+    if cfg.search_masks == "wanda":
+        return
+    where = f"--agent {cfg.agent} --sparsity {cfg.sparsity}"
+    if not has_loop(cfg.agent, cfg.sparsity) or cfg.agent.strip() == "uniform":
+        raise PlanError("--search-masks scores the loop's trial allocations, and this run has no loop", where,
+                        "drop --search-masks, or use a loop strategist (sensitivity, evolve, an LLM)")
+    if cfg.method != "sparsegpt":
+        raise PlanError("--search-masks sparsegpt ranks allocations as SparseGPT would prune them, but this run "
+                        "applies another method", f"--method {cfg.method}",
+                        "use --method sparsegpt, or --search-masks wanda")
+    if (cfg.extra.get("executor") or {}).get("workers", 1) > 1 or (cfg.extra.get("executor") or {}).get("ray_address"):
+        raise PlanError("--search-masks sparsegpt keeps its level database in this process; Ray workers cannot "
+                        "score from it", "--workers/--ray-address with --search-masks sparsegpt",
+                        "drop --workers/--ray-address, or use --search-masks wanda")
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -137,6 +160,7 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
         raise PlanError(f"an export format is one of {', '.join(FORMATS)}", cfg.export_format,
                         "e.g. --format compressed-tensors")
     resolve_device(cfg.device), resolve_dtype(cfg.dtype)  # bad device/dtype: refused before anything is written
+    check_search_masks(cfg)
     if loaded is not None:
         cfg.model = loaded.spec
     elif cfg.model.startswith("python:"):
@@ -335,10 +359,13 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
                 "all (Wanda scores and probes remain)")
         elif cfg.grad_seqs:
             grads = gradient_importance(model, calib[: cfg.grad_seqs, : min(cfg.calib_seqlen, 256)], 1)
-        bank = WandaBank(model, infos, norms)
+        bank: Any = WandaBank(model, infos, norms)
         try:
             profile = build_profile(lm.name, target, infos, bank, grads, cfg.bands)
             lap("profile", t0)
+            if cfg.search_masks == "sparsegpt":
+                bank.close()  # the profile has what it needs from the Wanda bank
+                bank = _sparsegpt_bank(model, infos, calib, target, strategist, cfg, placement, report, say, lap)
             if cfg.agent in ONE_SHOT:
                 from ..agents.context import Context
 
@@ -430,6 +457,24 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
     return result
 
 
+def _sparsegpt_bank(model: Any, infos: list, calib: torch.Tensor, target: float, strategist: Any,
+                    cfg: SparsifyConfig, placement: Placement, report: Reporter, say: Callable[[str], None],
+                    lap: Callable[[str, float], None]) -> Any:
+    """The SparseGPT level database the loop scores trial allocations from, over the levels the loop can reach: a
+    search's spread around the target, or from the first ramp step up for a strategist that ramps."""
+    from .sgpt_bank import SparseGPTBank, level_grid
+
+    t0 = time.perf_counter()
+    spread = getattr(strategist, "spread", 0.3)
+    levels = level_grid(target, target if getattr(strategist, "needs_ramp", True) else spread, spread)
+    with report.task(f"SparseGPT level database ({len(levels)} levels, block by block)", len(decoder_layers(model)[1])) as bar:
+        bank = SparseGPTBank(model, infos, calib, levels, cfg.batch_size, placement, progress=bar)
+    lap("sparsegpt_bank", t0)
+    say(f"SparseGPT level database: {len(levels)} levels {levels[0]:.0%}..{levels[-1]:.0%} per linear, "
+        f"{bank.nbytes / 2**30:.2f} GB in a scratch file, {time.perf_counter() - t0:.0f} s")
+    return bank
+
+
 def _store(cfg: SparsifyConfig) -> Any:
     from ..history import HistoryStore, NullHistory
 
@@ -450,7 +495,7 @@ def _history_seed(cfg: SparsifyConfig, model: Any, infos: list, profile: Any, ta
     return learned
 
 
-def _loop(cfg: SparsifyConfig, model: Any, bank: WandaBank, infos: list, profile: Any, probe_ids: torch.Tensor,
+def _loop(cfg: SparsifyConfig, model: Any, bank: Any, infos: list, profile: Any, probe_ids: torch.Tensor,
           target: float, strategist: Any, journal: Any, run_id: str, say: Callable[[str], None],
           lap: Callable[[str, float], None], report: Reporter | None = None,
           learned: dict[str, Any] | None = None) -> tuple[dict[str, int], dict[str, Any], list[Any]]:
