@@ -133,3 +133,14 @@ def test_options_the_database_cannot_serve_are_refused_before_any_work(tmp_path:
     with pytest.raises(PlanError, match=why):
         run_sparsify(cfg, tmp_path / "run", say=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_database_that_does_not_fit_on_disk_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from prunepilot.sparsify import sgpt_bank
+
+    model = tiny_llama()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(PlanError, match="does not fit"):
+        sgpt_bank.SparseGPTBank(model, linear_layers(model), tokens(4, 16, 1), [0.5])

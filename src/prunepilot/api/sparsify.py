@@ -90,7 +90,8 @@ def sparsify(
     new run on the same model starts its re-allocations from the nearest earlier run's best), a path = that
     store, False = neither read nor record.
     `**options`: any other SparsifyConfig field (calib_seqs, calib_seqlen, eval_seqs, eval_seqlen, probe_seqs,
-    fidelity_seqs, grad_seqs, refine_iters, bands, export_format, offload, ...).
+    fidelity_seqs, grad_seqs, refine_iters, evals, bands, export_format, offload, search_masks="sparsegpt" to
+    score the loop's trial allocations from a SparseGPT level database instead of Wanda masks, ...).
     """
     from ..loop import executor
     from ..sources.llm import LoadedLM, load_causal_lm

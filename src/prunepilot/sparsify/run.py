@@ -562,6 +562,10 @@ def summary_markdown(result: dict[str, Any], per_layer: dict[str, float], attemp
         lines.append(f"| top-1 agreement / KL | 1 / 0 | {c['fidelity']['top1_agreement']:.3f} / {c['fidelity']['kl']:.4f} |")
     lines += ["", f"Protocol: {json.dumps(result['protocol'])}", "", f"Timings (s): {json.dumps(result['timings_s'])}"]
     if attempts:
+        masks = (result.get("config") or {}).get("search_masks", "wanda")
+        lines += ["", "Trial allocations were scored with " + ("a SparseGPT level database (each layer's SparseGPT "
+                  "weights at the nearest level at or below its count, topped up by Wanda score)" if masks == "sparsegpt" else "Wanda masks")
+                  + f"; the final weights are {result['method']}'s, block by block."]
         lines += ["", "## Iterations", "", "| it | phase | level | probe ppl | probe KL | rise | verdict | note |",
                   "|---|---|---|---|---|---|---|---|"]
         for a in attempts:

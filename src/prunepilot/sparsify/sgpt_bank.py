@@ -16,6 +16,8 @@ holds one block's Gram matrices while building, one layer's weights while applyi
 from __future__ import annotations
 
 import bisect
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from ..engines import sparsity as sp
+from ..errors import PlanError
 from .calibrate import Calibration, LinearInfo, Progress, _block_out, _gram, _hooks, modules_by_name
 from .device import Placement
 from .plan import MAX_RATIO
@@ -40,6 +43,17 @@ def level_grid(target: float, below: float, above: float, step: float = LEVEL_ST
     return sorted(l for l in levels if 0 < l <= MAX_RATIO)
 
 
+def _check_disk(mods: dict[str, nn.Linear], copies: int, folder: str | Path | None) -> None:
+    """Refuse before any work when the scratch folder cannot hold every layer at every level."""
+    need = copies * sum(m.weight.numel() * m.weight.element_size() for m in mods.values())
+    where = Path(folder or tempfile.gettempdir())
+    free = shutil.disk_usage(where).free
+    if need > 0.95 * free:
+        raise PlanError("the SparseGPT level database does not fit in the scratch folder",
+                        f"{need / 2**30:.1f} GB needed ({copies} copies of the linears), {free / 2**30:.1f} GB free "
+                        f"in {where}", "point TMPDIR at a larger disk, or use --search-masks wanda")
+
+
 class SparseGPTBank:
     """SparseGPT-pruned copies of every linear at each level; `apply(counts)` sets any exact per-layer count.
 
@@ -53,6 +67,7 @@ class SparseGPTBank:
         self.infos = infos
         self.mods = modules_by_name(model, infos)
         self.levels = sorted({float(l) for l in levels if 0 < l < 1})
+        _check_disk(self.mods, len(self.levels) + 1, folder)
         self.store = TensorStore(folder)
         self.norms: dict[str, torch.Tensor] = {}  # sqrt(sum x^2) per input column: the top-up's Wanda score
         self.level_counts: dict[str, list[int]] = {}
