@@ -31,8 +31,7 @@ from ..plan import Plan
 from ..sparsify.calibrate import LinearInfo
 from ..sparsify.loop import Probe, ProbeScore, groups_pushed
 from ..sparsify.plan import MAX_RATIO, counts_to_ratios, global_sparsity, project, resolve
-from ..sparsify.profile import SensitivityProfile, WandaBank
-from ..sparsify.sgpt_bank import SparseGPTBank
+from ..sparsify.profile import LayerBank, SensitivityProfile, WandaBank
 
 KIND = "sparsify"
 WARM = "history"  # the source (and so the attempt's strategist) of the warm start from an earlier run
@@ -92,7 +91,7 @@ class Counts(list):
 class SparsifyJob:
     kind = KIND
 
-    def __init__(self, model: nn.Module, bank: "WandaBank | SparseGPTBank", infos: list[LinearInfo], profile: SensitivityProfile,
+    def __init__(self, model: nn.Module, bank: LayerBank, infos: list[LinearInfo], profile: SensitivityProfile,
                  probe: Probe, cfg: RampSettings, budget: dict[str, Any], warm_start: Plan | None = None) -> None:
         self.model, self.bank, self.infos, self.profile, self.probe = model, bank, infos, profile, probe
         self.cfg, self.budget, self.warm_start = cfg, budget, warm_start

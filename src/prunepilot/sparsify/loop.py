@@ -18,7 +18,7 @@ from torch import nn
 
 from .calibrate import LinearInfo
 from .plan import MAX_RATIO
-from .profile import SensitivityProfile, TensorStore, WandaBank
+from .profile import LayerBank, SensitivityProfile, TensorStore
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def groups_pushed(profile: SensitivityProfile, before: dict[str, float], after: 
 
 def probe_costs(
     model: nn.Module,
-    bank: WandaBank,
+    bank: LayerBank,
     infos: list[LinearInfo],
     profile: SensitivityProfile,
     probe: Probe,

@@ -105,7 +105,30 @@ class _Stored(Mapping[str, torch.Tensor]):
         return len(self._names)
 
 
-class WandaBank:
+class LayerBank:
+    """Trial allocations for the loop: `apply(counts)` sets each named linear to its weights with exactly `count`
+    weights pruned (`weights_for`), rewriting only the layers whose count changed (`applied`)."""
+
+    mods: dict[str, nn.Linear]
+    applied: dict[str, int]
+
+    def weights_for(self, name: str, k: int, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def apply(self, counts: dict[str, int]) -> None:
+        for name, k in counts.items():
+            if self.applied.get(name) == k:
+                continue
+            w = self.mods[name].weight
+            w.copy_(self.weights_for(name, k, w.device))
+            self.applied[name] = k
+
+    def restore(self) -> None:
+        self.apply({name: 0 for name in self.applied})
+
+
+class WandaBank(LayerBank):
     """Dense weights and per-row Wanda orders: apply any per-layer sparsity in one pass.
 
     Memory: the dense weights (in the model's dtype) and the orders (int16/int32) live in a scratch file
@@ -147,21 +170,12 @@ class WandaBank:
             del sorted_s, flat, nz
             self.applied[info.name] = 0
 
-    @torch.no_grad()
-    def apply(self, counts: dict[str, int]) -> None:
-        """Set each named linear to its dense weight minus its `count` lowest-Wanda weights (row-balanced)."""
-        for name, k in counts.items():
-            if self.applied.get(name) == k:
-                continue
-            w = self.mods[name].weight
-            dense = self.dense[name].to(w.device)
-            if k:
-                dense.mul_(sp.mask_from_order(self.order[name].to(w.device), k))
-            w.copy_(dense)
-            self.applied[name] = k
-
-    def restore(self) -> None:
-        self.apply({name: 0 for name in self.applied})
+    def weights_for(self, name: str, k: int, device: torch.device) -> torch.Tensor:
+        """The dense weight minus its `k` lowest-Wanda weights (row-balanced)."""
+        dense = self.dense[name].to(device)
+        if k:
+            dense.mul_(sp.mask_from_order(self.order[name].to(device), k))
+        return dense
 
     def close(self) -> None:
         """Free the scratch file (the model keeps whatever allocation was applied last)."""

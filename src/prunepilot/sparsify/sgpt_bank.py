@@ -29,7 +29,7 @@ from ..errors import PlanError
 from .calibrate import Calibration, LinearInfo, Progress, _block_out, _gram, _hooks, modules_by_name
 from .device import Placement
 from .plan import MAX_RATIO
-from .profile import TensorStore
+from .profile import LayerBank, TensorStore
 
 LEVEL_STEP = 0.05
 
@@ -54,10 +54,10 @@ def _check_disk(mods: dict[str, nn.Linear], copies: int, folder: str | Path | No
                         f"in {where}", "point TMPDIR at a larger disk, or use --search-masks wanda")
 
 
-class SparseGPTBank:
+class SparseGPTBank(LayerBank):
     """SparseGPT-pruned copies of every linear at each level; `apply(counts)` sets any exact per-layer count.
 
-    Same interface as WandaBank for the sparsify job and its cost probes: apply / restore / close / applied."""
+    A LayerBank like WandaBank, for the sparsify job and its cost probes."""
 
     kind = "sparsegpt"
 
@@ -114,7 +114,7 @@ class SparseGPTBank:
     def nbytes(self) -> int:
         return self.store.nbytes
 
-    def weights_for(self, name: str, k: int) -> torch.Tensor:
+    def weights_for(self, name: str, k: int, device: torch.device | None = None) -> torch.Tensor:
         """Layer `name` with exactly `k` weights pruned: the nearest level at or below k, topped up by Wanda score."""
         j = bisect.bisect_right(self.level_counts[name], k) - 1
         if j < 0:
@@ -127,19 +127,7 @@ class SparseGPTBank:
             score[w == 0] = float("inf")  # already pruned by the level
             drop = torch.topk(score.flatten(), min(extra, score.numel()), largest=False).indices
             w.view(-1)[drop] = 0
-        return w
-
-    @torch.no_grad()
-    def apply(self, counts: dict[str, int]) -> None:
-        for name, k in counts.items():
-            if self.applied.get(name) == k:
-                continue
-            w = self.mods[name].weight
-            w.copy_(self.weights_for(name, k).to(w.device))
-            self.applied[name] = k
-
-    def restore(self) -> None:
-        self.apply({name: 0 for name in self.applied})
+        return w if device is None else w.to(device)
 
     def close(self) -> None:
         self.store.close()
