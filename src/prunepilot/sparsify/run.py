@@ -117,7 +117,7 @@ def check_search_masks(cfg: SparsifyConfig) -> None:
     if cfg.search_masks == "wanda":
         return
     where = f"--agent {cfg.agent} --sparsity {cfg.sparsity}"
-    if not has_loop(cfg.agent, cfg.sparsity) or cfg.agent.strip() == "uniform":
+    if not has_loop(cfg.agent, cfg.sparsity):
         raise PlanError("--search-masks scores the loop's trial allocations, and this run has no loop", where,
                         "drop --search-masks, or use a loop strategist (sensitivity, evolve, an LLM)")
     if cfg.method != "sparsegpt":
