@@ -112,7 +112,8 @@ def test_run_sparsify_searches_on_the_level_database(tmp_path: Path) -> None:
     res = run_sparsify(cfg, out, say=logs.append)
     assert res["within_band"] and abs(res["compressed"]["sparsity"] - 0.6) < 1e-3
     assert "sparsegpt_bank" in res["timings_s"] and any("SparseGPT level database" in s for s in logs)
-    assert res["config"]["search_masks"] == "sparsegpt"
+    assert res["config"]["search_masks"] == "sparsegpt" == res["search_masks"]  # the report's details show it
+    assert "SparseGPT level database" in (out / "summary.md").read_text()
     loop = res["loop"]
     assert loop["evals"] == 10 and loop["probe_kl_final"] <= loop["probe_kl_uniform"]
     (r,) = Journal(out / "journal.sqlite").runs()

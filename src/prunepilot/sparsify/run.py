@@ -444,6 +444,7 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
         loop=loop_info, timings_s=timings, peak_rss_mb=_peak_rss_mb(), export=export_info,
         config=_config_json(cfg, out, calib_input), run_id=run_id, memory=memory,
         **({"kernels": kernels} if kernels else {}),
+        **({"search_masks": cfg.search_masks} if history else {}),  # how the loop scored its trial allocations
     )
     if out:
         groups = profile_json["groups"] if profile_json else []
@@ -562,7 +563,7 @@ def summary_markdown(result: dict[str, Any], per_layer: dict[str, float], attemp
         lines.append(f"| top-1 agreement / KL | 1 / 0 | {c['fidelity']['top1_agreement']:.3f} / {c['fidelity']['kl']:.4f} |")
     lines += ["", f"Protocol: {json.dumps(result['protocol'])}", "", f"Timings (s): {json.dumps(result['timings_s'])}"]
     if attempts:
-        masks = (result.get("config") or {}).get("search_masks", "wanda")
+        masks = result.get("search_masks", "wanda")
         lines += ["", "Trial allocations were scored with " + ("a SparseGPT level database (each layer's SparseGPT "
                   "weights at the nearest level at or below its count, topped up by Wanda score)" if masks == "sparsegpt" else "Wanda masks")
                   + f"; the final weights are {result['method']}'s, block by block."]
