@@ -52,7 +52,7 @@ from prunepilot.sparsify.calibrate import activation_norms, gradient_importance,
 from prunepilot.sparsify.loop import Probe, probe_costs
 from prunepilot.sparsify.plan import project, resolve
 from prunepilot.sparsify.profile import WandaBank, build_profile
-from prunepilot.sparsify.sgpt_bank import SparseGPTBank, level_grid
+from prunepilot.sparsify.sgpt_bank import SparseGPTBank, levels_for
 
 # name -> (sparsity, method, allocation)
 VARIANTS: dict[str, tuple[str, str, str]] = {
@@ -165,8 +165,7 @@ def main() -> None:
             for other in list(sgpt_banks):  # one database on disk at a time
                 sgpt_banks.pop(other).close()
             tb = time.perf_counter()
-            spread = getattr(strategist, "spread", 0.3)
-            levels = level_grid(target, target if getattr(strategist, "needs_ramp", True) else spread, spread)
+            levels = levels_for(strategist, target)
             sgpt_banks[target] = SparseGPTBank(model, infos, calib, levels)
             report.setdefault("sgpt_bank_s", {})[f"{target:g}"] = time.perf_counter() - tb
             log(f"SparseGPT level database at {target:.0%}: {len(levels)} levels, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,15 +106,18 @@ class _Stored(Mapping[str, torch.Tensor]):
         return len(self._names)
 
 
-class LayerBank:
+class LayerBank(ABC):
     """Trial allocations for the loop: `apply(counts)` sets each named linear to its weights with exactly `count`
-    weights pruned (`weights_for`), rewriting only the layers whose count changed (`applied`)."""
+    weights pruned (`weights_for`), rewriting only the layers whose count changed (`applied`). What a bank stores
+    lives in its scratch file (`store`)."""
 
     mods: dict[str, nn.Linear]
     applied: dict[str, int]
+    store: TensorStore
 
+    @abstractmethod
     def weights_for(self, name: str, k: int, device: torch.device) -> torch.Tensor:
-        raise NotImplementedError
+        """Layer `name`'s weight with exactly `k` weights pruned, on `device`."""
 
     @torch.no_grad()
     def apply(self, counts: dict[str, int]) -> None:
@@ -126,6 +130,10 @@ class LayerBank:
 
     def restore(self) -> None:
         self.apply({name: 0 for name in self.applied})
+
+    def close(self) -> None:
+        """Free the scratch file (the model keeps whatever allocation was applied last)."""
+        self.store.close()
 
 
 class WandaBank(LayerBank):
@@ -177,9 +185,6 @@ class WandaBank(LayerBank):
             dense.mul_(sp.mask_from_order(self.order[name].to(device), k))
         return dense
 
-    def close(self) -> None:
-        """Free the scratch file (the model keeps whatever allocation was applied last)."""
-        self.store.close()
 
 
 @dataclass

@@ -461,13 +461,11 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
 def _sparsegpt_bank(model: Any, infos: list, calib: torch.Tensor, target: float, strategist: Any,
                     cfg: SparsifyConfig, placement: Placement, report: Reporter, say: Callable[[str], None],
                     lap: Callable[[str, float], None]) -> Any:
-    """The SparseGPT level database the loop scores trial allocations from, over the levels the loop can reach: a
-    search's spread around the target, or from the first ramp step up for a strategist that ramps."""
-    from .sgpt_bank import SparseGPTBank, level_grid
+    """The SparseGPT level database the loop scores trial allocations from, over the levels the loop can reach."""
+    from .sgpt_bank import SparseGPTBank, levels_for
 
     t0 = time.perf_counter()
-    spread = getattr(strategist, "spread", 0.3)
-    levels = level_grid(target, target if getattr(strategist, "needs_ramp", True) else spread, spread)
+    levels = levels_for(strategist, target)
     with report.task(f"SparseGPT level database ({len(levels)} levels, block by block)", len(decoder_layers(model)[1])) as bar:
         bank = SparseGPTBank(model, infos, calib, levels, cfg.batch_size, placement, progress=bar)
     lap("sparsegpt_bank", t0)

@@ -43,6 +43,13 @@ def level_grid(target: float, below: float, above: float, step: float = LEVEL_ST
     return sorted(l for l in levels if 0 < l <= MAX_RATIO)
 
 
+def levels_for(strategist: object, target: float) -> list[float]:
+    """The levels a strategist's loop can reach: a search's spread around the target (evolve's `spread`), or from
+    the first ramp step up for a strategist that ramps to the target."""
+    spread = getattr(strategist, "spread", 0.3)
+    return level_grid(target, target if getattr(strategist, "needs_ramp", True) else spread, spread)
+
+
 def _check_disk(mods: dict[str, nn.Linear], copies: int, folder: str | Path | None) -> None:
     """Refuse before any work when the scratch folder cannot hold every layer at every level."""
     need = copies * sum(m.weight.numel() * m.weight.element_size() for m in mods.values())
@@ -58,8 +65,6 @@ class SparseGPTBank(LayerBank):
     """SparseGPT-pruned copies of every linear at each level; `apply(counts)` sets any exact per-layer count.
 
     A LayerBank like WandaBank, for the sparsify job and its cost probes."""
-
-    kind = "sparsegpt"
 
     def __init__(self, model: nn.Module, infos: list[LinearInfo], ids: torch.Tensor, levels: Sequence[float],
                  batch_size: int = 4, placement: Placement | None = None, progress: Progress | None = None,
@@ -128,6 +133,3 @@ class SparseGPTBank(LayerBank):
             drop = torch.topk(score.flatten(), min(extra, score.numel()), largest=False).indices
             w.view(-1)[drop] = 0
         return w if device is None else w.to(device)
-
-    def close(self) -> None:
-        self.store.close()
