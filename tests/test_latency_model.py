@@ -308,3 +308,30 @@ def test_latency_model_checks_its_alignment_in_the_whole_network(tmp_path):
     # the check prunes to widths where the multiples differ: the options are different networks
     assert len({round(o["macs_ratio"], 6) for o in check["options"].values()}) == len(check["options"])
     assert lm.to_json()["alignment_check"] == check
+
+
+def test_whole_network_check_times_a_network_that_two_multiples_build_only_once():
+    """Coarser multiples can round to the per-family widths: the same network is not timed as a rival option."""
+    from torch import nn
+
+    from prunepilot.latency.alignment import CHECK_ROUNDS, AlignmentChoice, confirm_alignment
+
+    _, _, st = _setup(lambda: ResidualCNN(c=64))
+    per_family = {f: AlignmentChoice(f, "op", 8, {8: 1.0}) for f in st.families}
+    timed: list[int] = []
+
+    def build(mult):  # every multiple but 32 lands on the per-family widths
+        return nn.Linear(8, 32 if max(mult.values()) == 32 else 8)
+
+    def latency(m):
+        timed.append(m.out_features)
+        return 0.5
+
+    _, check = confirm_alignment(per_family, st, build, macs=lambda m: float(m.out_features),
+                                      latency_ratio=latency, dense_macs=64.0)
+    assert set(check.options) == {"per family", "all 32"}
+    assert len({o["macs_ratio"] for o in check.options.values()}) == 2
+    assert len(timed) == CHECK_ROUNDS * 2
+    _, none = confirm_alignment(per_family, st, lambda mult: nn.Linear(8, 8), macs=lambda m: 8.0,
+                                latency_ratio=lambda m: 0.5, dense_macs=64.0)
+    assert none.chosen == "per family" and none.options == {}

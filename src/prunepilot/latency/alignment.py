@@ -140,6 +140,13 @@ class WholeModelCheck:
                 "options": {k: {m: round(v, 4) for m, v in o.items()} for k, o in self.options.items()}}
 
 
+def _shapes(model: Any) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
+    """What a pruned copy is, as far as its speed goes: every parameter's and buffer's shape (None: not a module)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return tuple((n, tuple(t.shape)) for n, t in model.state_dict().items())
+
+
 def confirm_alignment(alignment: dict[str, AlignmentChoice], structure: Structure,
                       build: Callable[[dict[str, int]], torch.nn.Module], macs: Callable[[torch.nn.Module], float],
                       latency_ratio: Callable[[torch.nn.Module], float], dense_macs: float,
@@ -161,15 +168,24 @@ def confirm_alignment(alignment: dict[str, AlignmentChoice], structure: Structur
     rounds: dict[str, list[float]] = {n: [] for n in names}
     lats: dict[str, list[float]] = {n: [] for n in names}
     q_of: dict[str, float] = {}
+    seen: set[Any] = set()
     for r in range(CHECK_ROUNDS):  # options in a rotated order each round: the host's drift spreads over all
         for name in names[r % len(names):] + names[:r % len(names)]:
             fams = options[name]
             model = build({g: fams[f] for f, members in structure.families.items() if f in fams for g in members})
+            if r == 0:  # different multiples can still round to the same widths: that network is timed once
+                shapes = _shapes(model)
+                if shapes is not None and shapes in seen:
+                    names.remove(name)
+                    continue
+                seen.add(shapes)
             lat, q = latency_ratio(model), macs(model) / dense_macs
             del model
             lats[name].append(lat)
             q_of[name] = q
             rounds[name].append(lat / q if q > 0 else math.inf)
+    if len(names) == 1:  # every global multiple built the per-family network
+        return alignment, WholeModelCheck("per family", {})
     scored = {n: {"latency_ratio": sum(lats[n]) / len(lats[n]), "macs_ratio": q_of[n],
                   "per_mac": sum(rounds[n]) / len(rounds[n])} for n in names}
     best = min(scored, key=lambda k: scored[k]["per_mac"])
