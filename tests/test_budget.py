@@ -58,3 +58,19 @@ def test_target_above_dense_is_an_error():
 def test_empty_and_duplicate_budgets():
     with pytest.raises(BudgetError, match="at least one target"):
         Budget.parse()
+
+
+@pytest.mark.parametrize("metric,text,value", [
+    ("size_mb", "under 100 MB", 100.0), ("macs", "1.77 GMACs", 1.77e9), ("latency_ms", "<= 20 ms", 20.0),
+    ("params", "10M params", 1e7), ("memory_mb", "\u2264 1.5 GB", 1536.0), ("sparsity", "at least 50% sparsity", 0.5),
+])
+def test_budgets_as_people_write_them(metric, text, value):
+    assert parse_target(metric, text).value == pytest.approx(value)
+
+
+@pytest.mark.parametrize("metric,text,needle", [
+    ("macs", "3.5 GFLOPs", "MACs"), ("size_mb", "at least 30 MB", "cap"), ("sparsity", "under 50%", "floor"),
+])
+def test_budget_phrasings_that_mean_something_else_are_refused(metric, text, needle):
+    with pytest.raises(BudgetError, match=needle):
+        parse_target(metric, text)

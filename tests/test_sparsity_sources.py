@@ -114,3 +114,23 @@ def test_pydocs_split_is_disjoint_by_page() -> None:
     assert info["calib_docs"] > 3 * info["eval_docs"] / 2 > 0
     docs = python_docs_documents()
     assert len(split.calib) > len(split.eval) > 100_000 and len(docs) == info["calib_docs"] + info["eval_docs"]
+
+
+def test_short_texts_are_named_together_with_the_counts_that_fit(tmp_path: Path) -> None:
+    """Every text too short for its blocks in one error, each with its own options and the count that fits."""
+    from prunepilot.sparsify.run import SparsifyConfig, _tokens
+
+    calib, evalf = tmp_path / "c.txt", tmp_path / "e.txt"
+    calib.write_text("\n\n".join("word " * 40 for _ in range(30)))  # 1200 words
+    evalf.write_text("word " * 100)
+    cfg = SparsifyConfig(model="x", sparsity="50%", agent="sensitivity", calib=f"text:{calib}", eval=f"text:{evalf}",
+                         calib_seqs=32, calib_seqlen=64, probe_seqs=4, probe_seqlen=64, eval_seqs=4, eval_seqlen=64)
+    with pytest.raises(SourceError) as err:
+        _tokens(cfg, _WordTok(), None)
+    msg = str(err.value)
+    assert "--calib-seqs asks for 32" in msg and "--eval-seqs asks for 4" in msg and "--probe-seqs" in msg
+    assert "pass --calib-seqs 16" in msg and "pass --eval-seqs 1" in msg  # 1080 calibration words // 64
+    # without a loop the probe is not needed, so its text is not asked for
+    ok = SparsifyConfig(**{**cfg.__dict__, "agent": "uniform", "calib_seqs": 16, "eval_seqs": 1})
+    c, p, e, protocol = _tokens(ok, _WordTok(), None)
+    assert c.shape == (16, 64) and p.shape[0] == 0 and e.shape == (1, 64) and protocol["probe"].startswith("none")

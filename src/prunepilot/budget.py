@@ -67,8 +67,37 @@ class Target(BaseModel):
         return self.value * dense_value if self.relative else self.value
 
 
+# How people write budgets ("under 100 MB", "1.77 GMACs", "<= 20 ms", "10M params", "50% sparsity"): a leading cap
+# or floor word and a trailing name of the metric say nothing the option does not, so they are dropped.
+_CAP_WORD = re.compile(r"^(?:under|below|at\s*most|up\s*to|max(?:imum)?|<=|<|\u2264|~)\s*")
+_FLOOR_WORD = re.compile(r"^(?:at\s*least|min(?:imum)?|>=|>|\u2265|~)\s*")
+_TRAIL = {
+    "macs": r"\s*(?:macs?|mult-?adds?)$",
+    "params": r"\s*(?:param(?:eter)?s?)$",
+    "sparsity": r"\s*(?:sparsity|sparse)$",
+    "latency_ms": r"\s*(?:latency|per\s*batch)$",
+}
+
+
+def _normalise(metric: str, text: str) -> str:
+    raw = text.strip().lower()
+    ours, theirs = (_FLOOR_WORD, _CAP_WORD) if metric == "sparsity" else (_CAP_WORD, _FLOOR_WORD)
+    if theirs.match(raw) and not ours.match(raw):
+        raise BudgetError(f"a {metric} target is a {'floor' if metric == 'sparsity' else 'cap'}: the compressed model "
+                          f"lands {'at or above' if metric == 'sparsity' else 'at or below'} it, within the band",
+                          text, "write the number alone, e.g. " + ("50%" if metric == "sparsity" else "40%"))
+    raw = ours.sub("", raw)
+    if metric in _TRAIL:
+        raw = re.sub(_TRAIL[metric], "", raw)
+    if metric == "macs" and re.search(r"flops?$", raw):
+        raise BudgetError("prunepilot counts MACs (multiply-accumulates), and FLOPs are counted differently across "
+                          "tools (1 MAC = 2 FLOPs in most, 1 in some papers)", text,
+                          "pass the MAC count, e.g. --target-macs 1.77G (half a FLOP count in the 2-FLOPs convention)")
+    return raw.replace(" ", "")
+
+
 def _parse_number(metric: str, text: str) -> tuple[float, bool]:
-    raw = text.strip().lower().replace(" ", "")
+    raw = _normalise(metric, text)
     if raw.endswith("%"):
         num = raw[:-1]
         try:

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -155,7 +155,8 @@ def _cache_valid(target: Path) -> bool:
         return False
 
 
-def load_gguf_causal_lm(alias_or_path: str, dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
+def load_gguf_causal_lm(alias_or_path: str, dtype: torch.dtype | str = torch.float32,
+                        before_weights: Callable[[Any], None] | None = None) -> tuple[Any, Any]:
     """Load a GGUF causal LM as a float transformers model + tokenizer, converting once into the cache.
 
     The returned tokenizer has `add_bos_token` set where the model needs BOS and the GGUF does not say so
@@ -169,10 +170,12 @@ def load_gguf_causal_lm(alias_or_path: str, dtype: torch.dtype | str = torch.flo
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)
         _convert(gguf, target, name)
-    with hf_progress_off():  # the cached copy loads in seconds; the first conversion keeps its bars
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
     tok = transformers.AutoTokenizer.from_pretrained(str(target))
     meta = json.loads((target / "prunepilot.json").read_text())
     tok.prunepilot_add_bos = bool(meta.get("add_bos", False))
+    if before_weights is not None:
+        before_weights(tok)
+    with hf_progress_off():  # the cached copy loads in seconds; the first conversion keeps its bars
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
     model.eval()
     return model, tok

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -40,18 +40,20 @@ class LoadedLM:
                    f"python:{type(model).__name__}", dtype)
 
 
-def load_causal_lm(spec: str, dtype: torch.dtype | str | None = "auto", trust_remote_code: bool = False) -> LoadedLM:
+def load_causal_lm(spec: str, dtype: torch.dtype | str | None = "auto", trust_remote_code: bool = False,
+                   before_weights: Callable[[Any], None] | None = None) -> LoadedLM:
     """Load a causal LM from a spec (see module doc), in its checkpoint dtype unless `dtype` is given (a bf16
     safetensors checkpoint stays bf16; a dequantised GGUF is float32). Hub ids need network access or a warm
     HF cache. Weights are loaded on the CPU; Placement (sparsify/device.py) moves them. A safetensors checkpoint in
     the dtype it is run in is memory-mapped copy-on-write: the file's pages are the weights (one copy; pruning
-    writes only the pages it changes), so nothing here is loaded twice."""
+    writes only the pages it changes), so nothing here is loaded twice. `before_weights(tokenizer)` runs between the
+    tokenizer and the weights: text that cannot fill the asked token blocks fails before minutes of loading."""
     from ..sparsify.device import current_rss_mb, resolve_dtype
 
     want = resolve_dtype(dtype) if not isinstance(dtype, torch.dtype) else dtype
     text = spec.strip()
     if text.lower() in ALIASES or text.startswith("gguf:") or text.lower().endswith(".gguf"):
-        model, tok = load_gguf_causal_lm(text, dtype=want or "auto")
+        model, tok = load_gguf_causal_lm(text, dtype=want or "auto", before_weights=before_weights)
         return LoadedLM(model, tok, Path(text.removeprefix("gguf:")).stem.lower(), spec, torch.float32)
     target = text.removeprefix("hf:")
     if not text.startswith("hf:") and not Path(target).expanduser().is_dir():
@@ -64,6 +66,8 @@ def load_causal_lm(spec: str, dtype: torch.dtype | str | None = "auto", trust_re
     source = str(local) if local.is_dir() else target
     try:  # the tokenizer first: it is cheap, and a folder without one fails before the weights are read
         tok = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if before_weights is not None:
+            before_weights(tok)
         before = current_rss_mb()
         with hf_progress_off():
             model = transformers.AutoModelForCausalLM.from_pretrained(

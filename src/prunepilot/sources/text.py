@@ -175,20 +175,26 @@ def encode(tok: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:
 
 
 def token_blocks(
-    tok: Any, text: str, seqlen: int, n_seqs: int, *, seed: int | None = None
+    tok: Any, text: str, seqlen: int, n_seqs: int, *, seed: int | None = None,
+    role: tuple[str, str, str] = ("the text", "the count", "--seqlen"),
 ) -> torch.Tensor:
     """[n_seqs, seqlen] token blocks. seed=None: the first contiguous blocks (evaluation);
     seed=int: non-overlapping blocks drawn at random from the stream (calibration).
-    Prepends BOS to every block when the tokenizer carries `prunepilot_add_bos` (Gemma-3 base)."""
+    Prepends BOS to every block when the tokenizer carries `prunepilot_add_bos` (Gemma-3 base).
+    `role` names the text and the options that size it (what, count flag, length flag) for the error."""
     add_bos = bool(getattr(tok, "prunepilot_add_bos", False)) and tok.bos_token_id is not None
     body = seqlen - 1 if add_bos else seqlen
     pool = n_seqs if seed is None else n_seqs * 4  # a larger pool to sample calibration blocks from
     stream = encode(tok, text, max_tokens=body * pool)
     available = stream.numel() // body
     if available < n_seqs:
+        what, count_flag, len_flag = role
+        fits = stream.numel() // n_seqs + (1 if add_bos else 0)
+        shorter = f"{len_flag} {fits}" if fits >= 16 else f"a shorter {len_flag}"
         raise SourceError(
-            f"the text holds {available} blocks of {seqlen} tokens but {n_seqs} were asked for",
-            stream.numel(), "pass more text or lower --seqlen / the token count",
+            f"{what} holds {stream.numel()} tokens: {available} blocks of {seqlen}, but {count_flag} asks for {n_seqs}",
+            f"{count_flag} {n_seqs}, {len_flag} {seqlen}",
+            f"pass {count_flag} {available}" + (f" or {shorter}" if available else "") + ", or more text",
         )
     index = list(range(available))
     if seed is not None:

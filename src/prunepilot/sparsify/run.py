@@ -220,7 +220,8 @@ def _tokens(cfg: SparsifyConfig, tok: Any, calib_input: CalibInput | None) -> tu
         if n_eval:
             evalb = ids[n - n_eval :]
         else:
-            evalb = token_blocks(tok, load_split(cfg.eval, cfg.eval).eval, cfg.eval_seqlen, cfg.eval_seqs)
+            evalb = token_blocks(tok, load_split(cfg.eval, cfg.eval).eval, cfg.eval_seqlen, cfg.eval_seqs,
+                                 role=(f"the evaluation text ({cfg.eval})", "--eval-seqs", "--eval-seqlen"))
         protocol = {"calib_source": calib_input.describe(), "eval_source": cfg.eval or "the last 20% of the token rows",
                     "calib": f"{calib.shape[0]}x{calib.shape[1]}", "probe": f"{probe.shape[0]}x{probe.shape[1]} (rows after calibration)"}
     else:
@@ -240,11 +241,30 @@ def _tokens(cfg: SparsifyConfig, tok: Any, calib_input: CalibInput | None) -> tu
         else:
             text = load_split(cfg.calib, cfg.eval)
         cut = int(len(text.calib) * 0.9)  # the probe slice comes from held-out calibration text, never eval
-        calib = token_blocks(tok, text.calib[:cut], cfg.calib_seqlen, cfg.calib_seqs, seed=cfg.seed)
-        probe = token_blocks(tok, text.calib[cut:], cfg.probe_seqlen, cfg.probe_seqs)
-        evalb = token_blocks(tok, text.eval, cfg.eval_seqlen, cfg.eval_seqs)
+        source = text.protocol.get("calib_source") or cfg.calib
+        loop = has_loop(cfg.agent, cfg.sparsity)  # only a loop measures candidates on the probe
+        asks = [("calib", text.calib[:cut], cfg.calib_seqlen, cfg.calib_seqs, cfg.seed,
+                 (f"the calibration text ({source}, its first 90%)", "--calib-seqs", "--seqlen")),
+                ("probe", text.calib[cut:], cfg.probe_seqlen, cfg.probe_seqs if loop else 0, None,
+                 (f"the probe text (the last 10% of {source})", "--probe-seqs", "--probe-seqlen")),
+                ("eval", text.eval, cfg.eval_seqlen, cfg.eval_seqs, None,
+                 (f"the evaluation text ({text.protocol.get('eval_source') or cfg.eval or source})",
+                  "--eval-seqs", "--eval-seqlen"))]
+        blocks: dict[str, torch.Tensor] = {}
+        short: list[SourceError] = []  # every short text at once: one message, one fix, not three tries
+        for name, body, seqlen, n, seed, role in asks:
+            try:
+                blocks[name] = (token_blocks(tok, body, seqlen, n, seed=seed, role=role) if n
+                                else torch.empty(0, seqlen, dtype=torch.long))
+            except SourceError as exc:
+                short.append(exc)
+        if short:
+            raise SourceError("; and ".join(e.rule for e in short), ", ".join(str(e.value) for e in short),
+                              "; ".join(e.fix or "" for e in short))
+        calib, probe, evalb = blocks["calib"], blocks["probe"], blocks["eval"]
         protocol = {**text.protocol, "calib": f"{cfg.calib_seqs}x{cfg.calib_seqlen}",
-                    "probe": f"{cfg.probe_seqs}x{cfg.probe_seqlen} (last 10% of calibration text)"}
+                    "probe": f"{cfg.probe_seqs}x{cfg.probe_seqlen} (last 10% of calibration text)" if loop
+                    else "none (no loop measures candidates)"}
     protocol |= {"eval": f"{evalb.shape[0]}x{evalb.shape[1]}", "eval_tokens": int(evalb.numel()), "seed": cfg.seed,
                  "fidelity": f"{min(cfg.fidelity_seqs, evalb.shape[0])}x{evalb.shape[1]}"}
     return calib, probe, evalb, protocol
@@ -288,7 +308,12 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
 
     t0 = time.perf_counter()
     rss_start = current_rss_mb()
-    lm = loaded or load_causal_lm(cfg.model, dtype=want_dtype or "auto")
+    early: dict[str, Any] = {}  # text that cannot fill its token blocks fails before the weights are read
+
+    def tokens_first(tokenizer: Any) -> None:
+        early["tokens"] = _tokens(cfg, tokenizer, calib_input)
+
+    lm = loaded or load_causal_lm(cfg.model, dtype=want_dtype or "auto", before_weights=tokens_first)
     model, tok = lm.model, lm.tokenizer
     if want_dtype is not None and next(model.parameters()).dtype != want_dtype:
         model.to(want_dtype)
@@ -318,7 +343,7 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
     lap("load", t0)
 
     t0 = time.perf_counter()
-    calib, probe, evalb, protocol = _tokens(cfg, tok, calib_input)
+    calib, probe, evalb, protocol = early.get("tokens") or _tokens(cfg, tok, calib_input)
     lap("text", t0)
 
     say(f"{lm.name}: {len(infos)} prunable linears, {sum(i.params for i in infos)/1e6:.1f}M weights "
