@@ -393,3 +393,17 @@ def test_a_slower_quantized_model_is_said_so_with_the_likely_reason():
     assert "0.80x" in note and "slower" in note and "53%" in note and "noise" not in note and "quiet" not in note
     noisy = [LatencyStats(median_ms=10.0, p90_ms=30.0, runs=10, threads=1), steady[0]]
     assert "quiet machine" in slowdown_note(0.8, noisy, 0.53)
+
+
+def test_run_quantize_refuses_a_folder_holding_another_run(tmp_path) -> None:
+    """One run per folder, as for prune/compress/sparsify: a second quantize (or a quantize into a prune run's
+    folder) would silently replace its model and result.json."""
+    from prunepilot.errors import PrunepilotError
+    from prunepilot.jobs.quantize import run_quantize
+
+    run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path / "q", layers="all", rounds=1)
+    before = (tmp_path / "q" / "result.json").read_text()
+    with pytest.raises(PrunepilotError, match="already holds a run"):
+        run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path / "q", layers="all", rounds=1)
+    assert (tmp_path / "q" / "result.json").read_text() == before
+    run_quantize(_loaded(_mlp(), (4, 64)), out=tmp_path / "q", layers="all", rounds=1, overwrite=True)

@@ -1,5 +1,12 @@
 """prunepilot: compress a trained neural network to a hard budget."""
 
+import os as _os
+
+# torch.profiler (per-op times, activation memory) makes kineto print "USDT: profiler_start" and, on a machine
+# without a GPU, "ERROR: gpuGetDeviceCount failed" to stderr on every use: noise that reads like a failure.
+# Kineto reads its level at its first use; a level the user set is kept.
+_os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
 from .budget import Band, Budget, ResolvedBudget, Target
 from .errors import BudgetError, PlanError, PrunepilotError, SourceError
 from .plan import Plan

@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
         scheme: str = typer.Option("int8_dynamic", "--scheme", help="int8_dynamic (int8 weights and activations) or int8_weight_only (torchao only)."),
         plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON whose 'quantize' map (name / re:pattern / * -> scheme) selects the layers."),
         out: Path = typer.Option(Path("runs/quantize"), "--out", help="Output folder (result.json, quantization.json, summary.md; model.safetensors + structure.json + model.pt2, or model.int8.onnx)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out (otherwise a second run there is refused)."),
         pickle_module: bool = typer.Option(False, "--pickle", help="Also write the quantized module as a pickle (model.pt; loading it runs code: only for your own use)."),
         data: Optional[str] = typer.Option(None, "--data", help="Labelled data for accuracy and fidelity: fashion-mnist[:DIR], imagefolder:DIR, hf:NAME."),
         data_limit: int = typer.Option(2000, "--data-limit", help="Test samples to score (0 = all)."),
@@ -47,7 +48,8 @@ def register(app: typer.Typer) -> None:
         pre = parse_normalize(normalize, model=loaded.module, resize=resize, crop=crop)
         result = run_quantize(loaded, out=out, layers=layers, backend=backend, scheme=scheme, plan_file=plan_file,
                               data=data, data_limit=data_limit, rounds=rounds, compile_=compile_,
-                              status=console.status, device=device, preprocess=pre, pickle_module=pickle_module)
+                              status=console.status, device=device, preprocess=pre, pickle_module=pickle_module,
+                              overwrite=overwrite)
         d, c = result["dense"], result["compressed"]
         console.print(f"[bold]{model}[/] {backend}: size {d['size_mb']:.1f} -> {c['size_mb']:.1f} MB "
                       f"(−{result['size_reduction']:.1%}), latency {d['latency_ms']:.1f} -> {c['latency_ms']:.1f} ms "

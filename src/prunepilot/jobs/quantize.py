@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import PlanError, PrunepilotError
 from ..results import build_result, write_json_atomic, write_text_atomic
 from ..sources.models import LoadedModel
+from ..journal import prepare_out
 
 MB = 1024 * 1024
 BACKENDS: tuple[str, ...] = ("eager", "torchao", "onnx")
@@ -296,6 +297,7 @@ def run_quantize(
     preprocess: Any = None,
     pickle_module: bool = False,
     return_model: bool = False,
+    overwrite: bool = False,
 ) -> Any:
     """The `prunepilot quantize` job: select layers, quantize a copy, time dense vs quantized side by side,
     score on data if given, save the artefact, write result.json / quantization.json / summary.md.
@@ -305,14 +307,15 @@ def run_quantize(
     `layers=None` is the backend's default (`default_layers`); `device` must be the CPU for dynamic int8
     (refused otherwise, with what to use instead); `preprocess` (sources.data.parse_normalize) for `data`.
     The artefact is not a pickle unless `pickle_module` (see `save_quantized`); `return_model` also returns
-    the quantized module: (result, model)."""
+    the quantized module: (result, model). One run per folder: an `out` that holds another run is refused
+    unless `overwrite` (journal.prepare_out)."""
     layers = layers or default_layers(backend)
     dev = _check_device(device, backend, scheme)
     _check_options(loaded, layers=layers, backend=backend, scheme=scheme, plan_file=plan_file,
                    data_limit=data_limit, batch_size=batch_size, rounds=rounds, compile_=compile_)
     t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out, overwrite=overwrite)
     dense, x = loaded.module.eval().to(dev), loaded.example_input.to(dev)
     if backend == "onnx":
         q = _quantize_onnx(dense, x, out, status, device=dev)
