@@ -38,7 +38,7 @@ from prunepilot.jobs.prune import (
     divergence_guidance,
 )
 from prunepilot.jobs.sparsify import RampSettings, SparsifyJob
-from prunepilot.journal import Journal, prepare_out
+from prunepilot.journal import RUN_MARK, Journal, prepare_out
 from prunepilot.loop import LoopLimits, Master
 from prunepilot.pipeline import Pruner
 from prunepilot.plan import Plan
@@ -733,7 +733,7 @@ def test_prepare_out_refuses_a_used_out_and_overwrite_clears_it(tmp_path):
     prepare_out(out, resume=True)  # resuming uses the folder as it is
     assert (out / "candidates" / "attempt-0.pt").exists()
     prepare_out(out, overwrite=True)
-    assert out.is_dir() and not any(out.iterdir())
+    assert out.is_dir() and [p.name for p in out.iterdir()] == [RUN_MARK]
     (out / "result.json").write_text("{}")  # a finished run without a journal is a run too
     with pytest.raises(PrunepilotError, match="already holds a run"):
         prepare_out(out)
@@ -744,6 +744,12 @@ def test_prepare_out_refuses_a_used_out_and_overwrite_clears_it(tmp_path):
         with pytest.raises(PrunepilotError, match="not empty"):
             prepare_out(other, overwrite=overwrite)
     assert (other / "notes.txt").read_text() == "keep me"
+    failed = tmp_path / "failed"  # a run that stopped before result.json (a refused budget) is still a run's folder
+    prepare_out(failed)
+    (failed / "profile.json").write_text("{}")
+    with pytest.raises(PrunepilotError, match="already holds a run"):
+        prepare_out(failed)
+    prepare_out(failed, overwrite=True)
 
 
 class _OneAtATime:

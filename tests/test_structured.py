@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from prunepilot.budget import Budget
 from prunepilot.costmodel import build_cost_model
@@ -126,3 +127,23 @@ def test_too_coarse_channel_multiple_is_refined_until_the_budget_lands():
     kept = Projector(structure, cost).project(Plan(round_to=8), rb27)
     assert kept.feasible and not any("multiples" in n for n in kept.notes)
     assert all(w % 8 == 0 for w in kept.allocation.kept.values())
+
+
+def test_a_model_with_nothing_to_cut_says_which_layers_are_kept_and_why(tmp_path):
+    """An LSTM classifier: torch-pruning cuts no group; the refusal names each kept layer with its reason."""
+    import prunepilot
+    from prunepilot.errors import BudgetError
+
+    class RNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lstm, self.fc = nn.Embedding(50, 16), nn.LSTM(16, 32, batch_first=True), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.fc(self.lstm(self.emb(x))[0][:, -1])
+
+    with pytest.raises(BudgetError) as err:
+        prunepilot.prune(RNN(), torch.randint(0, 50, (1, 8)), target_macs=0.5, out=tmp_path / "r")
+    msg = str(err.value)
+    assert "lstm: kept whole: recurrent layers (LSTM)" in msg and "fc: output layer" in msg
+    assert "protect fewer" not in msg  # nothing was protected by the user

@@ -120,6 +120,9 @@ class Journal:
         return [{"round": r[0], **json.loads(r[1])} for r in rows]
 
 
+RUN_MARK = ".prunepilot-run"
+
+
 def prepare_out(out: Path, *, overwrite: bool = False, resume: bool = False) -> None:
     """One run per output folder: a folder that already holds a run is refused (or cleared with `overwrite`),
     so attempts, transcripts and reports never mix runs."""
@@ -130,8 +133,8 @@ def prepare_out(out: Path, *, overwrite: bool = False, resume: bool = False) -> 
     out = Path(out)
     if resume:
         return
-    if out.exists() and any(out.iterdir()):
-        if not (out / "journal.sqlite").exists() and not (out / "result.json").exists():
+    if out.exists() and any(p.name != RUN_MARK for p in out.iterdir()):
+        if not any((out / f).exists() for f in ("journal.sqlite", "result.json", RUN_MARK)):
             raise PrunepilotError("the output folder is not empty and does not hold a prunepilot run", str(out),
                                   "choose another --out (or empty the folder)")
         if not overwrite:
@@ -141,6 +144,8 @@ def prepare_out(out: Path, *, overwrite: bool = False, resume: bool = False) -> 
                                   f"{hint}--overwrite replaces it, or choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    # marks the folder as a run's from its first file on: a run that fails before result.json can be overwritten
+    (out / RUN_MARK).write_text("a prunepilot run writes into this folder\n")
 
 
 def open_run(out: Path, kind: str, config: dict[str, Any], *, run_id: str | None = None, overwrite: bool = False,

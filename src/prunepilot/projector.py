@@ -202,10 +202,15 @@ class Projector:
             pred = self.metrics(alloc)
             e = errs(pred)
             feasible = all(budget.within(m, pred[m]) for m in goals)
+            kept = self.structure.ignored
+            shown = "; ".join(f"{n}: {r}" for n, r in list(kept.items())[:4]) + ("; ..." if len(kept) > 4 else "")
+            by_user = any(r.startswith("protected by") for r in kept.values())
             why = "" if feasible else (
-                f"the budget is unreachable: no prunable group is left (output, protected or unprunable layers: "
-                f"{len(self.structure.ignored)}), so the model stays at {', '.join(f'{m} {e[m]:+.1%} vs the target' for m in goals)}. "
-                "Fix: protect fewer layers, or relax the target.")
+                f"the budget is unreachable: no prunable group is left ({shown or 'no weight layer'}), so the model "
+                f"stays at {', '.join(f'{m} {e[m]:+.1%} vs the target' for m in goals)}. Fix: "
+                + ("protect fewer layers, or relax the target." if by_user else
+                   "this model has no conv/linear channel group structured pruning can cut (`prunepilot profile` "
+                   "lists its layers and why each is kept); relax the target."))
             return Projection(alloc, 0.0, pred, e, feasible, 1, time.perf_counter() - t0, shape, why, notes)
         max_shape = max(shape.values())
         s_hi = MAX_RATIO / max_shape

@@ -983,6 +983,9 @@ def analyse(
             traced = m in dg.module2node
             ignored[n] = ("not prunable: torch-pruning found no channel group it can cut for it" if traced else
                           "not traced: the example forward does not reach it through autograd (unused, or detached)")
+        elif isinstance(m, nn.RNNBase) and n not in covered and n not in ignored:
+            ignored[n] = (f"kept whole: recurrent layers ({type(m).__name__}) are not structurally pruned here (their "
+                          "gates tie the hidden width across time steps)")
     tables = [n for n, p in model.named_parameters() if id(p) in table_ids]
     for n in tables:
         ignored[n] = "lookup table (read by index: positions/heads, not channels): kept whole"
