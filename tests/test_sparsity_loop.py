@@ -674,3 +674,27 @@ def test_history_warm_starts_the_next_run_and_a_resume_keeps_its_seed(tiny_files
     cold = run_sparsify(cfg(_e2e_client(), use_history=False), tmp_path / "c", say=lambda s: None)
     assert "warm_start_from" not in cold["loop"]
     assert SEED_KEY in Journal(tmp_path / "c" / "journal.sqlite").runs()[0]["config"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "bloom"])
+def test_block_by_block_calibration_reproduces_the_models_own_hidden_states(arch: str) -> None:
+    """Blocks run on captured inputs and keyword arguments give the hidden states of the model's own forward,
+    at every batch size the calibration uses (BLOOM's ALiBi is [batch*heads, 1, T]: batch 1's does not serve 3)."""
+    import transformers as T
+
+    from prunepilot.sparsify.calibrate import Calibration
+
+    torch.manual_seed(0)
+    cfg = (T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         vocab_size=97) if arch == "llama"
+           else T.BloomConfig(hidden_size=32, n_layer=3, n_head=4, vocab_size=97))
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 97, (7, 12))  # batches of 3, 3 and 1
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states
+    cal = Calibration(model, ids, batch_size=3)
+    for b, block in cal.blocks():
+        if b == 2:  # the last hidden state is after the final norm
+            break
+        cal.forward(block, advance=True)
+        torch.testing.assert_close(torch.cat(cal.inputs), ref[b + 1], rtol=1e-5, atol=1e-5)

@@ -77,18 +77,32 @@ class _StopForward(Exception):
 _CACHE_KEYS = ("past_key_values", "past_key_value", "hidden_states")
 
 
-def _capture(model: nn.Module, ids: torch.Tensor, batch_size: int,
-             placement: Placement) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Inputs of block 0 per batch (on the compute device) and each block's keyword arguments (masks, rotary
-    embeddings: they differ per block in sliding/global models such as Gemma 3).
+def _broadcasts(small: Any, big: Any) -> bool:
+    """Whether a keyword argument captured at batch 1 serves a larger batch as it is (tensors broadcast)."""
+    if isinstance(small, torch.Tensor) and isinstance(big, torch.Tensor):
+        try:
+            return torch.broadcast_shapes(small.shape, big.shape) == big.shape
+        except RuntimeError:
+            return False
+    if isinstance(small, (tuple, list)) and isinstance(big, (tuple, list)) and len(small) == len(big):
+        return all(_broadcasts(a, b) for a, b in zip(small, big))
+    return True
+
+
+def _capture(model: nn.Module, ids: torch.Tensor, batch_size: int, placement: Placement
+             ) -> tuple[list[torch.Tensor], list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
+    """Inputs of block 0 per batch (on the compute device), each block's keyword arguments (masks, rotary
+    embeddings: they differ per block in sliding/global models such as Gemma 3), and per larger batch size the
+    arguments that do not broadcast from batch 1 (BLOOM's ALiBi folds the batch into the heads: [batch*heads, 1, T]).
 
     Every block is replaced by a stub for this pass (identity; the last one stops the forward), so the capture
-    costs the embeddings only and no block is moved. Keyword arguments are captured with batch size 1; they
-    broadcast over any batch size."""
+    costs the embeddings only and no block is moved. Keyword arguments are captured with batch size 1, and once
+    more at each batch size the calibration uses; only those that would not broadcast are kept from the latter."""
     _, layers = decoder_layers(model)
     per_layer: list[dict[str, Any]] = [{} for _ in layers]
+    at_size: dict[int, list[dict[str, Any]]] = {}
     inputs: list[torch.Tensor] = []
-    phase = {"kwargs": True}
+    phase: dict[str, Any] = {"kwargs": True, "size": 1}
 
     def stub_for(i: int) -> Callable[..., Any]:
         def stub(*args: Any, **kwargs: Any) -> Any:
@@ -96,7 +110,12 @@ def _capture(model: nn.Module, ids: torch.Tensor, batch_size: int,
             if phase["kwargs"]:
                 kw = {k: v for k, v in kwargs.items() if k not in _CACHE_KEYS}
                 kw["use_cache"] = False
-                per_layer[i] = kw
+                if phase["size"] == 1:
+                    per_layer[i] = kw
+                else:
+                    odd = {k: v for k, v in kw.items() if not _broadcasts(per_layer[i].get(k), v)}
+                    if odd:
+                        at_size.setdefault(phase["size"], [{} for _ in layers])[i] = odd
             elif i == 0:
                 inputs.append(hs.detach())
                 raise _StopForward
@@ -110,8 +129,10 @@ def _capture(model: nn.Module, ids: torch.Tensor, batch_size: int,
     dev = placement.device
     try:
         with torch.no_grad(), placement.quiet():
-            for chunk, kw in [(ids[:1], True)] + [(b, False) for b in batches(ids, batch_size)]:
-                phase["kwargs"] = kw
+            sizes = sorted({b.shape[0] for b in batches(ids, batch_size)} - {1})
+            for chunk, kw in ([(ids[:1], True)] + [(ids[:n], True) for n in sizes]
+                              + [(b, False) for b in batches(ids, batch_size)]):
+                phase["kwargs"], phase["size"] = kw, chunk.shape[0]
                 try:
                     model(input_ids=chunk.to(dev), use_cache=False)
                 except _StopForward:
@@ -119,7 +140,7 @@ def _capture(model: nn.Module, ids: torch.Tensor, batch_size: int,
     finally:
         for layer in layers:
             del layer.forward
-    return inputs, per_layer
+    return inputs, per_layer, at_size
 
 
 def _block_out(out: Any) -> torch.Tensor:
@@ -133,8 +154,13 @@ class Calibration:
                  placement: Placement | None = None) -> None:
         self.placement = placement or Placement.here(model)
         _, self.layers = decoder_layers(model)
-        self.inputs, self.kwargs = _capture(model, ids, batch_size, self.placement)
+        self.inputs, self.kwargs, self._at_size = _capture(model, ids, batch_size, self.placement)
         self.b = -1
+
+    def kw(self, b: int, x: torch.Tensor) -> dict[str, Any]:
+        """Block b's keyword arguments for the batch x (those captured at its size where batch 1's do not serve)."""
+        odd = self._at_size.get(x.shape[0])
+        return {**self.kwargs[b], **odd[b]} if odd else self.kwargs[b]
 
     def blocks(self, progress: Progress | None = None) -> Iterator[tuple[int, nn.Module]]:
         """Each block in order, on the compute device while the caller works on it."""
@@ -151,7 +177,7 @@ class Calibration:
         """Run the current block over every calibration batch; `advance` replaces its inputs by its outputs
         (batch by batch, so the old and new activations never coexist in full)."""
         for j, x in enumerate(self.inputs):
-            y = _block_out(block(x, **self.kwargs[self.b]))
+            y = _block_out(block(x, **self.kw(self.b, x)))
             if advance:
                 self.inputs[j] = y
 
@@ -208,7 +234,7 @@ def activation_norms(model: nn.Module, ids: torch.Tensor, batch_size: int = 4, p
         try:
             for j in range(len(cal.inputs)):
                 shared.clear()
-                cal.inputs[j] = _block_out(block(cal.inputs[j], **cal.kwargs[b]))
+                cal.inputs[j] = _block_out(block(cal.inputs[j], **cal.kw(b, cal.inputs[j])))
         finally:
             for h in handles:
                 h.remove()
@@ -299,7 +325,7 @@ def sequential_sparsify(
         try:
             for x in cal.inputs:
                 shared.clear()
-                block(x, **cal.kwargs[b])
+                block(x, **cal.kw(b, x))
         finally:
             for h in handles:
                 h.remove()
