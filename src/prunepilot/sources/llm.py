@@ -66,9 +66,9 @@ def load_causal_lm(spec: str, dtype: torch.dtype | str | None = "auto", trust_re
     source = str(local) if local.is_dir() else target
     try:  # the tokenizer first: it is cheap, and a folder without one fails before the weights are read
         tok = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        before = current_rss_mb()  # the baseline excludes the text the hook tokenizes: it is the run's, not imports'
         if before_weights is not None:
             before_weights(tok)
-        before = current_rss_mb()
         with hf_progress_off():
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 source, dtype=want or "auto", trust_remote_code=trust_remote_code
