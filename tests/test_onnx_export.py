@@ -173,3 +173,20 @@ def test_export_of_a_python_run_without_a_source_says_what_to_do(tmp_path) -> No
         pytest.skip("this torch exports eager dynamic int8: the .pt2 is there to load")
     with pytest.raises(SourceError, match="handed in from Python"):
         load_run_model(tmp_path)
+
+
+def test_export_of_a_sparsify_run_says_where_its_model_is(tmp_path) -> None:
+    import json
+
+    from prunepilot.errors import SourceError
+    from prunepilot.jobs.export import load_run_model
+
+    run = tmp_path / "llm"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"kind": "sparsify", "environment": {},
+                                                 "export": {"path": str(run / "model"), "format": "compressed-tensors"}}))
+    with pytest.raises(SourceError, match="load_compressed"):
+        load_run_model(run)
+    (run / "result.json").write_text(json.dumps({"kind": "sparsify", "environment": {}, "export": None}))
+    with pytest.raises(SourceError, match="--no-export"):
+        load_run_model(run)

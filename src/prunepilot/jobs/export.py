@@ -42,6 +42,15 @@ def load_run_model(run_dir: Path, *, trust: bool = False) -> tuple[nn.Module, to
         raise SourceError("RUN_DIR must be a folder written by a prunepilot command", str(run_dir),
                           "pass e.g. runs/deit_q (the --out of prune / quantize / compress)")
     info = _run_info(run_dir)
+    if info.get("kind") == "sparsify":
+        exp = info.get("export") or {}
+        how = ("prunepilot.sparsify.export.load_compressed" if exp.get("format") == "compressed-tensors"
+               else "transformers' AutoModelForCausalLM.from_pretrained")
+        raise SourceError("this is a sparsify run: its language model is exported by the run itself, as a "
+                          "transformers folder; `prunepilot export` converts the vision runs of prune / quantize / "
+                          "compress", str(run_dir),
+                          f"load {exp['path']} with {how}" if exp.get("path") else
+                          "the run was made with --no-export: run sparsify again without it to get the model folder")
     written_by_us = info.get("kind") in _RUN_KINDS and "environment" in info
     example = torch.randn(*info["input_shape"]) if "input_shape" in info else None
     if _rebuildable(run_dir, info):
