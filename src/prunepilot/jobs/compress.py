@@ -515,7 +515,8 @@ def finish(job: CompressJob, best: Attempt, history: list[Attempt], loaded, run:
     if any(t.metric == "latency_ms" and t.relative for t in run.budget.targets):  # judged against the dense timed alongside
         rb = run.budget.resolve({**job.dense_m, "latency_ms": dense_block["latency_ms"]})
     errors = {m: rb.error(m, comp[m]) for m in rb.goals if m in comp}
-    within = all(job.static_ok(m, comp[m]) if m not in job.measured else rb.meets_cap(m, comp[m]) for m in errors)
+    holds = {m: job.static_ok(m, comp[m]) if m not in job.measured else rb.meets_cap(m, comp[m]) for m in errors}
+    within = all(holds.values())
     layers = job.quant_layers(float_model) if option == "int8_dynamic" else {}
     record = {"model": loaded.spec.model_dump() if loaded.spec else None, "allocation": Allocation.from_json(best.allocation).to_json(),
               "run_id": run_id, "quantization": {"backend": "eager", "layers": layers} if layers else None}
@@ -533,8 +534,10 @@ def finish(job: CompressJob, best: Attempt, history: list[Attempt], loaded, run:
         **({"score_metric": job.evaluator.metric} if job.evaluator is not None else {}),
     )
     if not within:
+        met = [f"{m} {errors[m]:+.2%}" for m, ok in holds.items() if ok]
         result["out_of_band_reason"] = ("the final side-by-side measurement misses the band the bracketing met: "
-                                        + ", ".join(f"{m} {e:+.2%}" for m, e in errors.items())
+                                        + ", ".join(f"{m} {errors[m]:+.2%}" for m, ok in holds.items() if not ok)
+                                        + (f" (met: {', '.join(met)})" if met else "")
                                         + " (measurement noise on a shared machine, or a target at the edge of the band)")
     log(recovery_line(recovery))
     write_json_atomic(out / "result.json", result)
