@@ -134,3 +134,15 @@ def test_short_texts_are_named_together_with_the_counts_that_fit(tmp_path: Path)
     ok = SparsifyConfig(**{**cfg.__dict__, "agent": "uniform", "calib_seqs": 16, "eval_seqs": 1})
     c, p, e, protocol = _tokens(ok, _WordTok(), None)
     assert c.shape == (16, 64) and p.shape[0] == 0 and e.shape == (1, 64) and protocol["probe"].startswith("none")
+
+
+def test_a_sparsity_above_the_layer_ceiling_and_an_unknown_agent_say_what_works() -> None:
+    from prunepilot.agents.llm.factory import AgentSpecError, parse_spec
+    from prunepilot.errors import BudgetError
+    from prunepilot.sparsify.run import parse_sparsity
+
+    with pytest.raises(BudgetError, match="at most 95%"):
+        parse_sparsity("99%")
+    assert parse_sparsity("95%")[0] == pytest.approx(0.95)
+    with pytest.raises(AgentSpecError, match="sensitivity.*evolve.*anthropic"):
+        parse_spec("nonsense")

@@ -98,7 +98,8 @@ def project(
     if not (reach_lo - 1e-9 <= level <= reach_hi + 1e-9):
         raise BudgetError(
             f"the sparsity level must lie between the layers' floors ({reach_lo:.4f}) and ceilings ({reach_hi:.4f})",
-            round(level, 4), "lower the target or raise the per-layer ceiling",
+            round(level, 4), f"ask for at most {reach_hi:.1%} (every layer keeps at least {1 - ceiling:.0%} of its "
+            "weights, so none is cut off)" if level > reach_hi else "lower the floors (protected layers) or raise the target",
         )
 
     def achieved(delta: float) -> float:

@@ -19,7 +19,7 @@ import torch
 
 from ..budget import Budget
 from ..engines import sparsity as sp
-from ..errors import PlanError
+from ..errors import BudgetError, PlanError
 from ..errors import SourceError
 from ..evaluate.language import dense_reference, fidelity, knowledge_retention, knowledge_targets, mean_nll
 from ..results import build_result, write_json_atomic, write_text_atomic
@@ -32,7 +32,7 @@ from .device import (Placement, current_rss_mb, peak_memory_mb, release_memory, 
 from .export import FORMATS, folder_mb, save_and_verify
 from .progress import Reporter
 from .loop import Probe, probe_costs
-from .plan import project, resolve
+from .plan import MAX_RATIO, project, resolve
 from .profile import WandaBank, build_profile
 
 ONE_SHOT = ("uniform", "owl")  # allocate once at the target; no loop
@@ -106,7 +106,11 @@ def parse_sparsity(text: str) -> tuple[float, sp.NM | None]:
     if nm is not None:
         return nm.sparsity, nm
     resolved = Budget.parse(sparsity=text).resolve({})
-    return resolved.goals["sparsity"], None
+    target = resolved.goals["sparsity"]
+    if target > MAX_RATIO:  # refused before the model is loaded
+        raise BudgetError("the sparsity target is above what every layer may lose", text,
+                          f"ask for at most {MAX_RATIO:.0%} (every layer keeps at least {1 - MAX_RATIO:.0%} of its weights)")
+    return target, None
 
 
 def check_search_masks(cfg: SparsifyConfig) -> None:

@@ -31,7 +31,11 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     kind, _, model = text.partition(":")
     kind = kind.lower()
     if kind not in {"anthropic", "openai", "openai-compatible", "local", "replay", "scripted"}:
-        raise AgentSpecError("an LLM spec names a known backend", spec, f"use one of: {', '.join(SPECS)}")
+        from ..registry import BUILTINS, STEERED
+
+        raise AgentSpecError("an agent is a built-in strategist or an LLM spec naming a known backend", spec,
+                             f"use a built-in ({', '.join(['auto', *BUILTINS])}, {STEERED}SPEC) or an LLM: "
+                             f"{', '.join(SPECS)}")
     return kind, (model.strip() or None)
 
 
