@@ -20,7 +20,7 @@ from prunepilot.agents.llm.scripted import ScriptedClient
 from prunepilot.attempt import Attempt
 from prunepilot.budget import Budget
 from prunepilot.engines import sparsity as sp
-from prunepilot.errors import PrunepilotError
+from prunepilot.errors import BudgetError, PlanError, PrunepilotError
 from prunepilot.jobs.sparsify import RampSettings, SparsifyJob
 from prunepilot.journal import Journal
 from prunepilot.loop import LoopLimits, Master
@@ -698,3 +698,40 @@ def test_block_by_block_calibration_reproduces_the_models_own_hidden_states(arch
             break
         cal.forward(block, advance=True)
         torch.testing.assert_close(torch.cat(cal.inputs), ref[b + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_nm_under_a_budget_prunes_the_cheapest_layers_to_the_pattern_and_keeps_the_rest_dense(
+        tiny_files: dict[str, Path], tmp_path: Path) -> None:
+    """--sparsity 2:4@30%: chosen layers are exactly 2:4, the others untouched, the budget met as a floor (by at
+    most one layer's share), the choice in result.json; refused for strategists that would not make it."""
+    from prunepilot.sparsify.run import SparsifyConfig, run_sparsify
+
+    cfg = SparsifyConfig(model=f"hf:{tiny_files['model']}", sparsity="2:4@30%", method="sparsegpt",
+                         calib=f"text:{tiny_files['corpus']}", calib_seqs=8, calib_seqlen=32, eval_seqs=2,
+                         eval_seqlen=32, fidelity_seqs=1, export_format="compressed-tensors")
+    res = run_sparsify(cfg, tmp_path / "run", say=lambda s: None)
+    choice = res["nm_choice"]
+    infos = linear_layers(tiny_llama())
+    total = sum(i.params for i in infos)
+    step = max(0.5 * i.params for i in infos) / total
+    assert res["within_band"] and 0.30 <= res["compressed"]["sparsity"] <= 0.30 + step + 1e-9
+    assert 0 < choice["nm_layers"] < len(infos) and len(choice["dense_layers"]) == len(infos) - choice["nm_layers"]
+    # the cheapest per weight removed took the pattern
+    cost = {i.name: choice["cost"][i.name] / i.params for i in infos}
+    taken = [i.name for i in infos if i.name not in choice["dense_layers"]]
+    assert max(cost[n] for n in taken) <= min(cost[n] for n in choice["dense_layers"])
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert all(plan["layers"][n] == 0.0 for n in choice["dense_layers"])
+    assert all(plan["layers"][n] == 0.5 for n in taken)
+    from prunepilot.sparsify.export import load_compressed
+
+    reloaded = load_compressed(tmp_path / "run" / "model")
+    mods = dict(reloaded.named_modules())
+    assert all(sp.is_nm(mods[n].weight, sp.NM(2, 4)) for n in taken)
+    assert all(float((mods[n].weight == 0).float().mean()) < 0.05 for n in choice["dense_layers"])
+    with pytest.raises(PlanError, match="--agent auto or sensitivity"):
+        run_sparsify(SparsifyConfig(**{**cfg.__dict__, "agent": "evolve"}), tmp_path / "r2", say=lambda s: None)
+    for bad in ("2:4@60%", "50%@40%"):
+        with pytest.raises(BudgetError):
+            run_sparsify(SparsifyConfig(**{**cfg.__dict__, "sparsity": bad}), tmp_path / "r3", say=lambda s: None)
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()  # refused before anything is written

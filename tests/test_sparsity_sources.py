@@ -146,3 +146,16 @@ def test_a_sparsity_above_the_layer_ceiling_and_an_unknown_agent_say_what_works(
     assert parse_sparsity("95%")[0] == pytest.approx(0.95)
     with pytest.raises(AgentSpecError, match="sensitivity.*evolve.*anthropic"):
         parse_spec("nonsense")
+
+
+def test_nm_budget_syntax() -> None:
+    from prunepilot.engines.sparsity import NM
+    from prunepilot.errors import BudgetError
+    from prunepilot.sparsify.run import parse_sparsity
+
+    assert parse_sparsity("2:4@40%") == (pytest.approx(0.4), NM(2, 4))
+    assert parse_sparsity("2:4@0.5") == (pytest.approx(0.5), NM(2, 4))
+    assert parse_sparsity("2:4") == (pytest.approx(0.5), NM(2, 4))
+    for bad, needle in (("2:4@60%", "50%"), ("4:8@0%", "lies in"), ("40%@2:4", "N:M pattern")):
+        with pytest.raises(BudgetError, match=needle):
+            parse_sparsity(bad)

@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def sparsify(
         model: str = typer.Argument(..., help="smollm2 | gemma3-270m | gguf:PATH.gguf | hf:DIR_OR_HUB_ID | DIR"),
-        sparsity: str = typer.Option("50%", "--sparsity", help="Global parameter-weighted sparsity (50%) or an N:M pattern (2:4)."),
+        sparsity: str = typer.Option("50%", "--sparsity", help="Global parameter-weighted sparsity (50%), an N:M pattern on every layer (2:4), or N:M under a budget (2:4@40%: the layers whose 2:4 mask costs least take it, the rest stay dense)."),
         method: str = typer.Option("sparsegpt", "--method", help="Final masks/weights: sparsegpt (default; reconstructs the kept weights), wanda (masks only, about half the time) or magnitude."),
         agent: str = typer.Option("auto", "--agent", help="auto | uniform | owl | sensitivity | evolve | evolve+LLM (e.g. evolve+local: every 4th offspring from the LLM) | local | anthropic[:MODEL] | openai[:MODEL] | openai-compatible:MODEL."),
         calib: str = typer.Option("pydocs", "--calib", help="Calibration text: pydocs | text:PATH | wikitext2 | hf:DATASET[:CONFIG]."),

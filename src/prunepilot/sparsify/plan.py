@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import re
 
+import torch
+
+from ..engines import sparsity as sp
 from ..engines.sparsity import exact_counts
 from ..errors import BudgetError, PlanError
 from ..plan import Plan
@@ -139,3 +142,32 @@ def _respect_floors(counts: list[int], floors: list[int], sizes: list[int]) -> l
 
 def counts_to_ratios(counts: dict[str, int], infos: list[LinearInfo]) -> dict[str, float]:
     return {i.name: counts.get(i.name, 0) / i.params for i in infos}
+
+
+def nm_layer_choice(infos: list[LinearInfo], weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor],
+                    nm: sp.NM, target: float) -> tuple[dict[str, int], dict[str, float]]:
+    """N:M under a sparsity budget below the pattern's own: which linears take the pattern and which stay dense.
+
+    Each layer's cost is the relative Wanda error of its N:M mask, sum of (|W| ||x||)^2 over the pruned weights over
+    the sum over all (the share of the layer's output energy the mask removes, on the calibration inputs). Layers
+    enter cheapest per pruned weight first until the pruned weights reach `target` of all weights (a floor: the
+    last layer in may overshoot by its own share). Returns (prune counts of the chosen layers, cost per layer)."""
+    if not 0 < target <= nm.sparsity + 1e-9:
+        raise BudgetError(f"a {nm} budget lies in (0, {nm.sparsity:.0%}]: a layer is either {nm} or dense", target,
+                          f"e.g. --sparsity {nm}@{nm.sparsity * 0.8:.0%}")
+    cost: dict[str, float] = {}
+    for i in infos:
+        score = (weights[i.name].detach().float().abs() * norms[i.name].to(torch.float32).sqrt().to(
+            weights[i.name].device)) ** 2
+        keep = sp.nm_mask(score, nm)
+        cost[i.name] = float(score[~keep].sum() / score.sum().clamp_min(1e-30))
+    total = sum(i.params for i in infos)
+    need = target * total
+    counts: dict[str, int] = {}
+    pruned = 0
+    for i in sorted(infos, key=lambda i: cost[i.name] / i.params):  # relative error per weight removed
+        if pruned >= need - 0.5:
+            break
+        counts[i.name] = int(round(nm.sparsity * i.params))
+        pruned += counts[i.name]
+    return counts, cost

@@ -25,14 +25,15 @@ from ..evaluate.language import dense_reference, fidelity, knowledge_retention, 
 from ..results import build_result, write_json_atomic, write_text_atomic
 from ..sources.llm import LoadedLM, load_causal_lm
 from ..sources.text import TextSplit, load_split, token_blocks
-from .calibrate import activation_norms, decoder_layers, gradient_importance, linear_layers, sequential_sparsify
+from .calibrate import (activation_norms, decoder_layers, gradient_importance, linear_layers, modules_by_name,
+                        sequential_sparsify)
 from .conv1d import Conv1DSwap
 from .device import (Placement, current_rss_mb, peak_memory_mb, release_memory, resolve_device, resolve_dtype,
                      synchronize, weight_bytes)
 from .export import FORMATS, folder_mb, save_and_verify
 from .progress import Reporter
 from .loop import Probe, probe_costs
-from .plan import MAX_RATIO, project, resolve
+from .plan import MAX_RATIO, nm_layer_choice, project, resolve
 from .profile import WandaBank, build_profile
 
 ONE_SHOT = ("uniform", "owl")  # allocate once at the target; no loop
@@ -101,10 +102,23 @@ class CalibInput:
         return f"python:texts[{len(self.texts or [])}]"
 
 
+NM_AGENTS = ("auto", "sensitivity")  # strategists an N:M budget ("2:4@40%") accepts: its choice is their rule
+
+
 def parse_sparsity(text: str) -> tuple[float, sp.NM | None]:
-    nm = sp.parse_nm(text)
+    """'50%' -> (0.5, None); '2:4' -> (0.5, 2:4) every layer; '2:4@40%' -> (0.4, 2:4): layers 2:4 or dense."""
+    pattern, at, budget = str(text).partition("@")
+    nm = sp.parse_nm(pattern)
+    if nm is not None and at:
+        share = Budget.parse(sparsity=budget).resolve({}).goals["sparsity"]
+        if not 0 < share <= nm.sparsity + 1e-9:
+            raise BudgetError(f"a {nm} budget lies in (0%, {nm.sparsity:.0%}]: each layer is either {nm} or dense",
+                              text, f"e.g. {nm}@{nm.sparsity * 0.8:.0%}, or {nm} for every layer")
+        return share, nm
     if nm is not None:
         return nm.sparsity, nm
+    if at:
+        raise BudgetError("a sparsity with '@' is an N:M pattern and a budget", text, "e.g. 2:4@40%")
     resolved = Budget.parse(sparsity=text).resolve({})
     target = resolved.goals["sparsity"]
     if target > MAX_RATIO:  # refused before the model is loaded
@@ -159,12 +173,16 @@ def run_sparsify(cfg: SparsifyConfig, out: Path | None = None, say: Callable[[st
 
     from ..journal import Journal, prepare_out
 
-    parse_sparsity(cfg.sparsity)  # a bad target is refused before anything is written
+    target, nm = parse_sparsity(cfg.sparsity)  # a bad target is refused before anything is written
     if cfg.export_format not in FORMATS:
         raise PlanError(f"an export format is one of {', '.join(FORMATS)}", cfg.export_format,
                         "e.g. --format compressed-tensors")
     resolve_device(cfg.device), resolve_dtype(cfg.dtype)  # bad device/dtype: refused before anything is written
     check_search_masks(cfg)
+    if nm is not None and target < nm.sparsity - 1e-9 and cfg.agent.strip() not in NM_AGENTS:
+        raise PlanError(f"an N:M budget ({cfg.sparsity}) chooses its {nm} layers by their mask's measured error; "
+                        "no other strategist chooses them", f"--agent {cfg.agent}",
+                        f"use --agent {' or '.join(NM_AGENTS)}, or an unstructured target")
     if loaded is not None:
         cfg.model = loaded.spec
     elif cfg.model.startswith("python:"):
@@ -367,13 +385,30 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
 
     from ..agents.registry import make_strategist
 
-    strategist, agent_used = make_strategist(cfg.agent, "sparsify", base_url=cfg.llm_base_url, client=cfg.client, say=say)
+    nm_budget = nm is not None and target < nm.sparsity - 1e-9  # "2:4@40%": which layers take the pattern
+    strategist, agent_used = ((None, "") if nm_budget else
+                              make_strategist(cfg.agent, "sparsify", base_url=cfg.llm_base_url, client=cfg.client, say=say))
     total = sum(i.params for i in infos)
     profile_json: dict[str, Any] | None = None
     loop_info: dict[str, Any] = {}
     history: list[Any] = []
 
-    if nm is not None:
+    nm_choice: dict[str, Any] | None = None
+    if nm_budget:
+        t0 = time.perf_counter()
+        with report.task("activation norms (block by block)", n_blocks) as bar:
+            norms = activation_norms(model, calib, cfg.batch_size, placement, progress=bar)
+        mods = modules_by_name(model, infos)
+        counts, cost = nm_layer_choice(infos, {n: m.weight for n, m in mods.items()}, norms, nm, target)
+        del norms
+        dense = [i.name for i in infos if i.name not in counts]
+        agent_used = f"{nm} on the layers whose mask costs least (relative Wanda error per weight), the rest dense"
+        nm_choice = {"pattern": str(nm), "budget": target, "nm_layers": len(counts), "dense_layers": dense,
+                     "rule": "greedy: relative Wanda error of the N:M mask per weight removed, cheapest first",
+                     "cost": {n: round(c, 6) for n, c in cost.items()}}
+        lap("nm_choice", t0)
+        say(f"{nm} on {len(counts)} of {len(infos)} linears, {len(dense)} kept dense, for {target:.1%} sparsity")
+    elif nm is not None:
         counts = {i.name: int(round(nm.sparsity * i.params)) for i in infos}
         agent_used = f"{agent_used} (N:M fixes every layer at {nm}; nothing to allocate)"
     elif cfg.agent == "uniform":  # needs no profile
@@ -419,8 +454,9 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
         achieved = sequential_sparsify(model, calib, counts, cfg.method, nm, cfg.batch_size, progress=bar,
                                        placement=placement)
     lap("apply", t0)
-    achieved_global = sum(achieved[i.name] * i.params for i in infos) / total
-    if nm is not None and not all(sp.is_nm(m.weight, nm) for m in _mods(model, infos)):
+    achieved_global = sum(achieved.get(i.name, 0.0) * i.params for i in infos) / total
+    nm_mods = [m for i, m in zip(infos, _mods(model, infos)) if i.name in counts]  # the layers that took N:M
+    if nm is not None and not all(sp.is_nm(m.weight, nm) for m in nm_mods):
         raise PlanError("the N:M pattern did not hold after pruning", str(nm), "report this as a bug")
 
     t0 = time.perf_counter()
@@ -445,13 +481,13 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
     if nm is not None and str(nm) == "2:4":
         from .kernels import semi_structured_speedup
 
-        kernels = semi_structured_speedup(_mods(model, infos), device)
+        kernels = semi_structured_speedup(nm_mods, device)
     export_info: dict[str, Any] = {}
     conv1d.restore()  # exports and the caller see the model's own module types
     if out and cfg.export:
         t0 = time.perf_counter()
         export_info = save_and_verify(model, tok, out / "model", evalb[:1, :128], fmt=cfg.export_format,
-                                      dtype=export_dtype, sparse_names=[i.name for i in infos], nm=nm,
+                                      dtype=export_dtype, sparse_names=[i.name for i in infos if i.name in counts], nm=nm,
                                       sparsity=achieved_global)
         compressed["size_mb"] = export_info["size_mb"]  # bytes of the weight files written
         if cfg.export_format == "compressed-tensors":
@@ -462,18 +498,23 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
 
     budget = Budget.parse(sparsity=f"{target * 100:.6g}%").resolve({})
     err = (achieved_global - target) / target if target else achieved_global
-    per_layer = {n: round(v, 6) for n, v in achieved.items()}
+    per_layer = {i.name: round(achieved.get(i.name, 0.0), 6) for i in infos}
+    within = budget.within("sparsity", achieved_global)
+    if nm_choice is not None:  # a floor met by whole layers: at most the last layer's share above it
+        step = max(nm.sparsity * i.params for i in infos) / total  # type: ignore[union-attr]
+        within = target - 1e-9 <= achieved_global <= target + max(step, 0.005) + 1e-9
     timings["total"] = round(time.perf_counter() - t_start, 2)
     memory |= {k: round(v, 1) for k, v in peak_memory_mb(device).items()}
     memory["peak_rss_after_phase_mb"] = hwm
     result = build_result(
         kind="sparsify", model=cfg.model, budget=budget.to_json(), dense=dense_metrics, compressed=compressed,
-        within_band=budget.within("sparsity", achieved_global), errors={"sparsity": err},
+        within_band=within, errors={"sparsity": err},
         method=cfg.method, pattern=str(nm) if nm else "unstructured", agent=agent_used, protocol=protocol,
         loop=loop_info, timings_s=timings, peak_rss_mb=_peak_rss_mb(), export=export_info,
         config=_config_json(cfg, out, calib_input), run_id=run_id, memory=memory,
         **({"kernels": kernels} if kernels else {}),
         **({"search_masks": cfg.search_masks} if history else {}),  # how the loop scored its trial allocations
+        **({"nm_choice": nm_choice} if nm_choice else {}),
     )
     if out:
         groups = profile_json["groups"] if profile_json else []
