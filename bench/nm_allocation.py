@@ -7,8 +7,10 @@ Every arm prunes the same dense model (restored between arms) with the same cali
 (the benches' Python-docs protocol, bench/llm_sparsity.py: pydocs_blocks) and the same method, and differs only in
 which layers take the N:M pattern. All layer choices reach the same parameter-weighted budget (a floor, met by
 whole layers):
-  ours      sparsify/plan.py nm_layer_choice: relative Wanda error of the layer's N:M mask per weight removed,
-            cheapest first (what `prunepilot sparsify --sparsity 2:4@40%` runs)
+  measured  what `prunepilot sparsify --sparsity 2:4@40%` runs (sparsify/plan.py nm_layer_choice with the probe):
+            each layer's cost is the probe's KL to the dense model with only that layer under its Wanda N:M mask
+            (held-out calibration text, --probe-seqs x --probe-seqlen), cheapest per weight removed first
+  wanda_err the same greedy rule on an unmeasured proxy: the relative Wanda error of the layer's N:M mask
   depth     the deepest blocks take the pattern first, the first blocks stay dense (a common rule of thumb:
             early layers are the most sensitive)
   random    a seeded random order (three seeds, mean and range)
@@ -37,6 +39,7 @@ from prunepilot.evaluate.language import dense_reference, fidelity, mean_nll  # 
 from prunepilot.results import environment, write_json_atomic  # noqa: E402
 from prunepilot.sources.llm import load_causal_lm  # noqa: E402
 from prunepilot.sparsify.calibrate import activation_norms, linear_layers, modules_by_name, sequential_sparsify  # noqa: E402
+from prunepilot.sparsify.loop import Probe  # noqa: E402
 from prunepilot.sparsify.plan import nm_layer_choice, project  # noqa: E402
 
 
@@ -65,8 +68,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--probe-seqs", type=int, default=4)
+    ap.add_argument("--probe-seqlen", type=int, default=256)
     args = ap.parse_args()
-    args.probe_seqs, args.probe_seqlen = 1, 64  # pydocs_blocks draws a probe; unused here
     if args.threads:
         torch.set_num_threads(args.threads)
     nm = sp.parse_nm(args.pattern)
@@ -75,7 +79,7 @@ def main() -> None:
 
     lm = load_causal_lm(args.model)
     model, tok = lm.model, lm.tokenizer
-    _, calib, _, evalb = pydocs_blocks(tok, args)
+    _, calib, probe_ids, evalb = pydocs_blocks(tok, args)
     infos = linear_layers(model)
     mods = modules_by_name(model, infos)
     dense_w = {n: m.weight.detach().clone() for n, m in mods.items()}
@@ -86,11 +90,25 @@ def main() -> None:
     norms = activation_norms(model, calib, 4)
     print(f"dense ppl {dense_ppl:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    ours, cost = nm_layer_choice(infos, {n: m.weight for n, m in mods.items()}, norms, nm, args.budget)
+    t0 = time.perf_counter()
+    probe = Probe(model, probe_ids, 4)
+
+    def measure(name: str, keep: torch.Tensor) -> float:  # as sparsify/run.py measures it
+        w = mods[name].weight
+        with torch.no_grad():
+            w.mul_(keep.to(w.dtype))
+            kl = probe.measure(model).kl
+            w.copy_(dense_w[name])
+        return max(kl - probe.dense.kl, 0.0)
+
+    measured, _ = nm_layer_choice(infos, {n: m.weight for n, m in mods.items()}, norms, nm, args.budget, measure=measure)
+    measure_s = time.perf_counter() - t0
+    proxy, _ = nm_layer_choice(infos, {n: m.weight for n, m in mods.items()}, norms, nm, args.budget)
     blocks = sorted({i.block for i in infos})
     deep_first = [i.name for b in reversed(blocks) for i in infos if i.block == b]
     arms: list[tuple[str, dict[str, int], sp.NM | None]] = [
-        ("ours", ours, nm), ("depth", take_in_order(infos, deep_first, nm, args.budget), nm)]
+        ("measured", measured, nm), ("wanda_err", proxy, nm),
+        ("depth", take_in_order(infos, deep_first, nm, args.budget), nm)]
     for seed in range(args.seeds):
         order = [i.name for i in infos]
         random.Random(seed).shuffle(order)
@@ -111,7 +129,7 @@ def main() -> None:
         row = {"arm": name, "perplexity": round(ppl, 3), "kl": round(fid["kl"], 4), "sparsity": round(sparsity, 4),
                "nm_layers": len(counts) if pattern else 0, "dense_layers": len(infos) - len(counts) if pattern else 0,
                "seconds": round(time.perf_counter() - t0, 1)}
-        if name in ("ours", "depth"):
+        if name in ("measured", "wanda_err", "depth"):
             kinds: dict[str, int] = {}
             for i in infos:
                 if i.name not in counts:
@@ -125,6 +143,7 @@ def main() -> None:
             "method": args.method, "dense_perplexity": round(dense_ppl, 3),
             "protocol": {"calib": f"{args.calib_seqs}x{args.seqlen} pydocs", "eval": f"{args.eval_seqs}x{args.eval_seqlen} "
                          "held-out pydocs", "kl": "KL(dense || sparse) per token on the evaluation tokens"},
+            "measure_s": round(measure_s, 1), "probe": f"{args.probe_seqs}x{args.probe_seqlen}",
             "rows": rows, "random_mean": round(sum(rand) / len(rand), 3) if rand else None,
             "random_range": [min(rand), max(rand)] if rand else None,
             "command": "python bench/nm_allocation.py " + " ".join(sys.argv[1:])})

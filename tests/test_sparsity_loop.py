@@ -708,7 +708,8 @@ def test_nm_under_a_budget_prunes_the_cheapest_layers_to_the_pattern_and_keeps_t
 
     cfg = SparsifyConfig(model=f"hf:{tiny_files['model']}", sparsity="2:4@30%", method="sparsegpt",
                          calib=f"text:{tiny_files['corpus']}", calib_seqs=8, calib_seqlen=32, eval_seqs=2,
-                         eval_seqlen=32, fidelity_seqs=1, export_format="compressed-tensors")
+                         eval_seqlen=32, probe_seqs=2, probe_seqlen=32, fidelity_seqs=1,
+                         export_format="compressed-tensors")
     res = run_sparsify(cfg, tmp_path / "run", say=lambda s: None)
     choice = res["nm_choice"]
     infos = linear_layers(tiny_llama())

@@ -10,6 +10,7 @@ below each layer's floor (its current sparsity: the ramp only adds).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -145,27 +146,31 @@ def counts_to_ratios(counts: dict[str, int], infos: list[LinearInfo]) -> dict[st
 
 
 def nm_layer_choice(infos: list[LinearInfo], weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor],
-                    nm: sp.NM, target: float) -> tuple[dict[str, int], dict[str, float]]:
+                    nm: sp.NM, target: float, measure: Callable[[str, torch.Tensor], float] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, int], dict[str, float]]:
     """N:M under a sparsity budget below the pattern's own: which linears take the pattern and which stay dense.
 
-    Each layer's cost is the relative Wanda error of its N:M mask, sum of (|W| ||x||)^2 over the pruned weights over
-    the sum over all (the share of the layer's output energy the mask removes, on the calibration inputs). Layers
-    enter cheapest per pruned weight first until the pruned weights reach `target` of all weights (a floor: the
-    last layer in may overshoot by its own share). Returns (prune counts of the chosen layers, cost per layer)."""
+    Each layer's cost is `measure(name, keep_mask)` when given (the run passes the probe's KL to the dense model
+    with only that layer under its Wanda N:M mask: measured, as every other choice here), else the relative Wanda
+    error of the mask (sum of (|W| ||x||)^2 over the pruned weights over the sum over all). Layers enter cheapest
+    per pruned weight first until the pruned weights reach `target` of all weights (a floor: the last layer in may
+    overshoot by its own share). Returns (prune counts of the chosen layers, cost per layer)."""
     if not 0 < target <= nm.sparsity + 1e-9:
         raise BudgetError(f"a {nm} budget lies in (0, {nm.sparsity:.0%}]: a layer is either {nm} or dense", target,
                           f"e.g. --sparsity {nm}@{nm.sparsity * 0.8:.0%}")
     cost: dict[str, float] = {}
-    for i in infos:
-        score = (weights[i.name].detach().float().abs() * norms[i.name].to(torch.float32).sqrt().to(
-            weights[i.name].device)) ** 2
+    for k, i in enumerate(infos):
+        w = weights[i.name]
+        score = (w.detach().float().abs() * norms[i.name].to(torch.float32).sqrt().to(w.device)) ** 2
         keep = sp.nm_mask(score, nm)
-        cost[i.name] = float(score[~keep].sum() / score.sum().clamp_min(1e-30))
-    total = sum(i.params for i in infos)
-    need = target * total
+        cost[i.name] = (measure(i.name, keep) if measure is not None
+                        else float(score[~keep].sum() / score.sum().clamp_min(1e-30)))
+        if progress:
+            progress(k + 1, len(infos))
+    need = target * sum(i.params for i in infos)
     counts: dict[str, int] = {}
     pruned = 0
-    for i in sorted(infos, key=lambda i: cost[i.name] / i.params):  # relative error per weight removed
+    for i in sorted(infos, key=lambda i: cost[i.name] / i.params):  # cost per weight removed
         if pruned >= need - 0.5:
             break
         counts[i.name] = int(round(nm.sparsity * i.params))

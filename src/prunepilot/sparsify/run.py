@@ -264,7 +264,8 @@ def _tokens(cfg: SparsifyConfig, tok: Any, calib_input: CalibInput | None) -> tu
             text = load_split(cfg.calib, cfg.eval)
         cut = int(len(text.calib) * 0.9)  # the probe slice comes from held-out calibration text, never eval
         source = text.protocol.get("calib_source") or cfg.calib
-        loop = has_loop(cfg.agent, cfg.sparsity)  # only a loop measures candidates on the probe
+        # only a loop, or an N:M budget's per-layer costs, measures on the probe
+        loop = has_loop(cfg.agent, cfg.sparsity) or "@" in str(cfg.sparsity)
         asks = [("calib", text.calib[:cut], cfg.calib_seqlen, cfg.calib_seqs, cfg.seed,
                  (f"the calibration text ({source}, its first 90%)", "--calib-seqs", "--seqlen")),
                 ("probe", text.calib[cut:], cfg.probe_seqlen, cfg.probe_seqs if loop else 0, None,
@@ -399,12 +400,27 @@ def _run(cfg: SparsifyConfig, out: Path | None, say: Callable[[str], None], jour
         with report.task("activation norms (block by block)", n_blocks) as bar:
             norms = activation_norms(model, calib, cfg.batch_size, placement, progress=bar)
         mods = modules_by_name(model, infos)
-        counts, cost = nm_layer_choice(infos, {n: m.weight for n, m in mods.items()}, norms, nm, target)
-        del norms
+        probe_set = Probe(model, probe.to(placement.device), cfg.batch_size)
+
+        def measure(name: str, keep: torch.Tensor) -> float:  # the probe's KL with only this layer under N:M
+            w = mods[name].weight
+            saved = w.detach().clone()
+            with torch.no_grad():
+                w.mul_(keep.to(w.device, w.dtype))
+                kl = probe_set.measure(model).kl
+                w.copy_(saved)
+            return max(kl - probe_set.dense.kl, 0.0)
+
+        with report.task(f"{nm} cost probes (one layer at a time)", len(infos)) as bar:
+            counts, cost = nm_layer_choice(infos, {n: m.weight for n, m in mods.items()}, norms, nm, target,
+                                           measure=measure, progress=bar)
+        del norms, probe_set
         dense = [i.name for i in infos if i.name not in counts]
-        agent_used = f"{nm} on the layers whose mask costs least (relative Wanda error per weight), the rest dense"
+        agent_used = f"{nm} on the layers whose mask costs least (probe KL per weight removed), the rest dense"
         nm_choice = {"pattern": str(nm), "budget": target, "nm_layers": len(counts), "dense_layers": dense,
-                     "rule": "greedy: relative Wanda error of the N:M mask per weight removed, cheapest first",
+                     "rule": "greedy: probe KL to the dense model with only that layer under its Wanda N:M mask, "
+                             "per weight removed, cheapest first",
+                     "probe": f"{probe.shape[0]}x{probe.shape[1]}",
                      "cost": {n: round(c, 6) for n, c in cost.items()}}
         lap("nm_choice", t0)
         say(f"{nm} on {len(counts)} of {len(infos)} linears, {len(dense)} kept dense, for {target:.1%} sparsity")
