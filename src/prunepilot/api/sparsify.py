@@ -25,7 +25,7 @@ def _sparsity(value: float | str) -> str:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise PlanError("sparsity is a fraction in (0, 1), a percentage string or an N:M pattern", repr(value),
-                        "e.g. sparsity=0.5, '50%' or '2:4'")
+                        "e.g. sparsity=0.5, '50%', '2:4' or '2:4@40%'")
     return f"{value * 100:.10g}%"
 
 
@@ -73,7 +73,8 @@ def sparsify(
     history: bool | str | Path = True,
     **options: Any,
 ) -> Result:
-    """Sparsify a causal LM to an exact global sparsity (unstructured `0.5` / `"50%"`, or `"2:4"`).
+    """Sparsify a causal LM to an exact global sparsity (unstructured `0.5` / `"50%"`, `"2:4"` on every
+    linear, or `"2:4@40%"`: 2:4 on the linears whose mask costs least on the probe, the rest dense, for 40%).
 
     `model`: a transformers causal LM object (sparsified in place, returned as `Result.model`) with its
     `tokenizer`, or a spec string as on the CLI ("smollm2", "hf:./dir", "gguf:file.gguf"; tokenizer ignored).

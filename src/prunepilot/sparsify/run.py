@@ -49,7 +49,7 @@ def has_loop(agent: str, sparsity: str) -> bool:
 @dataclass
 class SparsifyConfig:
     model: str
-    sparsity: str = "50%"  # "50%" / "0.5" (unstructured, global parameter-weighted) or "2:4" / "4:8"
+    sparsity: str = "50%"  # "50%" / "0.5" (unstructured, global parameter-weighted), "2:4" / "4:8", or "2:4@40%"
     method: str = "sparsegpt"  # how the final masks/weights are computed: magnitude | wanda | sparsegpt
     search_masks: str = "wanda"  # how the loop scores trial allocations: wanda (mask bank) | sparsegpt (level database)
     agent: str = "auto"  # auto | uniform | owl | sensitivity | local | anthropic:.. | openai:.. | scripted
